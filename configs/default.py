@@ -1,0 +1,75 @@
+"""Base configuration: every key a run can set, with its default.
+
+Other configs start from `get_config()` here and change values; the returned
+ConfigDict is locked, so a mistyped key is an error that lists the valid ones.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.num_train_steps = 1000
+  c.batch_size = 64  # global, in sequences
+  c.eval_batch_size = 64  # global; the last eval batch is padded, never dropped
+  c.max_seq_length = 128
+  c.log_every_steps = 50
+  c.eval_every_steps = 500
+  c.checkpoint_every_steps = 500
+  c.max_checkpoints_to_keep = 3
+  c.max_eval_batches = 0  # 0: the whole validation split
+  c.fill_mask_examples = 3  # held-out sentences shown at the end of `train`
+  c.progress_bar = True
+
+  c.model = ml_collections.ConfigDict()
+  c.model.type = 'bert'  # 'bert' or 'roberta' (position offset, token types)
+  c.model.num_layers = 4
+  c.model.hidden_size = 256
+  c.model.num_heads = 4
+  c.model.intermediate_size = 1024
+  c.model.vocab_size = ml_collections.FieldReference(None, field_type=int)  # None: from the tokenizer
+  c.model.max_position_embeddings = 512
+  c.model.type_vocab_size = 2
+  c.model.hidden_dropout = 0.1
+  c.model.attention_dropout = 0.1
+  c.model.layer_norm_eps = 1e-12
+  c.model.hidden_act = 'gelu'  # exact erf GELU, as BERT
+  c.model.initializer_range = 0.02
+  c.model.pad_token_id = ml_collections.FieldReference(None, field_type=int)  # None: from the tokenizer
+  # 'bfloat16': bf16 matmul inputs, f32 accumulation, f32 master params; 'auto' picks per backend.
+  c.model.dtype = 'auto'  # see model.resolve_dtype
+  c.model.param_dtype = 'float32'
+
+  c.data = ml_collections.ConfigDict()
+  c.data.dataset = 'builtin:stdlib_docs'  # 'builtin:NAME', a hub name, or '' with train_files
+  c.data.dataset_config = ml_collections.FieldReference(None, field_type=str)
+  c.data.train_files = ml_collections.FieldReference(None, field_type=str)  # path or glob
+  c.data.validation_files = ml_collections.FieldReference(None, field_type=str)
+  c.data.text_column = 'text'
+  c.data.streaming = False
+  c.data.tokenizer = ml_collections.FieldReference(None, field_type=str)  # None: train a WordPiece one
+  c.data.tokenizer_vocab_size = 8192
+  c.data.lowercase = True
+  c.data.validation_fraction = 0.05  # carved off by document when the dataset has no validation split
+  c.data.num_proc = 1
+  c.data.cache_dir = ml_collections.FieldReference(None, field_type=str)  # None: ~/.cache/mlm_flax
+
+  c.masking = ml_collections.ConfigDict()
+  c.masking.rate = 0.15
+  c.masking.mask_prob = 0.8
+  c.masking.random_prob = 0.1  # the rest stay unchanged
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.warmup_steps = 100
+  c.optimizer.schedule = 'linear'  # decay after warmup: 'linear', 'cosine' or 'constant'
+  c.optimizer.end_learning_rate_factor = 0.0
+  c.optimizer.weight_decay = 0.01
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.98
+  c.optimizer.eps = 1e-6
+  c.optimizer.grad_clip_norm = 1.0
+
+  c.lock()
+  return c

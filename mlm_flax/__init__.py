@@ -1,0 +1,3 @@
+"""mlm_flax: masked-language-model pretraining in pure JAX/Flax."""
+
+__version__ = "0.1.0"

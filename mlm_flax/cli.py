@@ -1,0 +1,126 @@
+"""`mlm-flax` command line: train | eval | fill-mask.
+
+  mlm-flax train [--config configs/tiny.py] [--workdir DIR] [--config.KEY=VALUE ...]
+  mlm-flax eval --workdir DIR [--split validation]
+  mlm-flax fill-mask --model DIR [--top_k 5] TEXT ...
+"""
+
+import difflib
+import importlib.util
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+import ml_collections
+from ml_collections import config_flags
+
+import configs
+
+COMMANDS = ('train', 'eval', 'fill-mask')
+DEFAULT_CONFIG = os.path.join(os.path.dirname(configs.__file__), 'tiny.py')
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defined at start-up, after `check_overrides` (config_flags reads sys.argv when defined)."""
+  config_flags.DEFINE_config_file('config', DEFAULT_CONFIG, 'Experiment config file (train).')
+  flags.DEFINE_string('workdir', None, 'Run folder; default: workdirs/<config name>.')
+  flags.DEFINE_string('split', 'validation', 'Split to evaluate (eval).')
+  flags.DEFINE_string('model', None, 'Workdir to load (fill-mask).')
+  flags.DEFINE_integer('top_k', 5, 'Predictions per mask (fill-mask).')
+  flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host).')
+  flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host).')
+  flags.DEFINE_integer('process_id', None, 'This process (multi-host).')
+
+
+def _default_workdir() -> str:
+  config_file = config_flags.get_config_filename(flags.FLAGS['config'])
+  return os.path.join('workdirs', os.path.splitext(os.path.basename(config_file.split(':')[0]))[0])
+
+
+def _run(command: str, args: list[str]) -> None:
+  from mlm_flax import evaluate, inference, parallel, train  # pylint: disable=g-import-not-at-top
+  if command == 'train':
+    parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    workdir = FLAGS.workdir or _default_workdir()
+    result = train.train_and_evaluate(FLAGS.config, workdir)
+    print(json.dumps(result))
+  elif command == 'eval':
+    if not FLAGS.workdir:
+      raise ValueError('eval needs --workdir DIR (a folder written by `mlm-flax train`).')
+    print(json.dumps(evaluate.evaluate_workdir(FLAGS.workdir, FLAGS.split)))
+  elif command == 'fill-mask':
+    if not FLAGS.model or not args:
+      raise ValueError('usage: mlm-flax fill-mask --model DIR [--top_k 5] "text with a [MASK]" ...')
+    mlm = inference.load(FLAGS.model)
+    print(json.dumps(inference.fill_mask(mlm, args[0] if len(args) == 1 else args, top_k=FLAGS.top_k),
+                     indent=1))
+
+
+def main(argv: list[str]) -> None:
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+  if len(argv) < 2 or argv[1] not in COMMANDS:
+    raise app.UsageError(f'usage: mlm-flax {{{"|".join(COMMANDS)}}} [flags]; see README.md')
+  try:
+    _run(argv[1], argv[2:])
+  except (ValueError, FileNotFoundError, KeyError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+def _load_config_file(spec: str) -> ml_collections.ConfigDict:
+  path, _, arg = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location('_mlm_flax_config', path)
+  if module_spec is None or not os.path.isfile(path):
+    raise ValueError(f'--config={spec}: no such config file.')
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def check_overrides(argv: list[str]) -> None:
+  """Fails fast on `--config.KEY=...` naming no key, listing the valid keys at that level."""
+  spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  if spec is None and '--config' in argv[:-1]:
+    spec = argv[argv.index('--config') + 1]
+  overrides = [a[len('--config.'):].split('=', 1)[0] for a in argv if a.startswith('--config.')]
+  if not overrides:
+    return
+  config = _load_config_file(spec or DEFAULT_CONFIG)
+  for key in overrides:
+    node, done = config, []
+    for part in key.split('.'):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        where = '.'.join(['config'] + done)
+        valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        close = difflib.get_close_matches(part, valid, n=1)
+        hint = f' Did you mean {close[0]!r}?' if close else ''
+        raise ValueError(f'unknown config key --config.{key}: {where} has no {part!r}.{hint} '
+                         f'Valid keys of {where}: {", ".join(valid)}')
+      node = node[part]
+      done.append(part)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return FLAGS(argv)
+  except (flags.Error, ValueError, AttributeError, KeyError, TypeError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+def run() -> None:
+  """Console-script entry point."""
+  try:
+    check_overrides(sys.argv)
+  except (ValueError, AttributeError, KeyError, TypeError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  define_flags()
+  app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == '__main__':
+  run()

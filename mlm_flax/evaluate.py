@@ -1,0 +1,66 @@
+"""Evaluation over a whole split: fixed masks, no dropout, nothing dropped.
+
+Masks for eval batch `i` come from `fold_in(PRNGKey(seed), EVAL_STREAM, i)`, so two
+evaluations of the same params agree exactly. The last batch is padded with empty
+rows, which have no maskable tokens and so add nothing to the sums.
+"""
+
+import functools
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from mlm_flax import data, loss, parallel
+
+EVAL_STREAM = 0x5EED
+
+
+def eval_step(params: Any, batch: dict[str, jax.Array], rng: jax.Array, *, model, mask_fn: loss.MaskFn,
+              num_predictions: int, baseline_token: int | None = None) -> dict[str, jax.Array]:
+  masked = mask_fn(rng, batch['input_ids'], maskable=batch['segment_ids'] > 0)
+  _, sums = loss.mlm_loss(params, model, batch, masked, num_predictions, baseline_token=baseline_token)
+  return sums
+
+
+class Evaluator:
+  """Holds the jitted eval step for one model; call it with params and packed rows."""
+
+  def __init__(self, model, mask_fn: loss.MaskFn, num_predictions: int, mesh: Mesh, seed: int,
+               baseline_token: int | None = None):
+    self.mesh = mesh
+    self.rng = jax.random.fold_in(jax.random.PRNGKey(seed), EVAL_STREAM)
+    self.step = jax.jit(
+        functools.partial(eval_step, model=model, mask_fn=mask_fn, num_predictions=num_predictions,
+                          baseline_token=baseline_token),
+        in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh), None),
+        out_shardings=parallel.replicated(mesh))
+
+  def __call__(self, params: Any, rows: dict[str, np.ndarray], batch_size: int, max_batches: int = 0) -> dict:
+    """Masked-token loss, accuracy, perplexity and counts over `rows` (all of them unless `max_batches`)."""
+    pending = []
+    batches = data.eval_batches(rows, batch_size, jax.process_index(), jax.process_count())
+    for i, batch in enumerate(batches):
+      if max_batches and i >= max_batches:
+        break
+      pending.append(self.step(params, parallel.to_global(batch, self.mesh), jax.random.fold_in(self.rng, i)))
+    return loss.summarize(jax.tree.map(lambda *x: np.sum(np.asarray(x, np.float64)), *parallel.fetch(pending)))
+
+
+def evaluate_workdir(workdir: str, split: str = 'validation') -> dict:
+  """Evaluates the latest checkpoint of a workdir on `split` of its configured dataset."""
+  from mlm_flax import inference, masking, train  # pylint: disable=g-import-not-at-top
+  mlm = inference.load(workdir)
+  config = mlm.config
+  splits = data.load_text_splits(config.data, config.seed)
+  if split not in splits:
+    raise ValueError(f'unknown split {split!r}; available: {sorted(splits)}')
+  rows = data.pack(splits[split], mlm.tokenizer, config.max_seq_length, config.data.num_proc)
+  mesh = parallel.make_mesh()
+  evaluator = Evaluator(mlm.model, train.make_mask_fn(config, mlm.tokenizer),
+                        masking.max_predictions(config.max_seq_length, config.masking.rate), mesh, config.seed)
+  params = jax.device_put(mlm.params, parallel.replicated(mesh))
+  return {'step': mlm.step, **evaluator(params, rows, config.eval_batch_size)}

@@ -1,0 +1,54 @@
+"""The MLM objective: logits at the masked positions, token-weighted cross-entropy, accuracy.
+
+Metrics are returned as sums (`loss_sum`, `correct`, `count`) so they add up exactly
+across steps, batches and hosts; the loss that is differentiated is normalised by
+the number of masked tokens in the *global* batch.
+"""
+
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mlm_flax.masking import Masked
+
+MaskFn = Callable[..., Masked]
+
+
+def gather_predictions(masked: Masked, num_predictions: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Positions [batch, P] of the masked tokens (padded with weight 0), their targets and weights."""
+  _, positions = jax.lax.top_k(masked.weights, num_predictions)
+  take = lambda x: jnp.take_along_axis(x, positions, axis=1)
+  return positions, take(masked.targets), take(masked.weights)
+
+
+def mlm_loss(params: Any, model: nn.Module, batch: dict[str, jax.Array], masked: Masked,
+             num_predictions: int, dropout_rng: jax.Array | None = None,
+             baseline_token: int | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Mean cross-entropy over masked tokens, and summed metrics. Dropout is on iff `dropout_rng`."""
+  positions, targets, weights = gather_predictions(masked, num_predictions)
+  logits = model.apply({'params': params}, masked.inputs, batch['segment_ids'], batch['positions'],
+                       masked_positions=positions, deterministic=dropout_rng is None,
+                       rngs=None if dropout_rng is None else {'dropout': dropout_rng})
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+  ce = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  count = weights.sum()
+  loss_sum = (ce * weights).sum()
+  metrics = {'loss_sum': loss_sum, 'count': count,
+             'correct': ((logits.argmax(-1) == targets) * weights).sum()}
+  if baseline_token is not None:  # accuracy of always predicting the most frequent token
+    metrics['baseline_correct'] = ((targets == baseline_token) * weights).sum()
+  return loss_sum / jnp.maximum(count, 1.0), metrics
+
+
+def summarize(sums: dict[str, float]) -> dict[str, float]:
+  """Summed metrics → loss, masked_accuracy, perplexity (and counts)."""
+  count = max(float(sums['count']), 1.0)
+  loss = float(sums['loss_sum']) / count
+  out = {'loss': loss, 'masked_accuracy': float(sums['correct']) / count,
+         'perplexity': math.exp(min(loss, 80.0)), 'num_masked_tokens': int(sums['count'])}
+  if 'baseline_correct' in sums:
+    out['unigram_baseline_accuracy'] = float(sums['baseline_correct']) / count
+  return out

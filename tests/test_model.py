@@ -1,0 +1,78 @@
+"""Model: packing semantics, padding, masked-position head, mixed precision."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from conftest import tiny_config
+from mlm_flax import model as model_lib
+
+
+def _model(dtype='float32', **kw):
+  c = tiny_config().model
+  c.update(dict(vocab_size=97, pad_token_id=0, dtype=dtype, **kw))
+  m = model_lib.make_model(c)
+  ids = jnp.ones((1, 8), jnp.int32)
+  return m, m.init(jax.random.PRNGKey(0), ids, ids)['params']
+
+
+def test_packed_documents_do_not_see_each_other():
+  m, params = _model()
+  a = jnp.array([[2, 11, 12, 13, 3]]); b = jnp.array([[2, 21, 22, 3]])
+  packed = jnp.concatenate([a, b, jnp.zeros((1, 3), jnp.int32)], axis=1)
+  segments = jnp.array([[1] * 5 + [2] * 4 + [0] * 3])
+  positions = jnp.array([list(range(5)) + list(range(4)) + [0] * 3])
+  h_packed = m.apply({'params': params}, packed, segments, positions, method=m.encode)
+  h_a = m.apply({'params': params}, a, jnp.ones_like(a), method=m.encode)
+  h_b = m.apply({'params': params}, b, jnp.ones_like(b), method=m.encode)
+  np.testing.assert_allclose(h_packed[0, :5], h_a[0], atol=1e-5)
+  np.testing.assert_allclose(h_packed[0, 5:9], h_b[0], atol=1e-5)
+
+
+def test_padding_does_not_change_real_tokens():
+  m, params = _model()
+  ids = jnp.array([[2, 5, 6, 7, 3]])
+  padded = jnp.pad(ids, ((0, 0), (0, 4)))
+  seg = (padded != 0).astype(jnp.int32)
+  h = m.apply({'params': params}, ids, jnp.ones_like(ids), method=m.encode)
+  h_pad = m.apply({'params': params}, padded, seg, method=m.encode)
+  np.testing.assert_allclose(h_pad[0, :5], h[0], atol=1e-5)
+
+
+def test_masked_positions_head_matches_full_head():
+  m, params = _model()
+  ids = jax.random.randint(jax.random.PRNGKey(1), (3, 10), 5, 97)
+  seg = jnp.ones_like(ids)
+  full = m.apply({'params': params}, ids, seg)
+  pos = jnp.array([[1, 4], [0, 9], [5, 5]])
+  at = m.apply({'params': params}, ids, seg, masked_positions=pos)
+  np.testing.assert_allclose(at, jnp.take_along_axis(full, pos[..., None], axis=1), atol=1e-5)
+  assert full.shape == (3, 10, 97)
+
+
+def test_head_is_tied_to_word_embeddings():
+  _, params = _model()
+  assert 'head_bias' in params and params['head_bias'].shape == (97,)
+  names = {'/'.join(k.key for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(params)}
+  assert not any('decoder' in n for n in names)  # no separate output matrix
+
+
+def test_bf16_compute_keeps_f32_params_and_close_gradients():
+  ids = jax.random.randint(jax.random.PRNGKey(2), (2, 12), 5, 97)
+  seg = jnp.ones_like(ids)
+
+  def loss(params, m):
+    return (m.apply({'params': params}, ids, seg) ** 2).mean()
+
+  m32, params = _model('float32')
+  m16, _ = _model('bfloat16')
+  g32 = jax.grad(loss)(params, m32)
+  g16 = jax.grad(loss)(params, m16)
+  for a, b in zip(jax.tree.leaves(g16), jax.tree.leaves(g32)):
+    assert a.dtype == jnp.float32
+    assert float(jnp.abs(a - b).max()) <= 0.05 * float(jnp.abs(b).max()) + 1e-6
+
+
+def test_auto_dtype_resolves():
+  assert model_lib.resolve_dtype('float32') == jnp.float32
+  assert model_lib.resolve_dtype('auto') in (jnp.float32, jnp.bfloat16)

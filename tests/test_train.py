@@ -1,0 +1,109 @@
+"""Train step: device-count invariance, learning, optimizer details."""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from conftest import tiny_config
+from mlm_flax import masking, parallel, train
+from mlm_flax.model import make_model
+
+_PARITY = r'''
+import functools, json, os, sys
+os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(sys.argv[1])), ''))
+import jax, numpy as np
+sys.path.insert(0, sys.argv[1])
+from conftest import tiny_config
+from test_train import setup, random_batch
+from mlm_flax import parallel, train
+assert len(jax.devices()) == 8, jax.devices()
+out = {}
+for n in (1, 8):
+  mesh = parallel.make_mesh(n)
+  model, tx, mask_fn, num_predictions, state = setup(mesh)
+  step = train.jit_train_step(model, tx, mask_fn, num_predictions, mesh)
+  losses = []
+  for i in range(3):
+    state, m = step(state, parallel.to_global(random_batch(i), mesh))
+    losses.append(float(m['loss_sum'] / m['count']))
+  out[n] = {'losses': losses, 'param_sum': float(sum(np.abs(np.asarray(x, np.float64)).sum() for x in jax.tree.leaves(state.params)))}
+print(json.dumps(out))
+'''
+
+
+def setup(mesh, dropout=0.1):
+  c = tiny_config()
+  c.model.vocab_size, c.model.pad_token_id = 200, 0
+  c.model.hidden_dropout = c.model.attention_dropout = dropout
+  model = make_model(c.model)
+  tx = train.make_optimizer(c.optimizer, 10)
+  mask_fn = functools.partial(masking.mask_tokens, vocab_size=200, mask_id=4, special_ids=(0, 1, 2, 3, 4), pad_id=0)
+  state = jax.jit(functools.partial(train.create_train_state, model=model, tx=tx, seq_len=32),
+                  out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(0))
+  return model, tx, mask_fn, masking.max_predictions(32, 0.15), state
+
+
+def random_batch(i, b=16, l=32):
+  rng = np.random.default_rng(i)
+  ids = rng.integers(5, 200, (b, l)).astype(np.int32)
+  lengths = rng.integers(8, l + 1, b)
+  seg = (np.arange(l)[None] < lengths[:, None]).astype(np.int32)
+  seg[:, l // 2:] *= 2  # two documents per row
+  ids[seg == 0] = 0
+  pos = np.where(seg == 2, np.arange(l) - l // 2, np.arange(l)) * (seg > 0)
+  return {'input_ids': ids, 'segment_ids': seg, 'positions': pos.astype(np.int32)}
+
+
+def test_one_and_eight_devices_give_the_same_losses():
+  here = os.path.dirname(os.path.abspath(__file__))
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+  proc = subprocess.run([sys.executable, '-c', _PARITY, here], capture_output=True, text=True, env=env,
+                        cwd=here, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  one, eight = out['1'], out['8']
+  np.testing.assert_allclose(eight['losses'], one['losses'], rtol=1e-5)
+  np.testing.assert_allclose(eight['param_sum'], one['param_sum'], rtol=1e-5)
+  assert one['losses'][0] != one['losses'][2]  # the steps did update the model
+
+
+def test_overfits_a_fixed_batch():
+  mesh = parallel.make_mesh(1)
+  model, _, mask_fn, num_predictions, state = setup(mesh, dropout=0.0)
+  c = tiny_config()
+  c.optimizer.learning_rate, c.optimizer.warmup_steps, c.optimizer.schedule = 3e-3, 5, 'constant'
+  tx = train.make_optimizer(c.optimizer, 100)
+  state = state.replace(opt_state=tx.init(state.params))
+  step = train.jit_train_step(model, tx, mask_fn, num_predictions, mesh)
+  batch = parallel.to_global(random_batch(0), mesh)
+  losses = []
+  for _ in range(60):
+    state, m = step(state, batch)
+    losses.append(float(m['loss_sum'] / m['count']))
+  assert losses[-1] < 0.5 * losses[0], losses[::10]
+
+
+def test_schedule_and_weight_decay_mask():
+  c = tiny_config().optimizer
+  c.learning_rate, c.warmup_steps, c.schedule, c.weight_decay = 1.0, 10, 'linear', 0.5
+  sched = train.make_schedule(c, 110)
+  assert float(sched(0)) == 0.0 and abs(float(sched(10)) - 1.0) < 1e-6 and abs(float(sched(60)) - 0.5) < 1e-6
+  c.learning_rate, c.grad_clip_norm = 0.1, 0.0
+  tx = train.make_optimizer(c, 110)
+  params = {'kernel': jnp.ones((2, 2)), 'bias': jnp.ones((2,))}
+  state = tx.init(params)
+  for _ in range(11):  # past warmup, zero gradients: only weight decay moves params
+    updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+  assert float(jnp.abs(updates['bias']).max()) == 0.0
+  assert float(jnp.abs(updates['kernel']).max()) > 0.0
+  import pytest
+  c.schedule = 'exponential'
+  with pytest.raises(ValueError, match='linear'):
+    train.make_schedule(c, 10)
