@@ -6,8 +6,6 @@ rows, which have no maskable tokens and so add nothing to the sums.
 """
 
 import functools
-import json
-import os
 from typing import Any
 
 import jax
@@ -52,7 +50,7 @@ class Evaluator:
 
 def evaluate_workdir(workdir: str, split: str = 'validation') -> dict:
   """Evaluates the latest checkpoint of a workdir on `split` of its configured dataset."""
-  from mlm_flax import inference, masking, train  # pylint: disable=g-import-not-at-top
+  from mlm_flax import inference, train  # pylint: disable=g-import-not-at-top
   mlm = inference.load(workdir)
   config = mlm.config
   splits = data.load_text_splits(config.data, config.seed)
@@ -60,7 +58,6 @@ def evaluate_workdir(workdir: str, split: str = 'validation') -> dict:
     raise ValueError(f'unknown split {split!r}; available: {sorted(splits)}')
   rows = data.pack(splits[split], mlm.tokenizer, config.max_seq_length, config.data.num_proc)
   mesh = parallel.make_mesh()
-  evaluator = Evaluator(mlm.model, train.make_mask_fn(config, mlm.tokenizer),
-                        masking.max_predictions(config.max_seq_length, config.masking.rate), mesh, config.seed)
+  evaluator = Evaluator(mlm.model, *train.make_mask_fn(config, mlm.tokenizer, 'eval'), mesh, config.seed)
   params = jax.device_put(mlm.params, parallel.replicated(mesh))
   return {'step': mlm.step, **evaluator(params, rows, config.eval_batch_size)}

@@ -92,7 +92,7 @@ def _activation(name: str):
 
 
 class Layer(nn.Module):
-  """One post-LN Transformer layer (BERT layout)."""
+  """One Transformer layer: post-LN as BERT/RoBERTa (default), or pre-LN (`norm_position='pre'`)."""
   config: ml_collections.ConfigDict
 
   @nn.compact
@@ -103,6 +103,10 @@ class Layer(nn.Module):
     norm = functools.partial(nn.LayerNorm, epsilon=c.layer_norm_eps, param_dtype=c.param_dtype)
     b, l, h = x.shape
     head_dim = h // c.num_heads
+    pre = c.get('norm_position', 'post') == 'pre'
+    inputs = x
+    if pre:  # pre-LN: normalise the branch input, keep the residual stream un-normalised
+      x = norm(name='attention_norm')(x)
 
     # Heads-major layout: batched dots over (batch, head) run ~3x faster than 'bqhd,bkhd' on CPU.
     q, k, v = (dense(h, name=n)(x).reshape(b, l, c.num_heads, head_dim).transpose(0, 2, 1, 3)
@@ -113,11 +117,12 @@ class Layer(nn.Module):
     context = mixed_einsum('bhqk,bhkd->bhqd', probs, v, c.dtype).transpose(0, 2, 1, 3).reshape(b, l, h)
     attn = nn.Dropout(c.hidden_dropout)(dense(h, name='attention_output')(context),
                                         deterministic=deterministic)
-    x = norm(name='attention_norm')(x + attn)
+    x = inputs + attn if pre else norm(name='attention_norm')(inputs + attn)
 
-    y = _activation(c.hidden_act)(dense(c.intermediate_size, name='intermediate')(x))
+    y = norm(name='output_norm')(x) if pre else x
+    y = _activation(c.hidden_act)(dense(c.intermediate_size, name='intermediate')(y))
     y = nn.Dropout(c.hidden_dropout)(dense(h, name='output')(y), deterministic=deterministic)
-    return norm(name='output_norm')(x + y)
+    return x + y if pre else norm(name='output_norm')(x + y)
 
 
 class BertMLM(nn.Module):
@@ -142,6 +147,8 @@ class BertMLM(nn.Module):
     self.embeddings_norm = nn.LayerNorm(epsilon=c.layer_norm_eps, param_dtype=c.param_dtype)
     self.embeddings_dropout = nn.Dropout(c.hidden_dropout)
     self.layers = [Layer(c, name=f'layer_{i}') for i in range(c.num_layers)]
+    pre = c.get('norm_position', 'post') == 'pre'
+    self.final_norm = nn.LayerNorm(epsilon=c.layer_norm_eps, param_dtype=c.param_dtype) if pre else None
     self.head_transform = Dense(c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
                                 init_std=c.initializer_range)
     self.head_norm = nn.LayerNorm(epsilon=c.layer_norm_eps, param_dtype=c.param_dtype)
@@ -162,7 +169,7 @@ class BertMLM(nn.Module):
     attention_bias = jnp.where(same_doc, 0.0, jnp.finfo(jnp.float32).min)[:, None]
     for layer in self.layers:
       x = layer(x, attention_bias, deterministic)
-    return x
+    return self.final_norm(x) if self.final_norm is not None else x
 
   def __call__(self, input_ids: jax.Array, segment_ids: jax.Array, positions: jax.Array | None = None,
                token_type_ids: jax.Array | None = None, masked_positions: jax.Array | None = None,

@@ -5,6 +5,7 @@ A trained tokenizer is a `transformers.BertTokenizer`, so `save_pretrained` +
 works with Hugging Face's `pipeline('fill-mask')`.
 """
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -48,8 +49,12 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int,
   trainer = trainers.WordPieceTrainer(
       vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False)
   backend.train_from_iterator(texts, trainer)
+  # The trainer's token set is reproducible but its ids are not (hash-map order breaks ties), so ids
+  # are re-assigned in a canonical order: the same corpus and config give the same tokenizer.
+  learned = sorted(t for t in backend.get_vocab() if t not in SPECIAL_TOKENS)
+  vocab = {t: i for i, t in enumerate(list(SPECIAL_TOKENS) + learned)}
   # clean_up_tokenization_spaces: decode "it ' s" as "it's", like bert-base-uncased.
-  return transformers.BertTokenizer(vocab=backend.get_vocab(), do_lower_case=lowercase,
+  return transformers.BertTokenizer(vocab=vocab, do_lower_case=lowercase,
                                     clean_up_tokenization_spaces=True)
 
 
@@ -71,11 +76,15 @@ def save_atomic(tokenizer: transformers.PreTrainedTokenizerBase, path: str) -> N
 
 
 def get_tokenizer(data_cfg: ml_collections.ConfigDict, train_texts: Callable[[], Iterable[str]],
-                  workdir: str | None) -> transformers.PreTrainedTokenizerBase:
+                  workdir: str | None, corpus_fingerprint: str | None = None,
+                  cache_dir: str | None = None) -> transformers.PreTrainedTokenizerBase:
   """The run's tokenizer: `{workdir}/tokenizer` (resume), data_cfg.tokenizer, or trained.
 
   It is saved to `{workdir}/tokenizer` so that resuming (and export) always
-  uses the very same vocabulary.
+  uses the very same vocabulary. A trained tokenizer is also cached under
+  `cache_dir`, keyed by `corpus_fingerprint` and the settings: WordPiece training
+  breaks frequency ties arbitrarily, and the cache makes the same config give the
+  same tokenizer (and so the same run) every time.
   """
   saved = os.path.join(workdir, 'tokenizer') if workdir else None
   if saved and os.path.isdir(saved):
@@ -83,7 +92,17 @@ def get_tokenizer(data_cfg: ml_collections.ConfigDict, train_texts: Callable[[],
   if data_cfg.tokenizer:
     tokenizer = load_tokenizer(data_cfg.tokenizer)
   else:
-    tokenizer = train_wordpiece(train_texts(), data_cfg.tokenizer_vocab_size, data_cfg.lowercase)
+    cached = None
+    if corpus_fingerprint and cache_dir:
+      key = hashlib.sha256(f'{corpus_fingerprint}-{data_cfg.tokenizer_vocab_size}-{data_cfg.lowercase}'
+                           .encode()).hexdigest()[:16]
+      cached = os.path.join(cache_dir, 'tokenizers', f'wordpiece-{key}')
+    if cached and os.path.isdir(cached):
+      tokenizer = load_tokenizer(cached)
+    else:
+      tokenizer = train_wordpiece(train_texts(), data_cfg.tokenizer_vocab_size, data_cfg.lowercase)
+      if cached:
+        save_atomic(tokenizer, cached)
   if not saved:
     return tokenizer
   save_atomic(tokenizer, saved)

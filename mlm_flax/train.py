@@ -63,7 +63,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx: opt
   grad_fn = jax.value_and_grad(loss.mlm_loss, has_aux=True)
   (_, metrics), grads = grad_fn(state.params, model, batch, masked, num_predictions, dropout_rng)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  metrics['grad_norm'] = optax.global_norm(grads)
+  metrics['grad_norm'] = optax.tree.norm(grads)
   state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                         opt_state=opt_state)
   return state, metrics
@@ -78,11 +78,16 @@ def jit_train_step(model, tx: optax.GradientTransformation, mask_fn: loss.MaskFn
       in_shardings=(repl, parallel.data_sharding(mesh)), out_shardings=(repl, repl), donate_argnums=0)
 
 
-def make_mask_fn(config: ml_collections.ConfigDict, tok) -> loss.MaskFn:
-  return functools.partial(
+def make_mask_fn(config: ml_collections.ConfigDict, tok, split: str = 'train') -> tuple[loss.MaskFn, int]:
+  """The masking function for `split` ('train' or 'eval') and its static prediction budget."""
+  rate = config.masking.rate
+  if split == 'eval' and config.masking.get('eval_rate') is not None:
+    rate = config.masking.eval_rate
+  fn = functools.partial(
       masking.mask_tokens, vocab_size=len(tok), mask_id=tok.mask_token_id,
-      special_ids=tokenizer.special_token_ids(tok), pad_id=tok.pad_token_id, rate=config.masking.rate,
+      special_ids=tokenizer.special_token_ids(tok), pad_id=tok.pad_token_id, rate=rate,
       mask_prob=config.masking.mask_prob, random_prob=config.masking.random_prob)
+  return fn, masking.max_predictions(config.max_seq_length, rate)
 
 
 def resolve_config(config: ml_collections.ConfigDict, tok) -> ml_collections.ConfigDict:
@@ -125,7 +130,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   os.makedirs(workdir, exist_ok=True)
   splits = data.load_text_splits(config.data, config.seed)
-  tok = tokenizer.get_tokenizer(config.data, lambda: splits['train']['text'], workdir)
+  tok = tokenizer.get_tokenizer(config.data, lambda: splits['train']['text'], workdir,
+                                splits['train']._fingerprint, data.cache_dir(config.data))  # pylint: disable=protected-access
   config = resolve_config(config, tok)
   _save_config(config, workdir)
   train_rows = data.pack(splits['train'], tok, config.max_seq_length, config.data.num_proc)
@@ -136,8 +142,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   parallel.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
   model = make_model(config.model)
   tx = make_optimizer(config.optimizer, config.num_train_steps)
-  mask_fn = make_mask_fn(config, tok)
-  num_predictions = masking.max_predictions(config.max_seq_length, config.masking.rate)
+  mask_fn, num_predictions = make_mask_fn(config, tok)
 
   state = jax.jit(functools.partial(create_train_state, model=model, tx=tx, seq_len=config.max_seq_length),
                   out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(config.seed))
@@ -151,7 +156,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   counts = np.bincount(train_rows['input_ids'][train_rows['segment_ids'] > 0], minlength=len(tok))
   counts[list(tokenizer.special_token_ids(tok))] = 0
   baseline = int(counts.argmax())  # the unigram baseline predicts the most frequent training token
-  evaluator = evaluate.Evaluator(model, mask_fn, num_predictions, mesh, config.seed, baseline_token=baseline)
+  evaluator = evaluate.Evaluator(model, *make_mask_fn(config, tok, 'eval'), mesh, config.seed,
+                                 baseline_token=baseline)
   writer = writers.MetricWriter(workdir, resume_step=start_step)
 
   def run_eval(step: int) -> dict:

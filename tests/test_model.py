@@ -76,3 +76,13 @@ def test_bf16_compute_keeps_f32_params_and_close_gradients():
 def test_auto_dtype_resolves():
   assert model_lib.resolve_dtype('float32') == jnp.float32
   assert model_lib.resolve_dtype('auto') in (jnp.float32, jnp.bfloat16)
+
+
+def test_pre_ln_variant_has_a_final_norm_and_differs():
+  m_post, p_post = _model()
+  m_pre, p_pre = _model(norm_position='pre')
+  assert 'final_norm' in p_pre and 'final_norm' not in p_post
+  ids = jnp.array([[2, 5, 6, 7, 3]])
+  a = m_post.apply({'params': p_post}, ids, jnp.ones_like(ids))
+  b = m_pre.apply({'params': p_pre}, ids, jnp.ones_like(ids))
+  assert a.shape == b.shape and bool(jnp.isfinite(b).all()) and float(jnp.abs(a - b).max()) > 1e-3
