@@ -21,6 +21,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, max_to_keep: int = 3, async_save: bool = True, create: bool = True):
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self.imported_path = os.path.join(os.path.abspath(workdir), 'imported')
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
@@ -57,6 +58,19 @@ class Checkpointer:
     out = self.manager.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore()))
     return out.params, out.meta
+
+  # Weights imported from Hugging Face (`mlm-flax import`): params only, in WORKDIR/imported. `train`
+  # starts from them with a fresh optimizer when the workdir has no training checkpoint yet.
+  def has_imported(self) -> bool:
+    return os.path.isdir(self.imported_path)
+
+  def save_imported(self, params: Any) -> None:
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(self.imported_path, params)
+
+  def restore_imported(self, abstract_params: Any) -> Any:
+    with ocp.StandardCheckpointer() as ckptr:
+      return ckptr.restore(self.imported_path, abstract_params)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

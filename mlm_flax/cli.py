@@ -2,7 +2,9 @@
 
   mlm-flax train [--config configs/tiny.py] [--workdir DIR] [--config.KEY=VALUE ...]
   mlm-flax eval --workdir DIR [--split validation]
-  mlm-flax fill-mask --model DIR [--top_k 5] TEXT ...
+  mlm-flax fill-mask --model DIR [--top_k 5] [--targets a,b] TEXT ...
+  mlm-flax export --workdir DIR --out HF_DIR
+  mlm-flax import --hf HF_DIR --workdir DIR
 """
 
 import difflib
@@ -17,7 +19,7 @@ from ml_collections import config_flags
 
 import configs
 
-COMMANDS = ('train', 'eval', 'fill-mask')
+COMMANDS = ('train', 'eval', 'fill-mask', 'export', 'import')
 DEFAULT_CONFIG = os.path.join(os.path.dirname(configs.__file__), 'tiny.py')
 
 FLAGS = flags.FLAGS
@@ -30,6 +32,9 @@ def define_flags() -> None:
   flags.DEFINE_string('split', 'validation', 'Split to evaluate (eval).')
   flags.DEFINE_string('model', None, 'Workdir to load (fill-mask).')
   flags.DEFINE_integer('top_k', 5, 'Predictions per mask (fill-mask).')
+  flags.DEFINE_list('targets', None, 'Restrict fill-mask scoring to these words (fill-mask).')
+  flags.DEFINE_string('out', None, 'Hugging Face folder to write (export).')
+  flags.DEFINE_string('hf', None, 'Hugging Face model folder or hub name to import (import).')
   flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host).')
   flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host).')
   flags.DEFINE_integer('process_id', None, 'This process (multi-host).')
@@ -41,7 +46,7 @@ def _default_workdir() -> str:
 
 
 def _run(command: str, args: list[str]) -> None:
-  from mlm_flax import evaluate, inference, parallel, train  # pylint: disable=g-import-not-at-top
+  from mlm_flax import evaluate, hf, inference, parallel, train  # pylint: disable=g-import-not-at-top
   if command == 'train':
     parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     workdir = FLAGS.workdir or _default_workdir()
@@ -55,8 +60,17 @@ def _run(command: str, args: list[str]) -> None:
     if not FLAGS.model or not args:
       raise ValueError('usage: mlm-flax fill-mask --model DIR [--top_k 5] "text with a [MASK]" ...')
     mlm = inference.load(FLAGS.model)
-    print(json.dumps(inference.fill_mask(mlm, args[0] if len(args) == 1 else args, top_k=FLAGS.top_k),
-                     indent=1))
+    print(json.dumps(inference.fill_mask(mlm, args[0] if len(args) == 1 else args, top_k=FLAGS.top_k,
+                                         targets=FLAGS.targets), indent=1))
+  elif command == 'export':
+    if not FLAGS.workdir or not FLAGS.out:
+      raise ValueError('usage: mlm-flax export --workdir DIR --out HF_DIR')
+    hf.export(inference.load(FLAGS.workdir), FLAGS.out)
+    print(json.dumps({'exported': FLAGS.out}))
+  elif command == 'import':
+    if not FLAGS.hf or not FLAGS.workdir:
+      raise ValueError('usage: mlm-flax import --hf HF_DIR --workdir DIR')
+    print(json.dumps(hf.import_to_workdir(FLAGS.hf, FLAGS.workdir)))
 
 
 def main(argv: list[str]) -> None:
@@ -65,7 +79,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f'usage: mlm-flax {{{"|".join(COMMANDS)}}} [flags]; see README.md')
   try:
     _run(argv[1], argv[2:])
-  except (ValueError, FileNotFoundError, KeyError) as e:
+  except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
 

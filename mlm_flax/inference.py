@@ -3,6 +3,7 @@
 import dataclasses
 import functools
 import json
+import logging
 import os
 import re
 from typing import Any, Sequence
@@ -15,7 +16,7 @@ import numpy as np
 from mlm_flax import checkpoint
 from mlm_flax.model import make_model
 
-_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
+_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
 @dataclasses.dataclass
@@ -28,41 +29,123 @@ class MLM:
   step: int = 0
 
 
-def load(path: str) -> MLM:
-  """Loads a workdir written by `mlm-flax train` (params only, from its latest checkpoint)."""
-  from mlm_flax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+def abstract_params(model) -> Any:
+  """Shapes and dtypes of the model's params, without allocating them."""
+  ids = jnp.zeros((1, 8), jnp.int32)
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids, ids + 1)['params'])
+
+
+def is_hf_folder(path: str) -> bool:
   config_path = os.path.join(path, 'config.json')
   if not os.path.isfile(config_path):
-    raise FileNotFoundError(f'{path} is not an mlm_flax workdir (no config.json); '
-                            'pass the --workdir of a `mlm-flax train` run.')
+    return False
+  with open(config_path) as f:
+    return 'model_type' in json.load(f)
+
+
+def load(path: str | os.PathLike) -> MLM:
+  """Loads a workdir written by `mlm-flax train`/`import` (params only, no optimizer state), or a
+  Hugging Face BERT/RoBERTa folder (or hub name, where the network allows)."""
+  from mlm_flax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  path = os.fspath(path)
+  looks_like_hub_name = not path.startswith(('/', '.', '~')) and path.count('/') <= 1
+  if is_hf_folder(path) or (not os.path.exists(path) and looks_like_hub_name):
+    return load_hf(path)
+  config_path = os.path.join(path, 'config.json')
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f'{path} is not an mlm_flax workdir (no config.json) nor a Hugging Face model '
+                            'folder; pass the --workdir of a `mlm-flax train` run.')
   with open(config_path) as f:
     config = ml_collections.ConfigDict(json.load(f))
   model = make_model(config.model)
-  ids = jnp.zeros((1, 8), jnp.int32)
-  abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids, ids + 1)['params'])
   ckpt = checkpoint.Checkpointer(path, create=False, async_save=False)
-  params, meta = ckpt.restore_params(abstract)
-  ckpt.close()
+  try:
+    if ckpt.latest_step() is None and ckpt.has_imported():
+      params, step = ckpt.restore_imported(abstract_params(model)), 0
+    else:
+      params, meta = ckpt.restore_params(abstract_params(model))
+      step = int(meta['step'])
+  finally:
+    ckpt.close()
   tok = tokenizer_lib.load_tokenizer(os.path.join(path, 'tokenizer'))
-  return MLM(config=config, params=params, tokenizer=tok, model=model, step=int(meta['step']))
+  return MLM(config=config, params=params, tokenizer=tok, model=model, step=step)
+
+
+def load_hf(path: str | os.PathLike) -> MLM:
+  """A Hugging Face BERT/RoBERTa masked LM (or encoder-only model: fresh head, with a warning)."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from mlm_flax import hf, tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  path = os.fspath(path)
+  if not os.path.isdir(path):  # a hub name
+    import huggingface_hub  # pylint: disable=g-import-not-at-top
+    try:
+      path = huggingface_hub.snapshot_download(path, allow_patterns=['*.json', '*.safetensors', '*.txt'])
+    except Exception as e:  # offline, unknown name, ...
+      raise FileNotFoundError(f'{path!r} is neither a local folder nor a reachable Hugging Face hub model '
+                              f'({type(e).__name__}); pass a workdir or a local model folder.') from e
+  config = default.get_config()
+  config.model.update(hf.model_config_from_hf(hf.read_hf_config(path)))
+  offset = config.model.pad_token_id + 1 if config.model.type == 'roberta' else 0
+  config.max_seq_length = min(512, config.model.max_position_embeddings - offset)
+  config.data.tokenizer = os.path.abspath(path)
+  model = make_model(config.model)
+  init = model.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, 8), jnp.int32), jnp.ones((1, 8), jnp.int32))
+  params, fresh = hf.params_from_state_dict(hf.read_state_dict(path), config.model.to_dict(), init['params'])
+  hf.log_fresh_head(fresh, path)
+  tok = tokenizer_lib.load_tokenizer(path)
+  return MLM(config=config, params=jax.tree.map(jnp.asarray, params), tokenizer=tok, model=model)
+
+
+def max_length(mlm: MLM) -> int:
+  """Longest input the position embeddings allow (RoBERTa numbers positions after the pad id)."""
+  c = mlm.config.model
+  return c.max_position_embeddings - (c.pad_token_id + 1 if c.type == 'roberta' else 0)
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'top_k'))
-def _top_k_at_all_positions(params, model, ids, segment_ids, top_k: int):
-  logits = model.apply({'params': params}, ids, segment_ids).astype(jnp.float32)
-  return jax.lax.top_k(jax.nn.softmax(logits, axis=-1), top_k)
+def _top_k_at(params, model, ids, segment_ids, positions, top_k: int, target_ids=None):
+  """Top-k (probability, index) at `positions` [batch, M]; over `target_ids` only when given."""
+  logits = model.apply({'params': params}, ids, segment_ids, masked_positions=positions)
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  if target_ids is None:
+    return jax.lax.top_k(probs, top_k)
+  scores, index = jax.lax.top_k(probs[..., target_ids], top_k)
+  return scores, target_ids[index]
+
+
+def target_ids(tok, targets: Sequence[str]) -> np.ndarray:
+  """Vocabulary ids of `targets`; a word not in the vocabulary becomes its first sub-token, with a
+  warning (as in transformers' fill-mask)."""
+  vocab, ids = tok.get_vocab(), []
+  for target in targets:
+    i = vocab.get(target)
+    if i is None:
+      pieces = tok(target, add_special_tokens=False)['input_ids']
+      if not pieces:
+        logging.warning('target %r does not exist in the vocabulary and has no sub-token; ignored.', target)
+        continue
+      i = pieces[0]
+      logging.warning('target %r does not exist in the vocabulary; replaced with %r.', target,
+                      tok.convert_ids_to_tokens(i))
+    ids.append(i)
+  if not ids:
+    raise ValueError(f'none of the targets {list(targets)} maps to a vocabulary token; give other targets.')
+  return np.asarray(sorted(set(ids)), np.int32)
 
 
 def _bucket(length: int, limit: int) -> int:
   return min(next((b for b in _BUCKETS if b >= length), length), limit)
 
 
-def fill_mask(mlm: MLM, texts: str | Sequence[str], top_k: int = 5) -> list:
+def fill_mask(mlm: MLM, texts: str | Sequence[str], top_k: int = 5,
+              targets: Sequence[str] | None = None, batch_size: int = 64) -> list:
   """Top-k completions of each mask token, shaped like the transformers fill-mask pipeline.
 
   One text with one mask → a list of {"score", "token", "token_str", "sequence"};
   several masks → one such list per mask; several texts → one result per text.
-  Scores are softmax probabilities over the whole vocabulary.
+  Scores are softmax probabilities over the whole vocabulary; `targets` restricts the
+  candidates to those words. Texts are padded to a few bucket lengths, so new lengths
+  rarely recompile.
   """
   tok = mlm.tokenizer
   if tok.mask_token_id is None:
@@ -70,7 +153,7 @@ def fill_mask(mlm: MLM, texts: str | Sequence[str], top_k: int = 5) -> list:
   single = isinstance(texts, str)
   texts = [texts] if single else list(texts)
   encoded = [tok(t)['input_ids'] for t in texts]
-  limit = mlm.config.model.max_position_embeddings
+  limit = max_length(mlm)
   for text, ids in zip(texts, encoded):
     if tok.mask_token_id not in ids:
       raise ValueError(f'no mask token {tok.mask_token!r} in {text!r}; put {tok.mask_token} where '
@@ -78,21 +161,32 @@ def fill_mask(mlm: MLM, texts: str | Sequence[str], top_k: int = 5) -> list:
     if len(ids) > limit:
       raise ValueError(f'{text[:40]!r}... is {len(ids)} tokens, more than the model\'s {limit} positions; '
                        'shorten it around the mask.')
-  length = _bucket(max(map(len, encoded)), limit)
-  ids = np.full((len(texts), length), tok.pad_token_id, np.int32)
-  segments = np.zeros((len(texts), length), np.int32)
-  for i, row in enumerate(encoded):
-    ids[i, :len(row)], segments[i, :len(row)] = row, 1
-  scores, tokens = jax.device_get(
-      _top_k_at_all_positions(mlm.params, mlm.model, ids, segments, min(top_k, mlm.config.model.vocab_size)))
+  candidates = target_ids(tok, targets) if targets else None
+  k = min(top_k, mlm.config.model.vocab_size if candidates is None else len(candidates))
+  mask_positions = [[p for p, t in enumerate(row) if t == tok.mask_token_id] for row in encoded]
+  scores, tokens = [], []
+  for start in range(0, len(texts), batch_size):  # fixed-size chunks of bucketed shapes: few compiles
+    chunk = encoded[start:start + batch_size]
+    length = _bucket(max(map(len, chunk)), limit)
+    num_masks = _bucket(max(len(p) for p in mask_positions[start:start + batch_size]), length)
+    rows = batch_size if len(texts) > batch_size else len(chunk)
+    ids = np.full((rows, length), tok.pad_token_id, np.int32)
+    segments = np.zeros((rows, length), np.int32)
+    positions = np.zeros((rows, num_masks), np.int32)
+    for i, row in enumerate(chunk):
+      ids[i, :len(row)], segments[i, :len(row)] = row, 1
+      positions[i, :len(mask_positions[start + i])] = mask_positions[start + i]
+    s, t = jax.device_get(_top_k_at(mlm.params, mlm.model, ids, segments, positions, k, candidates))
+    scores.extend(s[:len(chunk)])
+    tokens.extend(t[:len(chunk)])
 
   results = []
   for i, row in enumerate(encoded):
-    positions = [p for p, t in enumerate(row) if t == tok.mask_token_id]
+    positions = mask_positions[i]
     per_mask = []
-    for p in positions:
+    for j, p in enumerate(positions):
       preds = []
-      for score, token in zip(scores[i, p].tolist(), tokens[i, p].tolist()):
+      for score, token in zip(scores[i][j].tolist(), tokens[i][j].tolist()):
         filled = list(row)
         filled[p] = token
         preds.append({'score': score, 'token': token, 'token_str': tok.decode([token]),

@@ -129,6 +129,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Returns the final evaluation metrics.
   """
   os.makedirs(workdir, exist_ok=True)
+  ckpt = checkpoint.Checkpointer(workdir, config.max_checkpoints_to_keep)
+  if ckpt.latest_step() is None and ckpt.has_imported():  # continue pretraining imported weights
+    with open(os.path.join(workdir, 'config.json')) as f:
+      imported_model = json.load(f)['model']
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model.update(imported_model)
+    print(f'Starting from the weights imported into {workdir} (model config taken from its config.json).')
   splits = data.load_text_splits(config.data, config.seed)
   tok = tokenizer.get_tokenizer(config.data, lambda: splits['train']['text'], workdir,
                                 splits['train']._fingerprint, data.cache_dir(config.data))  # pylint: disable=protected-access
@@ -146,10 +153,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   state = jax.jit(functools.partial(create_train_state, model=model, tx=tx, seq_len=config.max_seq_length),
                   out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(config.seed))
-  ckpt = checkpoint.Checkpointer(workdir, config.max_checkpoints_to_keep)
   if ckpt.latest_step() is not None:
     state, _ = ckpt.restore(state)
     print(f'Resumed from {ckpt.directory} at step {int(state.step)}.')
+  elif ckpt.has_imported():
+    params = ckpt.restore_imported(jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state.params))
+    state = state.replace(params=params, opt_state=jax.jit(tx.init, out_shardings=parallel.replicated(mesh))(params))
   start_step = int(state.step)
 
   p_train_step = jit_train_step(model, tx, mask_fn, num_predictions, mesh)

