@@ -196,8 +196,8 @@ def fill_mask(mlm: MLM, texts: str | Sequence[str], top_k: int = 5,
   return results[0] if single or len(results) == 1 else results
 
 
-def held_out_examples(texts: Sequence[str], tok, n: int) -> list[str]:
-  """Up to `n` short sentences from held-out texts with one whole word masked (for a quick look)."""
+def held_out_examples(texts: Sequence[str], tok, n: int) -> list[tuple[str, str]]:
+  """Up to `n` (sentence with one whole word masked, that word) from held-out texts, for a quick look."""
   examples = []
   for text in texts:
     sentence = re.split(r'(?<=[.!?])\s', text.strip())[0]
@@ -208,7 +208,7 @@ def held_out_examples(texts: Sequence[str], tok, n: int) -> list[str]:
                   and len(tok.tokenize(w)) == 1 and 0 < i < len(words) - 1]
     if candidates:
       i = candidates[len(candidates) // 2]
-      examples.append(' '.join(words[:i] + [tok.mask_token] + words[i + 1:]))
+      examples.append((' '.join(words[:i] + [tok.mask_token] + words[i + 1:]), words[i]))
     if len(examples) == n:
       break
   return examples

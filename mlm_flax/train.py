@@ -178,6 +178,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   batches = data.train_batches(train_rows, config.batch_size, config.seed, start_step,
                                jax.process_index(), jax.process_count())
   tokens_per_step = config.batch_size * config.max_seq_length
+  schedule = make_schedule(config.optimizer, config.num_train_steps)
   pending, last_time, last_step, result = [], time.time(), start_step, None
   bar = tqdm(total=config.num_train_steps, initial=start_step, unit='step', dynamic_ncols=True,
              disable=not config.progress_bar or jax.process_index() != 0)
@@ -190,7 +191,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       now = time.time()
       summary = loss.summarize(sums)
       summary.update(grad_norm=float(sums['grad_norm']) / len(pending),
-                     learning_rate=float(make_schedule(config.optimizer, config.num_train_steps)(step - 1)),
+                     learning_rate=float(schedule(step - 1)),
                      tokens_per_second=tokens_per_step * (step - last_step) / (now - last_time))
       writer.write(step, 'train', summary)
       bar.set_postfix(loss=f"{summary['loss']:.3f}", acc=f"{summary['masked_accuracy']:.3f}",
@@ -209,14 +210,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
       ckpt.save(step, state, {'step': step, 'data_position': step * config.batch_size})
   bar.close()
-  if result is None:
-    result = run_eval(start_step)
+  if result is None:  # nothing left to train: report, but do not log the same eval twice
+    result = {'step': start_step, **evaluator(state.params, eval_rows, config.eval_batch_size,
+                                              config.max_eval_batches)}
   ckpt.wait()
   ckpt.close()
   writer.close()
   if config.fill_mask_examples and jax.process_index() == 0:
     mlm = inference.MLM(config=config, params=state.params, tokenizer=tok, model=model)
-    for text in inference.held_out_examples(splits['validation']['text'], tok, config.fill_mask_examples):
+    print('Fill-mask on held-out sentences:')
+    for text, answer in inference.held_out_examples(splits['validation']['text'], tok, config.fill_mask_examples):
       preds = inference.fill_mask(mlm, text, top_k=5)
-      print(f'{text}\n  -> ' + ', '.join(f"{p['token_str']} ({p['score']:.2f})" for p in preds))
+      print(f'  {text}  (held-out word: {answer})\n    -> '
+            + ', '.join(f"{p['token_str']} ({p['score']:.2f})" for p in preds))
   return result

@@ -39,6 +39,8 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
   assert ref.returncode == 0, ref.stderr[-3000:]
   final = _last_json(ref.stdout)
   assert final['step'] == STEPS
+  examples = ref.stdout.split('Fill-mask on held-out sentences:')[1]
+  assert examples.count('[MASK]') == 2 and examples.count('->') == 2  # fill_mask_examples=2
 
   env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1'}
   proc = subprocess.Popen(CLI + ['train', f'--workdir={killed}'] + OVERRIDES, env=env,
