@@ -68,9 +68,10 @@ class Checkpointer:
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(self.imported_path, params)
 
-  def restore_imported(self, abstract_params: Any) -> Any:
+  def restore_imported(self, target: Any) -> Any:
+    """Imported params shaped (and sharded) like `target` (arrays or ShapeDtypeStructs)."""
     with ocp.StandardCheckpointer() as ckptr:
-      return ckptr.restore(self.imported_path, abstract_params)
+      return ckptr.restore(self.imported_path, _abstract(target))
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -157,8 +157,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state, _ = ckpt.restore(state)
     print(f'Resumed from {ckpt.directory} at step {int(state.step)}.')
   elif ckpt.has_imported():
-    params = ckpt.restore_imported(jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state.params))
+    params = ckpt.restore_imported(state.params)
     state = state.replace(params=params, opt_state=jax.jit(tx.init, out_shardings=parallel.replicated(mesh))(params))
   start_step = int(state.step)
 
