@@ -184,6 +184,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for step in range(start_step + 1, config.num_train_steps + 1):
     state, metrics = p_train_step(state, parallel.to_global(next(batches), mesh))
     pending.append(metrics)
+    if len(pending) > 1:  # keep one step queued, so the bar and ETA follow real progress
+      jax.block_until_ready(pending[-2]['count'])
     bar.update(1)
     if step % config.log_every_steps == 0 or step == config.num_train_steps:
       sums = jax.tree.map(lambda *x: np.sum(x), *parallel.fetch(pending))  # the only sync point
