@@ -1,6 +1,6 @@
 """Hugging Face interop: BERT / RoBERTa masked-LM checkpoints in and out of our params pytree.
 
-Our layer names follow BERT's, so the mapping is one table (`_LAYER`, `_TOP`) read in both
+Our layer names follow BERT's, so the mapping is one table (`_EMBEDDINGS`, `_LAYER`, `_HEAD`) read in both
 directions. Linear weights are transposed (torch stores [out, in]); the MLM decoder is tied to
 the word embeddings on both sides, so only its bias travels.
 """

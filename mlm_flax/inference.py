@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 
 from mlm_flax import checkpoint
-from mlm_flax.model import make_model
+from mlm_flax.model import make_model, position_offset
 
 _BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
@@ -85,8 +85,7 @@ def load_hf(path: str | os.PathLike) -> MLM:
                               f'({type(e).__name__}); pass a workdir or a local model folder.') from e
   config = default.get_config()
   config.model.update(hf.model_config_from_hf(hf.read_hf_config(path)))
-  offset = config.model.pad_token_id + 1 if config.model.type == 'roberta' else 0
-  config.max_seq_length = min(512, config.model.max_position_embeddings - offset)
+  config.max_seq_length = min(512, config.model.max_position_embeddings - position_offset(config.model))
   config.data.tokenizer = os.path.abspath(path)
   model = make_model(config.model)
   init = model.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, 8), jnp.int32), jnp.ones((1, 8), jnp.int32))
@@ -98,8 +97,7 @@ def load_hf(path: str | os.PathLike) -> MLM:
 
 def max_length(mlm: MLM) -> int:
   """Longest input the position embeddings allow (RoBERTa numbers positions after the pad id)."""
-  c = mlm.config.model
-  return c.max_position_embeddings - (c.pad_token_id + 1 if c.type == 'roberta' else 0)
+  return mlm.config.model.max_position_embeddings - position_offset(mlm.config.model)
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'top_k'))

@@ -162,7 +162,7 @@ class BertMLM(nn.Module):
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
     x = (self.word_embeddings(input_ids)
-         + self.position_embeddings(positions + c.get('position_offset', 0))
+         + self.position_embeddings(positions + c.position_offset)
          + self.token_type_embeddings(token_type_ids))
     x = self.embeddings_dropout(self.embeddings_norm(x), deterministic=deterministic)
     same_doc = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
@@ -201,11 +201,15 @@ def resolve_dtype(name: str) -> jnp.dtype:
   return jnp.dtype(jnp.bfloat16 if fast else jnp.float32)
 
 
+def position_offset(model_cfg) -> int:
+  """RoBERTa numbers positions after the padding index; BERT from 0."""
+  return model_cfg['pad_token_id'] + 1 if model_cfg['type'] == 'roberta' else 0
+
+
 def make_model(model_cfg: ml_collections.ConfigDict) -> BertMLM:
   """Builds the module from the `model` sub-config (dtypes given as names)."""
   c = model_cfg.to_dict()
   c['dtype'] = resolve_dtype(c['dtype'])
   c['param_dtype'] = jnp.dtype(c['param_dtype'])
-  if c['type'] == 'roberta':
-    c['position_offset'] = c['pad_token_id'] + 1  # RoBERTa numbers positions after the padding index
+  c['position_offset'] = position_offset(c)
   return BertMLM(ml_collections.FrozenConfigDict(c))

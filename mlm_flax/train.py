@@ -169,9 +169,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                  baseline_token=baseline)
   writer = writers.MetricWriter(workdir, resume_step=start_step)
 
-  def run_eval(step: int) -> dict:
+  def run_eval(step: int, log: bool = True) -> dict:
     result = evaluator(state.params, eval_rows, config.eval_batch_size, config.max_eval_batches)
-    writer.write(step, 'eval', result)
+    if log:
+      writer.write(step, 'eval', result)
     return {'step': step, **result}
 
   batches = data.train_batches(train_rows, config.batch_size, config.seed, start_step,
@@ -212,8 +213,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       ckpt.save(step, state, {'step': step, 'data_position': step * config.batch_size})
   bar.close()
   if result is None:  # nothing left to train: report, but do not log the same eval twice
-    result = {'step': start_step, **evaluator(state.params, eval_rows, config.eval_batch_size,
-                                              config.max_eval_batches)}
+    result = run_eval(start_step, log=False)
   ckpt.wait()
   ckpt.close()
   writer.close()
