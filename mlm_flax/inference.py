@@ -16,7 +16,8 @@ import numpy as np
 from mlm_flax import checkpoint
 from mlm_flax.model import make_model, position_offset
 
-_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+# Padded shapes: steps of at most 1.5x, so padding wastes little compute and few lengths compile.
+_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 
 
 @dataclasses.dataclass
@@ -162,21 +163,22 @@ def fill_mask(mlm: MLM, texts: str | Sequence[str], top_k: int = 5,
   candidates = target_ids(tok, targets) if targets else None
   k = min(top_k, mlm.config.model.vocab_size if candidates is None else len(candidates))
   mask_positions = [[p for p, t in enumerate(row) if t == tok.mask_token_id] for row in encoded]
-  scores, tokens = [], []
-  for start in range(0, len(texts), batch_size):  # fixed-size chunks of bucketed shapes: few compiles
-    chunk = encoded[start:start + batch_size]
-    length = _bucket(max(map(len, chunk)), limit)
-    num_masks = _bucket(max(len(p) for p in mask_positions[start:start + batch_size]), length)
-    rows = batch_size if len(texts) > batch_size else len(chunk)
+  scores, tokens = [None] * len(texts), [None] * len(texts)
+  order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
+  for start in range(0, len(texts), batch_size):  # chunks of bucketed shapes: few compiles
+    chunk = order[start:start + batch_size]
+    length = _bucket(max(len(encoded[i]) for i in chunk), limit)
+    num_masks = _bucket(max(len(mask_positions[i]) for i in chunk), length)
+    rows = _bucket(len(chunk), batch_size)
     ids = np.full((rows, length), tok.pad_token_id, np.int32)
     segments = np.zeros((rows, length), np.int32)
     positions = np.zeros((rows, num_masks), np.int32)
-    for i, row in enumerate(chunk):
-      ids[i, :len(row)], segments[i, :len(row)] = row, 1
-      positions[i, :len(mask_positions[start + i])] = mask_positions[start + i]
+    for r, i in enumerate(chunk):
+      ids[r, :len(encoded[i])], segments[r, :len(encoded[i])] = encoded[i], 1
+      positions[r, :len(mask_positions[i])] = mask_positions[i]
     s, t = jax.device_get(_top_k_at(mlm.params, mlm.model, ids, segments, positions, k, candidates))
-    scores.extend(s[:len(chunk)])
-    tokens.extend(t[:len(chunk)])
+    for r, i in enumerate(chunk):
+      scores[i], tokens[i] = s[r], t[r]
 
   results = []
   for i, row in enumerate(encoded):
