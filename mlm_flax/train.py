@@ -14,7 +14,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from mlm_flax import checkpoint, data, evaluate, inference, loss, masking, parallel, tokenizer, writers
+from mlm_flax import checkpoint, data, evaluate, flops, inference, loss, masking, parallel, tokenizer, writers
 from mlm_flax.model import make_model
 
 
@@ -178,6 +178,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   batches = data.train_batches(train_rows, config.batch_size, config.seed, start_step,
                                jax.process_index(), jax.process_count())
   tokens_per_step = config.batch_size * config.max_seq_length
+  flops_per_token = flops.config_flops_per_token(config)
+  peak, peak_source = flops.peak_flops()
+  if jax.process_index() == 0:
+    print(f'{flops_per_token / 1e6:.1f} MFLOPs per training token; peak {peak / 1e12:.3g} TFLOP/s '
+          f'({peak_source}) for MFU.')
   schedule = make_schedule(config.optimizer, config.num_train_steps)
   pending, last_time, last_step, result = [], time.time(), start_step, None
   bar = tqdm(total=config.num_train_steps, initial=start_step, unit='step', dynamic_ncols=True,
@@ -195,13 +200,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       summary.update(grad_norm=float(sums['grad_norm']) / len(pending),
                      learning_rate=float(schedule(step - 1)),
                      tokens_per_second=tokens_per_step * (step - last_step) / (now - last_time))
+      summary['mfu'] = summary['tokens_per_second'] * flops_per_token / peak
       writer.write(step, 'train', summary)
       bar.set_postfix(loss=f"{summary['loss']:.3f}", acc=f"{summary['masked_accuracy']:.3f}",
-                      tok_s=f"{summary['tokens_per_second']:.0f}")
+                      tok_s=f"{summary['tokens_per_second']:.0f}", mfu=f"{summary['mfu']:.0%}")
       if bar.disable and jax.process_index() == 0:  # no bar (logs, notebooks): one line per log step
         eta = (config.num_train_steps - step) * (now - last_time) / (step - last_step)
         print(f"step {step}/{config.num_train_steps}: loss {summary['loss']:.4f} masked_accuracy "
-              f"{summary['masked_accuracy']:.4f} {summary['tokens_per_second']:.0f} tokens/s ETA {eta:.0f}s",
+              f"{summary['masked_accuracy']:.4f} {summary['tokens_per_second']:.0f} tokens/s "
+              f"MFU {summary['mfu']:.1%} ETA {eta:.0f}s",
               flush=True)
       pending, last_time, last_step = [], now, step
     if step % config.eval_every_steps == 0 or step == config.num_train_steps:

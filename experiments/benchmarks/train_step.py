@@ -1,0 +1,159 @@
+"""MLM training-step benchmark: mlm_flax vs Hugging Face's Flax example vs PyTorch, one run, alternating.
+
+    python experiments/benchmarks/train_step.py                       # the full grid (~30 min on 2 cores)
+    python experiments/benchmarks/train_step.py --sizes small --seq_lens 128 --rounds 3
+
+For each size (small: 4 layers, hidden 512, 8 heads, FFN 2048; base: 12, 768, 12, 3072) and sequence
+length (128, 512), at 4,096 tokens per step (batch 32 x 128, 8 x 512) and vocabulary 30,522, every
+framework runs in its own process (so peak memory is its own), in rotating order per round:
+
+  mlm_flax     `train.jit_train_step`, default precision (`model.dtype='auto'`)
+  hf_flax      the step of transformers 4.x `run_mlm_flax.py` (host numpy collator, `pmap`, head at every
+               position), in a venv of its own (`--hf_venv`, built on first use)
+  torch_fp32   transformers `BertForMaskedLM` + `torch.optim.AdamW`
+  torch_bf16   the same under `torch.autocast('cpu', bfloat16)`
+
+MFU is model FLOPs (`mlm_flax.flops`, 15% masked) per second over this machine's measured matmul peak
+(the best of JAX and torch, f32 and bf16), so it is against this machine, not a datasheet. Writes
+`results/train_step.json` and `results/train_step.md`.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SIZES = {'small': dict(layers=4, hidden=512, heads=8, ffn=2048),
+         'base': dict(layers=12, hidden=768, heads=12, ffn=3072)}
+WORKERS = {'mlm_flax': ('mlm_flax_step.py', 'auto'), 'hf_flax': ('hf_flax_step.py', 'float32'),
+           'torch_fp32': ('torch_step.py', 'float32'), 'torch_bf16': ('torch_step.py', 'bfloat16')}
+# What run_mlm_flax.py ran on: the last transformers with Flax models and the JAX/Flax of its time.
+HF_REQUIREMENTS = ['transformers==4.46.3', 'flax==0.8.5', 'jax==0.4.30', 'jaxlib==0.4.30', 'optax==0.2.2',
+                   'orbax-checkpoint==0.5.20', 'numpy<2']
+VOCAB = 30522
+
+
+def hf_python(venv: str) -> str:
+  """The Python of the Hugging Face Flax venv, creating it on first use (pip, ~1 minute)."""
+  python = os.path.join(venv, 'bin', 'python')
+  if not os.path.exists(python):
+    print(f'Creating {venv} for the Hugging Face Flax step: {" ".join(HF_REQUIREMENTS)}', flush=True)
+    subprocess.run([sys.executable, '-m', 'venv', venv], check=True)
+    subprocess.run([python, '-m', 'pip', 'install', '-q', *HF_REQUIREMENTS], check=True)
+  return python
+
+
+def matmul_peaks(n: int = 2048) -> dict:
+  """FLOP/s of n^3 matmuls, best of 5, in JAX and torch, f32 and bf16 (f32 accumulation in JAX)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp
+  import torch
+  from mlm_flax import flops
+  peaks = {f'jax_{d}': flops.measure_matmul_peak(d, n) for d in ('float32', 'bfloat16')}
+  torch.set_num_threads(os.cpu_count())
+  for name, dtype in (('float32', torch.float32), ('bfloat16', torch.bfloat16)):
+    a = torch.ones(n, n, dtype=dtype)
+    a @ a
+    best = min(_time(lambda: a @ a) for _ in range(5))
+    peaks[f'torch_{name}'] = 2 * n ** 3 / best
+  del jax, jnp
+  return peaks
+
+
+def _time(fn) -> float:
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+def run_worker(framework: str, shape: dict, args, python: str, env: dict) -> dict:
+  script, dtype = WORKERS[framework]
+  cmd = [python, os.path.join(HERE, 'workers', script), '--vocab', str(VOCAB), '--dtype', dtype,
+         '--steps', str(args.steps), '--warmup', str(args.warmup)]
+  cmd += [f'--{k}={v}' for k, v in shape.items()]
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
+  if proc.returncode or not lines:
+    raise RuntimeError(f'{framework} failed ({proc.returncode}):\n{proc.stderr[-3000:]}')
+  return json.loads(lines[-1][len('RESULT '):])
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--sizes', default='small,base')
+  parser.add_argument('--seq_lens', default='128,512')
+  parser.add_argument('--frameworks', default=','.join(WORKERS))
+  parser.add_argument('--tokens_per_step', type=int, default=4096)
+  parser.add_argument('--steps', type=int, default=5)
+  parser.add_argument('--warmup', type=int, default=2)
+  parser.add_argument('--rounds', type=int, default=1, help='alternating rounds; the median is reported')
+  parser.add_argument('--devices', default='1,8', help='CPU device counts for the mlm_flax scaling rows')
+  parser.add_argument('--hf_venv', default=os.path.join(HERE, '.hf_flax_venv'))
+  parser.add_argument('--out', default=os.path.join(HERE, 'results'))
+  args = parser.parse_args()
+  sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+  from mlm_flax import flops  # pylint: disable=g-import-not-at-top
+
+  frameworks = args.frameworks.split(',')
+  pythons = {f: hf_python(args.hf_venv) if f == 'hf_flax' else sys.executable for f in frameworks}
+  peaks = matmul_peaks()
+  peak = max(peaks.values())
+  print('matmul peaks (GFLOP/s): ' + ', '.join(f'{k} {v / 1e9:.0f}' for k, v in peaks.items()), flush=True)
+  env = {**os.environ, 'PYTHONPATH': os.path.dirname(os.path.dirname(HERE))}
+  rows = []
+  for size in args.sizes.split(','):
+    for seq in map(int, args.seq_lens.split(',')):
+      shape = {**SIZES[size], 'seq': seq, 'batch': args.tokens_per_step // seq}
+      fpt = flops.train_flops_per_token(shape['layers'], shape['hidden'], shape['ffn'], VOCAB, seq, 0.15)
+      runs = {f: [] for f in frameworks}
+      for r in range(args.rounds):
+        for f in frameworks[r % len(frameworks):] + frameworks[:r % len(frameworks)]:
+          runs[f].append(run_worker(f, shape, args, pythons[f], env))
+          print(f"{size} seq {seq} {f}: {runs[f][-1]['tokens_per_second']:.0f} tokens/s", flush=True)
+      for f, results in runs.items():
+        tps = statistics.median(r['tokens_per_second'] for r in results)
+        rows.append({'size': size, 'seq': seq, 'batch': shape['batch'], 'framework': f,
+                     'dtype': results[0]['dtype'], 'devices': results[0]['devices'], 'tokens_per_second': tps,
+                     'step_seconds': shape['batch'] * seq / tps,
+                     'peak_rss_gb': max(r['peak_rss_mb'] for r in results) / 1024,
+                     'mfu': tps * fpt / peak, 'model_flops_per_token': fpt})
+  if 'mlm_flax' in frameworks:  # scaling over host-platform CPU devices (same cores, more partitions)
+    shape = {**SIZES[args.sizes.split(',')[0]], 'seq': 128, 'batch': args.tokens_per_step // 128}
+    fpt = flops.train_flops_per_token(shape['layers'], shape['hidden'], shape['ffn'], VOCAB, 128, 0.15)
+    for n in map(int, args.devices.split(',')):
+      dev_env = {**env, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={n}'}
+      res = run_worker('mlm_flax', shape, args, sys.executable, dev_env)
+      rows.append({'size': args.sizes.split(',')[0], 'seq': 128, 'batch': shape['batch'],
+                   'framework': f'mlm_flax ({n} CPU devices)', 'dtype': res['dtype'], 'devices': n,
+                   'tokens_per_second': res['tokens_per_second'], 'step_seconds': res['step_seconds'],
+                   'peak_rss_gb': res['peak_rss_mb'] / 1024, 'mfu': res['tokens_per_second'] * fpt / peak,
+                   'model_flops_per_token': fpt})
+
+  ours = {(r['size'], r['seq']): r['tokens_per_second'] for r in rows if r['framework'] == 'mlm_flax'}
+  lines = ['| size | seq × batch | framework | dtype | tokens/s | step (s) | peak RSS (GB) | MFU | mlm_flax speed-up |',
+           '|---|---|---|---|---:|---:|---:|---:|---:|']
+  for r in rows:
+    r['mlm_flax_speedup'] = ours.get((r['size'], r['seq']), float('nan')) / r['tokens_per_second']
+    lines.append(f"| {r['size']} | {r['seq']} × {r['batch']} | {r['framework']} | {r['dtype']} | "
+                 f"{r['tokens_per_second']:.0f} | {r['step_seconds']:.2f} | {r['peak_rss_gb']:.2f} | "
+                 f"{r['mfu']:.1%} | {r['mlm_flax_speedup']:.2f}x |")
+  lines.append('')
+  lines.append('Matmul peaks (GFLOP/s, 2048³): ' + ', '.join(f'{k} {v / 1e9:.0f}' for k, v in peaks.items())
+               + f'. MFU is against the best, {peak / 1e9:.0f} GFLOP/s.')
+  table = '\n'.join(lines) + '\n'
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, 'train_step.json'), 'w') as f:
+    json.dump({'machine': platform.processor() or platform.machine(), 'cpu_count': os.cpu_count(),
+               'matmul_peaks': peaks, 'rows': rows, 'args': vars(args)}, f, indent=2)
+  with open(os.path.join(args.out, 'train_step.md'), 'w') as f:
+    f.write(table)
+  print(table)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,63 @@
+"""Shared by the step workers: the argument list, synthetic MLM data and the JSON report.
+
+Each worker runs one framework's training step in its own process (so peak memory is its own),
+on the same synthetic batch shape, and prints one JSON line. Only the Python standard library and
+numpy are imported here, so the Hugging Face Flax worker can use it from its own old venv.
+"""
+
+import argparse
+import json
+import resource
+import time
+
+import numpy as np
+
+MASK_ID, SPECIALS = 103, (0, 100, 101, 102, 103)  # BERT uncased: [PAD] [UNK] [CLS] [SEP] [MASK]
+
+
+def parse_args() -> argparse.Namespace:
+  p = argparse.ArgumentParser()
+  for name in ('layers', 'hidden', 'heads', 'ffn', 'seq', 'batch'):
+    p.add_argument(f'--{name}', type=int, required=True)
+  p.add_argument('--vocab', type=int, default=30522)
+  p.add_argument('--steps', type=int, default=5)
+  p.add_argument('--warmup', type=int, default=2)
+  p.add_argument('--dtype', default='float32')
+  p.add_argument('--mask_rate', type=float, default=0.15)
+  return p.parse_args()
+
+
+def token_ids(args, step: int) -> np.ndarray:
+  """Random non-special ids [batch, seq], different each step."""
+  rng = np.random.default_rng(step)
+  return rng.integers(max(SPECIALS) + 1, args.vocab, (args.batch, args.seq)).astype(np.int32)
+
+
+def bert_mask(args, ids: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
+  """Host-side 80/10/10 BERT masking (as Hugging Face collators do): inputs, labels (-100 = unscored)."""
+  rng = np.random.default_rng(10_000 + step)
+  chosen = rng.random(ids.shape) < args.mask_rate
+  labels = np.where(chosen, ids, -100)
+  u = rng.random(ids.shape)
+  inputs = np.where(chosen & (u < 0.8), MASK_ID, ids)
+  random_ids = rng.integers(max(SPECIALS) + 1, args.vocab, ids.shape)
+  inputs = np.where(chosen & (u >= 0.8) & (u < 0.9), random_ids, inputs)
+  return inputs.astype(np.int32), labels.astype(np.int64)
+
+
+def timed(args, step_fn, sync) -> dict:
+  """Runs `warmup` then `steps` calls of step_fn(i); `sync()` waits for the device. Step time = total / steps."""
+  for i in range(args.warmup):
+    step_fn(i)
+  sync()
+  start = time.perf_counter()
+  for i in range(args.warmup, args.warmup + args.steps):
+    step_fn(i)
+  sync()
+  seconds = (time.perf_counter() - start) / args.steps
+  return {'step_seconds': seconds, 'tokens_per_second': args.batch * args.seq / seconds,
+          'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def report(result: dict) -> None:
+  print('RESULT ' + json.dumps(result), flush=True)

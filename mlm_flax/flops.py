@@ -1,0 +1,73 @@
+"""Model FLOPs per token and the device's peak, for MFU (model FLOPs utilisation).
+
+MFU counts the FLOPs the MLM objective *needs* (PaLM, Chowdhery et al. 2022, app. B), not what an
+implementation happens to do: a matmul of [m, k] x [k, n] is 2mkn FLOPs forward and twice that
+backward, so a training token costs 6 FLOPs per weight it passes through. Per token of a sequence
+of length `s` in a model of `n` layers, hidden `h`, FFN `f`, vocabulary `v`:
+
+  encoder    6 * n * (4h^2 + 2hf)            QKV + output projections, FFN
+  attention  6 * n * 2 * s * h               scores (QK^T) and context (PV), full s x s
+  MLM head   6 * r * (h^2 + h v)             transform + tied decoder, at the masked fraction r only
+
+Embedding lookups, norms, softmax and the optimizer are not counted. A step that computes the head
+at every position (Hugging Face) does more work than this and gets no credit for it.
+"""
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+
+# Dense bf16 peak FLOP/s of accelerators, by `device_kind` prefix (vendor datasheets, no sparsity).
+_KNOWN_PEAKS = {
+    'NVIDIA H200': 989e12, 'NVIDIA H100': 989e12, 'NVIDIA A100': 312e12, 'NVIDIA L4': 121e12,
+    'NVIDIA A10': 125e12, 'Tesla V100': 125e12, 'Tesla T4': 65e12,
+    'TPU v6': 918e12, 'TPU v5p': 459e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v4': 275e12,
+    'TPU v3': 123e12, 'TPU v2': 45e12,
+}
+
+
+def train_flops_per_token(num_layers: int, hidden_size: int, intermediate_size: int, vocab_size: int,
+                          seq_len: int, masked_fraction: float) -> float:
+  """Model FLOPs of one training token (forward + backward); see the module docstring."""
+  h, f = hidden_size, intermediate_size
+  encoder = 6 * num_layers * (4 * h * h + 2 * h * f)
+  attention = 6 * num_layers * 2 * seq_len * h
+  head = 6 * masked_fraction * (h * h + h * vocab_size)
+  return float(encoder + attention + head)
+
+
+def config_flops_per_token(config) -> float:
+  """`train_flops_per_token` for a resolved run config (evaluation's 15% is not what trains)."""
+  m = config.model
+  return train_flops_per_token(m.num_layers, m.hidden_size, m.intermediate_size, m.vocab_size,
+                               config.max_seq_length, config.masking.rate)
+
+
+def measure_matmul_peak(dtype: str = 'float32', n: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of the best of `repeats` jitted n^3 matmuls on the default device (f32 accumulation)."""
+  a = jnp.ones((n, n), dtype)
+  dot = jax.jit(functools.partial(jnp.matmul, preferred_element_type=jnp.float32))
+  dot(a, a).block_until_ready()
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    dot(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * n ** 3 / best
+
+
+def peak_flops() -> tuple[float, str]:
+  """Peak FLOP/s of all devices together, and where the figure comes from.
+
+  Accelerators: the datasheet dense bf16 figure by device kind. CPUs: the faster of an f32 and a
+  bf16 (f32-accumulating) 1024^3 matmul measured here, so MFU is against this machine's best.
+  """
+  device = jax.devices()[0]
+  for prefix, peak in _KNOWN_PEAKS.items():
+    if device.device_kind.startswith(prefix):
+      return peak * jax.device_count(), f'datasheet ({device.device_kind})'
+  if device.platform == 'cpu':  # host-platform devices share the cores: one machine-wide figure
+    return max(measure_matmul_peak(d, n=1024) for d in ('float32', 'bfloat16')), 'measured matmul'
+  return float('nan'), f'unknown ({device.device_kind})'
