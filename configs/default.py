@@ -12,6 +12,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.num_train_steps = 1000
   c.batch_size = 64  # global, in sequences
+  c.grad_accum_steps = 1  # micro-batches per update: the same update as one batch_size batch, less memory
   c.eval_batch_size = 64  # global; the last eval batch is padded, never dropped
   c.max_seq_length = 128
   c.log_every_steps = 50
@@ -43,6 +44,10 @@ def get_config() -> ml_collections.ConfigDict:
   # 'bfloat16': bf16 matmul inputs, f32 accumulation, f32 master params; 'auto' picks per backend.
   c.model.dtype = 'auto'  # see model.resolve_dtype
   c.model.param_dtype = 'float32'
+  # 'auto': jax.nn.dot_product_attention (fused kernels) on GPU/TPU, heads-major einsums on CPU (faster
+  # there); or 'einsum' / 'dot_product_attention'. Training with attention_dropout > 0 uses the einsums.
+  c.model.attention = 'auto'
+  c.model.remat = False  # recompute each layer in the backward pass: less activation memory, ~1/3 more FLOPs
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = 'builtin:stdlib_docs'  # 'builtin:NAME', a hub name, or '' with train_files

@@ -55,13 +55,49 @@ def create_train_state(rng: jax.Array, model, tx: optax.GradientTransformation, 
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng)
 
 
+def _micro_batches(tree: Any, n: int) -> Any:
+  """[batch, ...] leaves → [n, batch // n, ...]; micro-batch j takes rows j, j + n, ..., so every
+  device's contiguous shard of the batch holds an equal part of each micro-batch."""
+  return jax.tree.map(lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), tree)
+
+
+def _loss_sum_and_grads(params, model, batch, masked: masking.Masked, num_predictions: int, dropout_rng,
+                        grad_accum_steps: int):
+  """Summed metrics and the gradient of the summed loss, over `grad_accum_steps` micro-batches."""
+  def sum_loss(p, b, m, rng):
+    _, metrics = loss.mlm_loss(p, model, b, m, num_predictions, rng)
+    return metrics['loss_sum'], metrics
+
+  grad_fn = jax.grad(sum_loss, has_aux=True)
+  if grad_accum_steps == 1:
+    grads, metrics = grad_fn(params, batch, masked, dropout_rng)
+    return grads, metrics
+
+  def accumulate(carry, xs):
+    j, b, m = xs
+    grads, metrics = grad_fn(params, b, m, jax.random.fold_in(dropout_rng, j))
+    return jax.tree.map(jnp.add, carry, (grads, metrics)), None
+
+  micro = (_micro_batches(batch, grad_accum_steps), _micro_batches(masked, grad_accum_steps))
+  shapes = jax.eval_shape(grad_fn, params, *jax.tree.map(lambda x: x[0], micro), dropout_rng)
+  zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+  (grads, metrics), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum_steps), *micro))
+  return grads, metrics
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx: optax.GradientTransformation,
-               mask_fn: loss.MaskFn, num_predictions: int) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One update on the global batch: mask in-graph, forward, token-weighted CE, AdamW."""
+               mask_fn: loss.MaskFn, num_predictions: int,
+               grad_accum_steps: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One update on the global batch: mask in-graph, forward, token-weighted CE, AdamW.
+
+  The loss is the mean over the masked tokens of the whole global batch, also when the batch is
+  split into `grad_accum_steps` micro-batches (summed gradients, divided by the global count).
+  """
   mask_rng, dropout_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
   masked = mask_fn(mask_rng, batch['input_ids'], maskable=batch['segment_ids'] > 0)
-  grad_fn = jax.value_and_grad(loss.mlm_loss, has_aux=True)
-  (_, metrics), grads = grad_fn(state.params, model, batch, masked, num_predictions, dropout_rng)
+  grads, metrics = _loss_sum_and_grads(state.params, model, batch, masked, num_predictions, dropout_rng,
+                                       grad_accum_steps)
+  grads = jax.tree.map(lambda g: g / jnp.maximum(metrics['count'], 1.0), grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   metrics['grad_norm'] = optax.tree.norm(grads)
   state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
@@ -70,11 +106,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx: opt
 
 
 def jit_train_step(model, tx: optax.GradientTransformation, mask_fn: loss.MaskFn, num_predictions: int,
-                   mesh: jax.sharding.Mesh):
+                   mesh: jax.sharding.Mesh, grad_accum_steps: int = 1):
   """`train_step` jitted over `mesh`: batch split on the data axis, state replicated and donated."""
   repl = parallel.replicated(mesh)
   return jax.jit(
-      functools.partial(train_step, model=model, tx=tx, mask_fn=mask_fn, num_predictions=num_predictions),
+      functools.partial(train_step, model=model, tx=tx, mask_fn=mask_fn, num_predictions=num_predictions,
+                        grad_accum_steps=grad_accum_steps),
       in_shardings=(repl, parallel.data_sharding(mesh)), out_shardings=(repl, repl), donate_argnums=0)
 
 
@@ -147,6 +184,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
+  if config.grad_accum_steps < 1 or config.batch_size % (config.grad_accum_steps * mesh.size):
+    raise ValueError(f'batch_size={config.batch_size} must split into grad_accum_steps='
+                     f'{config.grad_accum_steps} micro-batches of a multiple of the {mesh.size} devices; '
+                     f'use a batch_size that is a multiple of {max(config.grad_accum_steps, 1) * mesh.size}.')
   model = make_model(config.model)
   tx = make_optimizer(config.optimizer, config.num_train_steps)
   mask_fn, num_predictions = make_mask_fn(config, tok)
@@ -161,7 +202,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = state.replace(params=params, opt_state=jax.jit(tx.init, out_shardings=parallel.replicated(mesh))(params))
   start_step = int(state.step)
 
-  p_train_step = jit_train_step(model, tx, mask_fn, num_predictions, mesh)
+  p_train_step = jit_train_step(model, tx, mask_fn, num_predictions, mesh, config.grad_accum_steps)
   counts = np.bincount(train_rows['input_ids'][train_rows['segment_ids'] > 0], minlength=len(tok))
   counts[list(tokenizer.special_token_ids(tok))] = 0
   baseline = int(counts.argmax())  # the unigram baseline predicts the most frequent training token

@@ -87,3 +87,33 @@ def test_pre_ln_variant_has_a_final_norm_and_differs():
   a = m_post.apply({'params': shared}, ids, jnp.ones_like(ids))
   b = m_pre.apply({'params': {**shared, 'final_norm': p_pre['final_norm']}}, ids, jnp.ones_like(ids))
   assert a.shape == b.shape and bool(jnp.isfinite(b).all()) and float(jnp.abs(a - b).max()) > 1e-2
+
+
+def test_remat_and_fused_attention_compute_the_same_function():
+  """`model.remat` and `model.attention='dot_product_attention'` change how, not what, is computed."""
+  import pytest  # pylint: disable=g-import-not-at-top
+  make_model = model_lib.make_model
+  c = tiny_config()
+  c.model.vocab_size, c.model.pad_token_id = 100, 0
+  c.model.hidden_dropout = c.model.attention_dropout = 0.0
+  rng = np.random.default_rng(0)
+  ids = jnp.asarray(rng.integers(1, 100, (2, 16)), jnp.int32)
+  seg = jnp.asarray([[1] * 10 + [2] * 4 + [0] * 2, [1] * 16], jnp.int32)
+  base = make_model(c.model)
+  params = base.init(jax.random.PRNGKey(0), ids, seg)['params']
+
+  def loss_and_grad(model):
+    f = lambda p: (model.apply({'params': p}, ids, seg) * (seg > 0)[..., None]).astype(jnp.float32).sum()
+    return jax.value_and_grad(f)(params)
+
+  ref_loss, ref_grad = loss_and_grad(base)
+  for key, value in (('remat', True), ('attention', 'dot_product_attention')):
+    c2 = tiny_config()
+    c2.model.update(vocab_size=100, pad_token_id=0, hidden_dropout=0.0, attention_dropout=0.0, **{key: value})
+    other_loss, other_grad = loss_and_grad(make_model(c2.model))
+    np.testing.assert_allclose(float(other_loss), float(ref_loss), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(other_grad), jax.tree.leaves(ref_grad)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+  c.model.attention = 'flash'
+  with pytest.raises(ValueError, match='model.attention'):
+    make_model(c.model).apply({'params': params}, ids, seg)
