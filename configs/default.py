@@ -12,6 +12,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.num_train_steps = 1000
   c.batch_size = 64  # global, in sequences
+  # Devices that share one copy of params and optimizer state, each holding a slice (FSDP); the batch is
+  # split over all devices. 1: plain data parallelism. Must divide the device count.
+  c.fsdp = 1
   c.grad_accum_steps = 1  # micro-batches per update: the same update as one batch_size batch, less memory
   c.eval_batch_size = 64  # global; the last eval batch is padded, never dropped
   c.max_seq_length = 128

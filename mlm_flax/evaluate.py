@@ -34,7 +34,7 @@ class Evaluator:
     self.step = jax.jit(
         functools.partial(eval_step, model=model, mask_fn=mask_fn, num_predictions=num_predictions,
                           baseline_token=baseline_token),
-        in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh), None),
+        in_shardings=(None, parallel.data_sharding(mesh), None),  # params as they come (replicated or FSDP)
         out_shardings=parallel.replicated(mesh))
 
   def __call__(self, params: Any, rows: dict[str, np.ndarray], batch_size: int, max_batches: int = 0) -> dict:

@@ -1,9 +1,10 @@
 """Meshes, shardings and multi-host set-up: the layer around the pure step functions.
 
 Steps are written for the global batch; `jax.jit` with these shardings splits the
-batch over the `data` axis and inserts the gradient all-reduce, so a step gives
-the same result (masks and dropout included: threefry is partitionable) on one
-device or a pod.
+batch over all devices and inserts the gradient all-reduce, so a step gives the
+same result (masks and dropout included: threefry is partitionable) on one
+device or a pod. The mesh is (data, fsdp): with fsdp > 1 the params and optimizer
+state are split too, and XLA inserts the all-gathers and reduce-scatters (FSDP).
 """
 
 import os
@@ -14,6 +15,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = 'data'
+FSDP_AXIS = 'fsdp'
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # the batch is split over every device
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -28,25 +31,48 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     jax.distributed.initialize()
 
 
-def make_mesh(num_devices: int | None = None) -> Mesh:
-  """A 1-D data-parallel mesh over all (or the first `num_devices`) devices."""
+def make_mesh(num_devices: int | None = None, fsdp: int = 1) -> Mesh:
+  """A (data, fsdp) mesh over all (or the first `num_devices`) devices.
+
+  `fsdp` devices share one copy of the params and optimizer state, each holding a slice (FSDP /
+  ZeRO-3: XLA all-gathers a weight where it is used and reduce-scatters its gradient); `fsdp=1` is
+  plain data parallelism with replicated state. The batch is split over all devices either way.
+  """
   devices = jax.devices()[:num_devices] if num_devices else jax.devices()
-  return Mesh(np.asarray(devices), (DATA_AXIS,))
+  if fsdp < 1 or len(devices) % fsdp:
+    raise ValueError(f'fsdp={fsdp} must divide the {len(devices)} devices; use a divisor of {len(devices)}.')
+  return Mesh(np.asarray(devices).reshape(len(devices) // fsdp, fsdp), BATCH_AXES)
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(DATA_AXIS))
+  return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def state_sharding(mesh: Mesh, tree: Any) -> Any:
+  """Shardings for params / optimizer state: each array split over `fsdp` along its largest
+  dimension that divides evenly, or replicated (scalars, small or indivisible arrays)."""
+  n = mesh.shape[FSDP_AXIS]
+
+  def leaf(x):
+    dims = [d for d in np.argsort(x.shape)[::-1] if x.shape[d] % n == 0 and x.shape[d] >= n]
+    if n == 1 or not dims:
+      return replicated(mesh)
+    spec = [None] * len(x.shape)
+    spec[dims[0]] = FSDP_AXIS
+    return NamedSharding(mesh, P(*spec))
+
+  return jax.tree.map(leaf, tree)
+
+
 def check_batch_size(global_batch_size: int, mesh: Mesh, key: str = 'batch_size') -> None:
-  n = mesh.shape[DATA_AXIS]
+  n = mesh.size
   if global_batch_size % n or global_batch_size % jax.process_count():
-    raise ValueError(f'{key}={global_batch_size} must be divisible by the {n} devices of the data '
-                     f'axis and the {jax.process_count()} processes; use a multiple of {n}.')
+    raise ValueError(f'{key}={global_batch_size} must be divisible by the {n} devices and the '
+                     f'{jax.process_count()} processes; use a multiple of {n}.')
 
 
 def to_global(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

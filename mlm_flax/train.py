@@ -105,14 +105,24 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx: opt
   return state, metrics
 
 
-def jit_train_step(model, tx: optax.GradientTransformation, mask_fn: loss.MaskFn, num_predictions: int,
-                   mesh: jax.sharding.Mesh, grad_accum_steps: int = 1):
-  """`train_step` jitted over `mesh`: batch split on the data axis, state replicated and donated."""
+def state_shardings(mesh: jax.sharding.Mesh, state: TrainState) -> TrainState:
+  """Params and optimizer state split over the mesh's `fsdp` axis (replicated when it has size 1)."""
   repl = parallel.replicated(mesh)
+  return state.replace(step=repl, rng=repl, params=parallel.state_sharding(mesh, state.params),
+                       opt_state=parallel.state_sharding(mesh, state.opt_state))
+
+
+def jit_train_step(model, tx: optax.GradientTransformation, mask_fn: loss.MaskFn, num_predictions: int,
+                   mesh: jax.sharding.Mesh, grad_accum_steps: int = 1, state_sharding: Any = None):
+  """`train_step` jitted over `mesh`: batch split over all devices, state donated and kept in
+  `state_sharding` (default: replicated, i.e. data parallelism; see `state_shardings` for FSDP)."""
+  repl = parallel.replicated(mesh)
+  state_sharding = repl if state_sharding is None else state_sharding
   return jax.jit(
       functools.partial(train_step, model=model, tx=tx, mask_fn=mask_fn, num_predictions=num_predictions,
                         grad_accum_steps=grad_accum_steps),
-      in_shardings=(repl, parallel.data_sharding(mesh)), out_shardings=(repl, repl), donate_argnums=0)
+      in_shardings=(state_sharding, parallel.data_sharding(mesh)), out_shardings=(state_sharding, repl),
+      donate_argnums=0)
 
 
 def make_mask_fn(config: ml_collections.ConfigDict, tok, split: str = 'train') -> tuple[loss.MaskFn, int]:
@@ -181,7 +191,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_rows = data.pack(splits['train'], tok, config.max_seq_length, config.data.num_proc)
   eval_rows = data.pack(splits['validation'], tok, config.max_seq_length, config.data.num_proc)
 
-  mesh = parallel.make_mesh()
+  mesh = parallel.make_mesh(fsdp=config.fsdp)
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
   if config.grad_accum_steps < 1 or config.batch_size % (config.grad_accum_steps * mesh.size):
@@ -192,17 +202,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tx = make_optimizer(config.optimizer, config.num_train_steps)
   mask_fn, num_predictions = make_mask_fn(config, tok)
 
-  state = jax.jit(functools.partial(create_train_state, model=model, tx=tx, seq_len=config.max_seq_length),
-                  out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(config.seed))
+  init = functools.partial(create_train_state, model=model, tx=tx, seq_len=config.max_seq_length)
+  shardings = state_shardings(mesh, jax.eval_shape(init, jax.random.PRNGKey(config.seed)))
+  state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
   if ckpt.latest_step() is not None:
     state, _ = ckpt.restore(state)
     print(f'Resumed from {ckpt.directory} at step {int(state.step)}.')
   elif ckpt.has_imported():
     params = ckpt.restore_imported(state.params)
-    state = state.replace(params=params, opt_state=jax.jit(tx.init, out_shardings=parallel.replicated(mesh))(params))
+    state = state.replace(params=params, opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(params))
   start_step = int(state.step)
 
-  p_train_step = jit_train_step(model, tx, mask_fn, num_predictions, mesh, config.grad_accum_steps)
+  p_train_step = jit_train_step(model, tx, mask_fn, num_predictions, mesh, config.grad_accum_steps, shardings)
   counts = np.bincount(train_rows['input_ids'][train_rows['segment_ids'] > 0], minlength=len(tok))
   counts[list(tokenizer.special_token_ids(tok))] = 0
   baseline = int(counts.argmax())  # the unigram baseline predicts the most frequent training token

@@ -34,6 +34,21 @@ for n in (1, 8):
     state, m = step(state, parallel.to_global(random_batch(i), mesh))
     losses.append(float(m['loss_sum'] / m['count']))
   out[n] = {'losses': losses, 'param_sum': float(sum(np.abs(np.asarray(x, np.float64)).sum() for x in jax.tree.leaves(state.params)))}
+# FSDP: 2 (data) x 4 (fsdp) devices, params and optimizer state split in 4
+mesh = parallel.make_mesh(8, fsdp=4)
+model, tx, mask_fn, num_predictions, state = setup(mesh)
+shardings = train.state_shardings(mesh, state)
+state = jax.device_put(state, shardings)
+step = train.jit_train_step(model, tx, mask_fn, num_predictions, mesh, state_sharding=shardings)
+losses = []
+for i in range(3):
+  state, m = step(state, parallel.to_global(random_batch(i), mesh))
+  losses.append(float(m['loss_sum'] / m['count']))
+kernel = state.params['layer_0']['intermediate']['kernel']
+mu = state.opt_state[1][0].mu['layer_0']['intermediate']['kernel']
+out['fsdp'] = {'losses': losses, 'param_sum': float(sum(np.abs(np.asarray(x, np.float64)).sum() for x in jax.tree.leaves(state.params))),
+               'shard_fraction': kernel.addressable_shards[0].data.size / kernel.size,
+               'opt_shard_fraction': mu.addressable_shards[0].data.size / mu.size}
 print(json.dumps(out))
 '''
 
@@ -61,7 +76,7 @@ def random_batch(i, b=16, l=32):
   return {'input_ids': ids, 'segment_ids': seg, 'positions': pos.astype(np.int32)}
 
 
-def test_one_and_eight_devices_give_the_same_losses():
+def test_one_eight_and_fsdp_devices_give_the_same_losses():
   here = os.path.dirname(os.path.abspath(__file__))
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
   proc = subprocess.run([sys.executable, '-c', _PARITY, here], capture_output=True, text=True, env=env,
@@ -72,6 +87,10 @@ def test_one_and_eight_devices_give_the_same_losses():
   np.testing.assert_allclose(eight['losses'], one['losses'], rtol=1e-5)
   np.testing.assert_allclose(eight['param_sum'], one['param_sum'], rtol=1e-5)
   assert one['losses'][0] != one['losses'][2]  # the steps did update the model
+  fsdp = out['fsdp']  # params and Adam moments really split in 4, same training
+  assert fsdp['shard_fraction'] == 0.25 and fsdp['opt_shard_fraction'] == 0.25, fsdp
+  np.testing.assert_allclose(fsdp['losses'], one['losses'], rtol=1e-5)
+  np.testing.assert_allclose(fsdp['param_sum'], one['param_sum'], rtol=1e-5)
 
 
 def test_overfits_a_fixed_batch():
