@@ -62,6 +62,7 @@ class Checkpointer:
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
     self.imported_path = os.path.join(os.path.abspath(workdir), 'imported')
     self._saving = None  # the step of the last save started, for error messages
+    self._closed = False
     if create and os.path.exists(self.directory) and not os.path.isdir(self.directory):
       raise NotADirectoryError(f'{self.directory} is a file, not a folder; move it away so checkpoints '
                                'can be written there.')
@@ -196,4 +197,10 @@ class Checkpointer:
       raise self._save_error(None, e) from e
 
   def close(self) -> None:
-    self.manager.close()
+    """Waits for pending saves and releases the manager; safe to call twice."""
+    if not self._closed:
+      self._closed = True
+      try:
+        self.manager.close()
+      except Exception as e:  # pylint: disable=broad-except
+        raise self._save_error(None, e) from e

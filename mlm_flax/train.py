@@ -1,5 +1,6 @@
 """Training: TrainState, optimizer, `train_step`, and the loop `train_and_evaluate(config, workdir)`."""
 
+import contextlib
 import functools
 import json
 import os
@@ -162,12 +163,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   validation.validate_config(config, jax.device_count(), jax.process_count())
   os.makedirs(workdir, exist_ok=True)
-  with workdir_lock.hold(workdir, enabled=jax.process_index() == 0), preemption.watch() as preempt:
-    return _train_and_evaluate(config, workdir, preempt)
+  with (workdir_lock.hold(workdir, enabled=jax.process_index() == 0), preemption.watch() as preempt,
+        contextlib.ExitStack() as on_exit):
+    return _train_and_evaluate(config, workdir, preempt, on_exit)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt: preemption.Watcher) -> dict:
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt: preemption.Watcher,
+                        on_exit: contextlib.ExitStack) -> dict:
   ckpt = checkpoint.Checkpointer(workdir, config.max_checkpoints_to_keep)
+  on_exit.callback(ckpt.close)  # however the run ends, in-flight saves are finalised (or fail loudly)
   if ckpt.latest_step() is None and ckpt.has_imported():  # continue pretraining imported weights
     with open(os.path.join(workdir, 'config.json')) as f:
       imported_model = json.load(f)['model']
@@ -241,6 +245,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
                      learning_rate=float(schedule(step - 1)),
                      tokens_per_second=tokens_per_step * (step - last_step) / (now - last_time))
       writer.write(step, 'train', summary)
+      if summary['skipped_steps'] and jax.process_index() == 0:
+        print(f"step {step}: skipped {summary['skipped_steps']} of the last {len(pending)} steps (non-finite "
+              'loss or gradient; optimizer.nonfinite=skip)', flush=True)
       bar.set_postfix(loss=f"{summary['loss']:.3f}", acc=f"{summary['masked_accuracy']:.3f}",
                       tok_s=f"{summary['tokens_per_second']:.0f}")
       if bar.disable and jax.process_index() == 0:  # no bar (logs, notebooks): one line per log step
