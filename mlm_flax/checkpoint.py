@@ -15,6 +15,7 @@ restores cleanly. `train` then renames the bad folder aside to `checkpoints/corr
 
 import logging
 import os
+import shutil
 import time
 from typing import Any, Callable
 
@@ -66,11 +67,14 @@ class Checkpointer:
     if create and os.path.exists(self.directory) and not os.path.isdir(self.directory):
       raise NotADirectoryError(f'{self.directory} is a file, not a folder; move it away so checkpoints '
                                'can be written there.')
+    if create and jax.process_index() == 0 and os.path.isdir(self.directory):
+      for name in os.listdir(self.directory):  # saves cut short by a crash: never finalised, never used
+        if '.orbax-checkpoint-tmp' in name:
+          shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
-                                             enable_async_checkpointing=async_save,
-                                             cleanup_tmp_directories=create))
+                                             enable_async_checkpointing=async_save))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

@@ -162,6 +162,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   `{"step", "preempted": true}`. Returns the final evaluation metrics otherwise.
   """
   validation.validate_config(config, jax.device_count(), jax.process_count())
+  validation.check_resume(config, workdir)
   os.makedirs(workdir, exist_ok=True)
   with (workdir_lock.hold(workdir, enabled=jax.process_index() == 0), preemption.watch() as preempt,
         contextlib.ExitStack() as on_exit):
@@ -179,7 +180,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
     config.model.update(imported_model)
     print(f'Starting from the weights imported into {workdir} (model config taken from its config.json).')
   validation.validate_config(config, jax.device_count(), jax.process_count())
-  validation.check_resume(config, workdir)
   splits = data.load_text_splits(config.data, config.seed)
   tok = tokenizer.get_tokenizer(config.data, lambda: splits['train']['text'], workdir,
                                 splits['train']._fingerprint, data.cache_dir(config.data))  # pylint: disable=protected-access

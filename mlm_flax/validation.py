@@ -90,8 +90,10 @@ def _gcd(a: int, b: int) -> int:
 def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Refuses early to continue a workdir's run with a different model (keys the config sets)."""
   path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(path):
-    return
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  trained = os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints))
+  if not os.path.isfile(path) or (not trained and os.path.isdir(os.path.join(workdir, 'imported'))):
+    return  # nothing to resume, or imported weights whose model config `train` adopts
   with open(path) as f:
     old = json.load(f).get('model', {})
   diff = {k: (old[k], v) for k, v in config.model.to_dict().items() if v is not None and k in old
