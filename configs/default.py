@@ -84,6 +84,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.optimizer.b2 = 0.98
   c.optimizer.eps = 1e-6
   c.optimizer.grad_clip_norm = 1.0
+  # A step whose loss or gradient is NaN/inf: 'skip' leaves params and optimizer state as they were
+  # (counted in the `skipped_steps` metric); 'stop' ends the run with an error naming the step. Either
+  # way no non-finite state is applied or checkpointed.
+  c.optimizer.nonfinite = 'skip'
 
   c.lock()
   return c

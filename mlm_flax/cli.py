@@ -11,6 +11,7 @@ import difflib
 import importlib.util
 import json
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -46,9 +47,13 @@ def _default_workdir() -> str:
 
 
 def _run(command: str, args: list[str]) -> None:
+  if command == 'train':  # a bad config fails in a second, before the heavy imports and any data work
+    import jax  # pylint: disable=g-import-not-at-top
+    from mlm_flax import parallel, validation  # pylint: disable=g-import-not-at-top
+    parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    validation.validate_config(FLAGS.config, jax.device_count(), jax.process_count())
   from mlm_flax import evaluate, hf, inference, parallel, train  # pylint: disable=g-import-not-at-top
   if command == 'train':
-    parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     workdir = FLAGS.workdir or _default_workdir()
     result = train.train_and_evaluate(FLAGS.config, workdir)
     print(json.dumps(result))
@@ -79,7 +84,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f'usage: mlm-flax {{{"|".join(COMMANDS)}}} [flags]; see README.md')
   try:
     _run(argv[1], argv[2:])
-  except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+  except (ValueError, OSError, KeyError, FloatingPointError) as e:  # OSError: save failed, workdir locked
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
 
@@ -91,7 +96,15 @@ def _load_config_file(spec: str) -> ml_collections.ConfigDict:
     raise ValueError(f'--config={spec}: no such config file.')
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  try:
+    return module.get_config(arg) if arg else module.get_config()
+  except (AttributeError, KeyError) as e:  # a locked ConfigDict refuses keys it does not have
+    match = re.search(r'Key "(\w+)" does not exist', str(e))
+    hint = re.search(r'Did you mean "\w+" instead of "\w+"\?', str(e))
+    if not match:
+      raise
+    raise ValueError(f'{path} sets config key {match.group(1)!r}, which does not exist (see '
+                     f'configs/default.py for every key).{" " + hint.group(0) if hint else ""}') from None
 
 
 def check_overrides(argv: list[str]) -> None:
@@ -100,9 +113,9 @@ def check_overrides(argv: list[str]) -> None:
   if spec is None and '--config' in argv[:-1]:
     spec = argv[argv.index('--config') + 1]
   overrides = [a[len('--config.'):].split('=', 1)[0] for a in argv if a.startswith('--config.')]
-  if not overrides:
+  if not overrides and spec is None:
     return
-  config = _load_config_file(spec or DEFAULT_CONFIG)
+  config = _load_config_file(spec or DEFAULT_CONFIG)  # a bad config file fails here, in one line
   for key in overrides:
     node, done = config, []
     for part in key.split('.'):

@@ -136,6 +136,10 @@ def _bucket(length: int, limit: int) -> int:
   return min(next((b for b in _BUCKETS if b >= length), length), limit)
 
 
+def _clip(text: str, n: int = 60) -> str:
+  return repr(text) if len(text) <= n else repr(text[:n]) + f'... ({len(text)} characters)'
+
+
 def fill_mask(mlm: MLM, texts: str | Sequence[str], top_k: int = 5,
               targets: Sequence[str] | None = None, batch_size: int = 64) -> list:
   """Top-k completions of each mask token, shaped like the transformers fill-mask pipeline.
@@ -145,21 +149,33 @@ def fill_mask(mlm: MLM, texts: str | Sequence[str], top_k: int = 5,
   Scores are softmax probabilities over the whole vocabulary; `targets` restricts the
   candidates to those words. Texts are padded to a few bucket lengths, so new lengths
   rarely recompile.
+
+  Bad input raises ValueError before any compute: a text without a mask token, one longer than
+  the model's positions, a non-string, `top_k < 1`. In a batch, the message names the index of
+  the first bad text (`text 3 ...`) and nothing is returned for the others; an empty list gives [].
   """
   tok = mlm.tokenizer
   if tok.mask_token_id is None:
     raise ValueError('the tokenizer has no mask token; fill-mask needs one.')
+  if not isinstance(top_k, int) or top_k < 1:
+    raise ValueError(f'top_k={top_k!r}; ask for at least 1 prediction per mask.')
   single = isinstance(texts, str)
   texts = [texts] if single else list(texts)
+  where = lambda i: 'the text' if single else f'text {i}'
+  for i, text in enumerate(texts):
+    if not isinstance(text, str):
+      raise ValueError(f'{where(i)} is a {type(text).__name__}, not a string.')
   encoded = [tok(t)['input_ids'] for t in texts]
   limit = max_length(mlm)
-  for text, ids in zip(texts, encoded):
+  for i, (text, ids) in enumerate(zip(texts, encoded)):
     if tok.mask_token_id not in ids:
-      raise ValueError(f'no mask token {tok.mask_token!r} in {text!r}; put {tok.mask_token} where '
-                       'the word to predict goes.')
+      raise ValueError(f'no mask token {tok.mask_token!r} in {where(i)} {_clip(text)}; put {tok.mask_token} '
+                       'where the word to predict goes.')
     if len(ids) > limit:
-      raise ValueError(f'{text[:40]!r}... is {len(ids)} tokens, more than the model\'s {limit} positions; '
-                       'shorten it around the mask.')
+      raise ValueError(f'{where(i)} {_clip(text)} is {len(ids)} tokens, more than the model\'s {limit} '
+                       'positions; shorten it around the mask.')
+  if not texts:
+    return []
   candidates = target_ids(tok, targets) if targets else None
   k = min(top_k, mlm.config.model.vocab_size if candidates is None else len(candidates))
   mask_positions = [[p for p, t in enumerate(row) if t == tok.mask_token_id] for row in encoded]

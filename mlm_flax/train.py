@@ -1,5 +1,6 @@
 """Training: TrainState, optimizer, `train_step`, and the loop `train_and_evaluate(config, workdir)`."""
 
+import contextlib
 import functools
 import json
 import os
@@ -14,7 +15,8 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from mlm_flax import checkpoint, data, evaluate, flops, inference, loss, masking, parallel, tokenizer, writers
+from mlm_flax import (checkpoint, data, evaluate, flops, inference, loss, masking, parallel, preemption,
+                      tokenizer, validation, workdir_lock, writers)
 from mlm_flax.model import make_model
 
 
@@ -92,6 +94,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx: opt
 
   The loss is the mean over the masked tokens of the whole global batch, also when the batch is
   split into `grad_accum_steps` micro-batches (summed gradients, divided by the global count).
+  A step with a non-finite loss, gradient or updated param leaves params and optimizer state as they
+  were (in-graph, no host sync); its metrics count only in `skipped_steps`.
   """
   mask_rng, dropout_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
   masked = mask_fn(mask_rng, batch['input_ids'], maskable=batch['segment_ids'] > 0)
@@ -99,9 +103,16 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx: opt
                                        grad_accum_steps)
   grads = jax.tree.map(lambda g: g / jnp.maximum(metrics['count'], 1.0), grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  metrics['grad_norm'] = optax.tree.norm(grads)
-  state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                        opt_state=opt_state)
+  params = optax.apply_updates(state.params, updates)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(metrics['loss_sum']) & jnp.isfinite(grad_norm) & jax.tree.reduce(
+      jnp.logical_and, jax.tree.map(lambda p: jnp.isfinite(p).all(), params))
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  metrics = {k: jnp.where(finite, v, jnp.zeros_like(v)) for k, v in metrics.items()}
+  metrics['grad_norm'] = jnp.where(finite, grad_norm, 0.0)
+  metrics['skipped_steps'] = 1.0 - finite.astype(jnp.float32)
+  state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                        opt_state=keep(opt_state, state.opt_state))
   return state, metrics
 
 
@@ -148,9 +159,7 @@ def resolve_config(config: ml_collections.ConfigDict, tok) -> ml_collections.Con
                      f'vocabulary ({vocab}); unset it or set it to at least {vocab}.')
   if config.model.pad_token_id is None:
     config.model.pad_token_id = tok.pad_token_id
-  if config.max_seq_length > config.model.max_position_embeddings:
-    raise ValueError(f'max_seq_length={config.max_seq_length} exceeds model.max_position_embeddings='
-                     f'{config.model.max_position_embeddings}; lower one or raise the other.')
+  validation.validate_config(config, jax.device_count(), jax.process_count())  # positions with the pad id
   return config
 
 
@@ -160,7 +169,8 @@ def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)['model']
-    diff = {k: (old.get(k), v) for k, v in config.model.to_dict().items() if old.get(k) != v}
+    diff = {k: (old.get(k), v) for k, v in config.model.to_dict().items()
+            if old.get(k) != v and k not in validation.COMPUTE_ONLY}
     if diff:
       raise ValueError(f'{workdir} holds a run with a different model config {diff} (old, new); '
                        'use a new --workdir or the old model settings.')
@@ -170,19 +180,52 @@ def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     os.replace(path + '.tmp', path)
 
 
+def _pending_to_meta(pending: list[dict]) -> dict:
+  """Metrics of the steps since the last log, so a resumed run logs exactly what an uninterrupted one does."""
+  rows = parallel.fetch(pending)
+  return {'pending_metrics': [{k: np.asarray(v).item() for k, v in r.items()} for r in rows],
+          'pending_dtypes': {k: np.asarray(v).dtype.name for k, v in rows[0].items()} if rows else {}}
+
+
+def _pending_from_meta(meta: dict) -> list[dict]:
+  dtypes = meta.get('pending_dtypes', {})
+  return [{k: np.asarray(v, dtypes[k]) for k, v in r.items()} for r in meta.get('pending_metrics', [])]
+
+
+def _check_finite(metrics: dict, step: int, mode: str) -> None:
+  """With optimizer.nonfinite='stop': raises at the first step that was skipped (one host sync)."""
+  if mode == 'stop' and float(metrics['skipped_steps']):
+    raise FloatingPointError(
+        f'non-finite loss or gradient at step {step}; stopped (optimizer.nonfinite=stop) without applying '
+        'it, and the last checkpoint is untouched. Lower optimizer.learning_rate, set '
+        'optimizer.grad_clip_norm, or use optimizer.nonfinite=skip.')
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from `workdir` if it holds a checkpoint), evaluates, checkpoints.
 
-  Returns the final evaluation metrics.
+  Holds `WORKDIR/.lock` for the run; SIGTERM/SIGINT save a checkpoint at the current step and return
+  `{"step", "preempted": true}`. Returns the final evaluation metrics otherwise.
   """
+  validation.validate_config(config, jax.device_count(), jax.process_count())
+  validation.check_resume(config, workdir)
   os.makedirs(workdir, exist_ok=True)
+  with (workdir_lock.hold(workdir, enabled=jax.process_index() == 0), preemption.watch() as preempt,
+        contextlib.ExitStack() as on_exit):
+    return _train_and_evaluate(config, workdir, preempt, on_exit)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt: preemption.Watcher,
+                        on_exit: contextlib.ExitStack) -> dict:
   ckpt = checkpoint.Checkpointer(workdir, config.max_checkpoints_to_keep)
+  on_exit.callback(ckpt.close)  # however the run ends, in-flight saves are finalised (or fail loudly)
   if ckpt.latest_step() is None and ckpt.has_imported():  # continue pretraining imported weights
     with open(os.path.join(workdir, 'config.json')) as f:
       imported_model = json.load(f)['model']
     config = ml_collections.ConfigDict(config.to_dict())
     config.model.update(imported_model)
     print(f'Starting from the weights imported into {workdir} (model config taken from its config.json).')
+  validation.validate_config(config, jax.device_count(), jax.process_count())
   splits = data.load_text_splits(config.data, config.seed)
   tok = tokenizer.get_tokenizer(config.data, lambda: splits['train']['text'], workdir,
                                 splits['train']._fingerprint, data.cache_dir(config.data))  # pylint: disable=protected-access
@@ -194,10 +237,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.make_mesh(fsdp=config.fsdp)
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
-  if config.grad_accum_steps < 1 or config.batch_size % (config.grad_accum_steps * mesh.size):
-    raise ValueError(f'batch_size={config.batch_size} must split into grad_accum_steps='
-                     f'{config.grad_accum_steps} micro-batches of a multiple of the {mesh.size} devices; '
-                     f'use a batch_size that is a multiple of {max(config.grad_accum_steps, 1) * mesh.size}.')
   model = make_model(config.model)
   tx = make_optimizer(config.optimizer, config.num_train_steps)
   mask_fn, num_predictions = make_mask_fn(config, tok)
@@ -205,8 +244,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   init = functools.partial(create_train_state, model=model, tx=tx, seq_len=config.max_seq_length)
   shardings = state_shardings(mesh, jax.eval_shape(init, jax.random.PRNGKey(config.seed)))
   state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
+  pending = []
   if ckpt.latest_step() is not None:
-    state, _ = ckpt.restore(state)
+    state, meta = ckpt.restore(state)
+    pending = _pending_from_meta(meta)
     print(f'Resumed from {ckpt.directory} at step {int(state.step)}.')
   elif ckpt.has_imported():
     params = ckpt.restore_imported(state.params)
@@ -236,7 +277,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     print(f'{flops_per_token / 1e6:.1f} MFLOPs per training token; peak {peak / 1e12:.3g} TFLOP/s '
           f'({peak_source}) for MFU.')
   schedule = make_schedule(config.optimizer, config.num_train_steps)
-  pending, last_time, last_step, result = [], time.time(), start_step, None
+  last_time, last_step, result = time.time(), start_step, None
   bar = tqdm(total=config.num_train_steps, initial=start_step, unit='step', dynamic_ncols=True,
              disable=not config.progress_bar or jax.process_index() != 0)
   for step in range(start_step + 1, config.num_train_steps + 1):
@@ -244,16 +285,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     pending.append(metrics)
     if len(pending) > 1:  # keep one step queued, so the bar and ETA follow real progress
       jax.block_until_ready(pending[-2]['count'])
+      _check_finite(pending[-2], step - 1, config.optimizer.nonfinite)
     bar.update(1)
     if step % config.log_every_steps == 0 or step == config.num_train_steps:
       sums = jax.tree.map(lambda *x: np.sum(x), *parallel.fetch(pending))  # the only sync point
       now = time.time()
       summary = loss.summarize(sums)
-      summary.update(grad_norm=float(sums['grad_norm']) / len(pending),
+      _check_finite(sums, step, config.optimizer.nonfinite)
+      summary.update(grad_norm=float(sums['grad_norm']) / max(len(pending) - int(sums['skipped_steps']), 1),
+                     skipped_steps=int(sums['skipped_steps']),
                      learning_rate=float(schedule(step - 1)),
                      tokens_per_second=tokens_per_step * (step - last_step) / (now - last_time))
       summary['mfu'] = summary['tokens_per_second'] * flops_per_token / peak
       writer.write(step, 'train', summary)
+      if summary['skipped_steps'] and jax.process_index() == 0:
+        print(f"step {step}: skipped {summary['skipped_steps']} of the last {len(pending)} steps (non-finite "
+              'loss or gradient; optimizer.nonfinite=skip)', flush=True)
       bar.set_postfix(loss=f"{summary['loss']:.3f}", acc=f"{summary['masked_accuracy']:.3f}",
                       tok_s=f"{summary['tokens_per_second']:.0f}", mfu=f"{summary['mfu']:.0%}")
       if bar.disable and jax.process_index() == 0:  # no bar (logs, notebooks): one line per log step
@@ -268,8 +315,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       bar.write(f"step {step}: eval loss {result['loss']:.4f} masked_accuracy "
                 f"{result['masked_accuracy']:.4f} (unigram baseline {result['unigram_baseline_accuracy']:.4f})")
       last_time = time.time()  # eval time is not training throughput
-    if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
-      ckpt.save(step, state, {'step': step, 'data_position': step * config.batch_size})
+    stop = preempt.should_stop(step) and step < config.num_train_steps
+    if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps or stop:
+      if pending:
+        _check_finite(pending[-1], step, config.optimizer.nonfinite)  # never checkpoint past a bad step
+      ckpt.save(step, state, {'step': step, 'data_position': step * config.batch_size,
+                              **_pending_to_meta(pending)}, force=stop)
+    if stop:
+      ckpt.wait()
+      ckpt.close()
+      writer.close()
+      bar.close()
+      print(f'Preempted at step {step}; checkpoint saved in {ckpt.directory}; run the same command to resume.',
+            flush=True)
+      return {'step': step, 'preempted': True}
   bar.close()
   if result is None:  # nothing left to train: report, but do not log the same eval twice
     result = run_eval(start_step, log=False)

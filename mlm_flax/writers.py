@@ -19,9 +19,10 @@ class MetricWriter:
       return
     if os.path.exists(self.path):  # drop rows logged after the checkpoint we resume from
       with open(self.path) as f:
-        rows = [l for l in f if l.strip() and json.loads(l)['step'] <= resume_step]
-      with open(self.path, 'w') as f:
+        rows = [l.rstrip('\n') + '\n' for l in f if _step(l) is not None and _step(l) <= resume_step]
+      with open(self.path + '.tmp', 'w') as f:
         f.writelines(rows)
+      os.replace(self.path + '.tmp', self.path)
     from tensorboardX import SummaryWriter
     self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), purge_step=resume_step + 1)
 
@@ -39,6 +40,14 @@ class MetricWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def _step(line: str) -> int | None:
+  """The step of a metrics.jsonl row; None for a blank or half-written one (a run killed mid-write)."""
+  try:
+    return int(json.loads(line)['step'])
+  except (ValueError, KeyError, TypeError):
+    return None
 
 
 def read_metrics(workdir: str) -> list[dict]:

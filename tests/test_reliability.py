@@ -1,0 +1,277 @@
+"""Reliability: corrupt checkpoints fall back, failed saves keep the good ones, one trainer per workdir,
+non-finite steps are skipped or stop the run, bad configs fail before any work."""
+
+import functools
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from mlm_flax import checkpoint, evaluate, hf, inference, parallel, train, validation, workdir_lock, writers
+from test_train import random_batch, setup
+
+CLI = [sys.executable, '-m', 'mlm_flax.cli']
+
+
+def _cli(*args, timeout=300):
+  env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1'}
+  return subprocess.run(CLI + list(args), capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """A workdir trained for 8 steps with checkpoints at 4 and 8 (shared, copy before changing it)."""
+  workdir = str(tmp_path_factory.mktemp('trained') / 'run')
+  c = tiny_config()
+  c.num_train_steps, c.checkpoint_every_steps, c.eval_every_steps, c.max_eval_batches = 8, 4, 8, 2
+  train.train_and_evaluate(c, workdir)
+  return workdir, c
+
+
+def _copy(trained, tmp_path):
+  dst = str(tmp_path / 'run')
+  shutil.copytree(trained[0], dst)
+  return dst
+
+
+def _params_file(workdir, step):
+  """The largest data file of the params item: the embedding table."""
+  files = [f for f in glob.glob(os.path.join(workdir, 'checkpoints', str(step), 'params', '**'), recursive=True)
+           if os.path.isfile(f) and '/d/' in f]
+  return max(files, key=os.path.getsize)
+
+
+def _corrupt(workdir, step, how):
+  path = _params_file(workdir, step)
+  size = os.path.getsize(path)
+  if how == 'truncated':
+    with open(path, 'r+b') as f:
+      f.truncate(size // 2)
+  elif how == 'garbage':
+    with open(path, 'wb') as f:
+      f.write(os.urandom(size))
+  elif how == 'one_byte_flipped':  # decodes fine; only the fingerprint notices
+    with open(path, 'r+b') as f:
+      f.seek(size // 2)
+      byte = f.read(1)
+      f.seek(size // 2)
+      f.write(bytes([byte[0] ^ 0x40]))
+  elif how == 'missing_file':
+    os.remove(path)
+  elif how == 'not_finalised':
+    os.remove(os.path.join(workdir, 'checkpoints', str(step), checkpoint.COMMIT_MARKER))
+
+
+@pytest.mark.parametrize('how', ['truncated', 'garbage', 'one_byte_flipped', 'missing_file', 'not_finalised'])
+def test_corrupt_latest_checkpoint_falls_back_for_inference(trained, tmp_path, caplog, how):
+  workdir = _copy(trained, tmp_path)
+  good = inference.load(workdir)
+  assert good.step == 8
+  _corrupt(workdir, 8, how)
+  mlm = inference.load(workdir)  # fill-mask, eval and export all load through here
+  assert mlm.step == 4
+  assert 'checkpoints/8 is corrupt' in caplog.text and 'left it in place' in caplog.text
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', '8'))  # read-only commands rename nothing
+  changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(good.params), jax.tree.leaves(mlm.params))]
+  assert any(changed)  # it really is the older checkpoint
+
+
+def test_corrupt_checkpoint_eval_export_and_train_fall_back(trained, tmp_path, caplog):
+  workdir = _copy(trained, tmp_path)
+  _corrupt(workdir, 8, 'truncated')
+  assert evaluate.evaluate_workdir(workdir)['step'] == 4
+  out = str(tmp_path / 'hf')
+  hf.export(inference.load(workdir), out)
+  assert os.path.isfile(os.path.join(out, 'model.safetensors'))
+  # train resumes from step 4, renames the bad folder aside and saves a new step 8 where it was.
+  c = trained[1].copy_and_resolve_references()
+  train.train_and_evaluate(c, workdir)
+  assert 'renamed it to' in caplog.text
+  aside = glob.glob(os.path.join(workdir, 'checkpoints', 'corrupt-8-*'))
+  assert len(aside) == 1 and os.path.isfile(os.path.join(aside[0], checkpoint.COMMIT_MARKER))
+  assert inference.load(workdir).step == 8
+  steps = [r['step'] for r in writers.read_metrics(workdir) if r['split'] == 'train']
+  assert steps == sorted(set(steps))  # rows after step 4 were replaced, not duplicated
+  ref = inference.load(trained[0])  # the retrained step 8 equals the original step 8
+  for a, b in zip(jax.tree.leaves(ref.params), jax.tree.leaves(inference.load(workdir).params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def _make_read_only(path):
+  if os.geteuid() == 0:  # root ignores permissions; an immutable folder refuses even root
+    if subprocess.run(['chattr', '+i', path], capture_output=True).returncode:
+      pytest.skip('cannot make a read-only folder here (running as root without chattr)')
+    return lambda: subprocess.run(['chattr', '-i', path], check=True)
+  os.chmod(path, 0o555)
+  return lambda: os.chmod(path, 0o755)
+
+
+def test_failed_save_is_a_clear_error_and_keeps_the_good_checkpoints(tmp_path):
+  mesh = parallel.make_mesh(1)
+  state = setup(mesh)[-1]
+  ckpt = checkpoint.Checkpointer(str(tmp_path), max_to_keep=2)
+  for step in (1, 2):
+    ckpt.save(step, state, {'step': step})
+  ckpt.wait()
+  undo = _make_read_only(ckpt.directory)
+  try:
+    with pytest.raises(OSError, match='could not save the checkpoint of step 3') as e:
+      ckpt.save(3, state, {'step': 3})
+      ckpt.wait()
+    assert ckpt.directory in str(e.value) and 'writable' in str(e.value) and 'step 2' in str(e.value)
+  finally:
+    undo()
+  assert sorted(int(d) for d in os.listdir(ckpt.directory) if d.isdigit()) == [1, 2]
+  restored, meta = checkpoint.Checkpointer(str(tmp_path), create=False).restore(state)
+  assert meta['step'] == 2
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(restored.params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_checkpoints_path_that_is_a_file_is_a_clear_error(tmp_path):
+  with open(tmp_path / 'checkpoints', 'w') as f:
+    f.write('not a folder')
+  with pytest.raises(OSError, match='is a file, not a folder'):
+    checkpoint.Checkpointer(str(tmp_path))
+
+
+_HOLDER = '''
+import sys, time
+sys.path.insert(0, sys.argv[2])
+from mlm_flax import workdir_lock
+with workdir_lock.hold(sys.argv[1]):
+  print('locked', flush=True)
+  time.sleep(600)
+'''
+
+
+def test_second_trainer_on_a_workdir_is_refused_and_a_dead_holder_frees_it(tmp_path):
+  workdir = str(tmp_path)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  holder = subprocess.Popen([sys.executable, '-c', _HOLDER, workdir, root], stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == 'locked'
+    out = _cli('train', f'--workdir={workdir}', '--config.num_train_steps=2')
+    assert out.returncode == 2 and 'Traceback' not in out.stderr, out.stderr[-2000:]
+    assert f'in use by another `mlm-flax train` (PID {holder.pid}' in out.stderr
+  finally:
+    holder.kill()  # SIGKILL: the kernel drops the flock; the stale .lock file must not block
+    holder.wait()
+  assert open(os.path.join(workdir, '.lock')).read().strip() == str(holder.pid)
+  with workdir_lock.hold(workdir):
+    assert open(os.path.join(workdir, '.lock')).read().strip() == str(os.getpid())
+
+
+def test_nonfinite_steps_are_skipped_in_graph():
+  mesh = parallel.make_mesh(1)
+  model, _, mask_fn, num_predictions, state = setup(mesh, dropout=0.0)
+  c = tiny_config()
+  c.optimizer.learning_rate, c.optimizer.warmup_steps, c.optimizer.grad_clip_norm = 1e30, 0, 0.0
+  tx = train.make_optimizer(c.optimizer, 10)  # a real cause: params blow up, the next loss is NaN
+  state = state.replace(opt_state=tx.init(state.params))
+  step = train.jit_train_step(model, tx, mask_fn, num_predictions, mesh)
+  skipped, before = [], None
+  for i in range(4):
+    before = jax.device_get(state.params)
+    state, m = step(state, parallel.to_global(random_batch(i), mesh))
+    skipped.append(float(m['skipped_steps']))
+  assert skipped[0] == 0.0 and skipped[-1] == 1.0, skipped
+  after = jax.device_get(state.params)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(after))
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):  # the skipped step changed nothing
+    np.testing.assert_array_equal(a, b)
+  assert int(state.step) == 4 and float(m['loss_sum']) == 0.0 and float(m['count']) == 0.0
+
+
+def test_nonfinite_stop_names_the_step_and_keeps_the_last_checkpoint(tmp_path):
+  c = tiny_config()
+  c.num_train_steps, c.checkpoint_every_steps, c.log_every_steps, c.eval_every_steps = 6, 1, 1, 100
+  c.optimizer.learning_rate, c.optimizer.warmup_steps, c.optimizer.grad_clip_norm = 1e30, 0, 0.0
+  c.optimizer.nonfinite = 'stop'
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(FloatingPointError, match=r'non-finite loss or gradient at step (\d+)') as e:
+    train.train_and_evaluate(c, workdir)
+  bad = int(str(e.value).split('at step ')[1].split(';')[0])
+  mlm = inference.load(workdir)  # the last checkpoint is complete, finite, and before the bad step
+  assert 1 <= mlm.step < bad
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(mlm.params))
+  assert all(r['skipped_steps'] == 0 for r in writers.read_metrics(workdir) if r['split'] == 'train')
+
+
+def test_metrics_rows_after_the_resumed_step_and_half_written_rows_are_dropped(tmp_path):
+  rows = [{'step': s, 'split': 'train', 'loss': 1.0} for s in (5, 10, 15)] + [{'step': 10, 'split': 'eval'}]
+  with open(tmp_path / 'metrics.jsonl', 'w') as f:
+    f.writelines(json.dumps(r) + '\n' for r in rows)
+    f.write('{"step": 20, "split": "tr')  # killed mid-write
+  writers.MetricWriter(str(tmp_path), resume_step=10).close()
+  assert writers.read_metrics(str(tmp_path)) == [rows[0], rows[1], rows[3]]
+
+
+# --- validation: each bad config fails in seconds, names the key, exit code 2, no traceback ---------------
+
+@pytest.mark.parametrize('override, message', [
+    ('--config.batch_size=abc', 'batch_size'),
+    ('--config.model.dtype=float17', "Did you mean 'float16'"),
+    ('--config.optimizer.schedule=cosin', "Did you mean 'cosine'"),
+    ('--config.optimizer.nonfinite=ignore', 'optimizer.nonfinite'),
+    ('--config.masking.rate=1.5', 'masking.rate=1.5 must be a fraction'),
+    ('--config.model.num_heads=5', 'not divisible by model.num_heads=5'),
+    ('--config.max_seq_length=1024', 'raise model.max_position_embeddings'),
+    ('--config.checkpoint_every_steps=0', 'checkpoint_every_steps=0 must be at least 1'),
+])
+def test_bad_config_fails_fast_on_the_command_line(tmp_path, override, message):
+  start = time.time()
+  out = _cli('train', f'--workdir={tmp_path}', override)
+  assert out.returncode == 2 and message in out.stderr and 'Traceback' not in out.stderr, out.stderr[-2000:]
+  assert time.time() - start < 30  # no corpus building, no compiling (seconds; generous for a loaded CI)
+  assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_config_file_with_an_unknown_key_is_one_clear_line(tmp_path):
+  path = tmp_path / 'my_config.py'
+  path.write_text('from configs import default\n\ndef get_config():\n  c = default.get_config()\n'
+                  '  c.model.hiden_size = 3\n  return c\n')
+  out = _cli('train', f'--config={path}', f'--workdir={tmp_path}')
+  assert out.returncode == 2 and 'Traceback' not in out.stderr, out.stderr[-2000:]
+  assert "sets config key 'hiden_size'" in out.stderr and 'Did you mean "hidden_size"' in out.stderr
+
+
+def test_resuming_with_a_different_model_fails_before_any_work(tmp_path):
+  c = tiny_config()
+  with open(tmp_path / 'config.json', 'w') as f:
+    json.dump(c.to_dict(), f)
+  out = _cli('train', f'--workdir={tmp_path}', '--config.model.hidden_size=48', '--config.model.num_heads=4',
+             '--config.model.max_position_embeddings=64', '--config.max_seq_length=32')
+  assert out.returncode == 2 and 'Traceback' not in out.stderr, out.stderr[-2000:]
+  assert 'different model config' in out.stderr and '--config.model.hidden_size=32' in out.stderr
+
+
+def test_tokenizer_larger_than_the_model_vocab_fails_before_compiling(trained, tmp_path):
+  c = trained[1].copy_and_resolve_references()
+  c.model.vocab_size = 100
+  with pytest.raises(ValueError, match='model.vocab_size=100 is smaller than the tokenizer'):
+    train.train_and_evaluate(c, str(tmp_path / 'run'))
+
+
+@pytest.mark.parametrize('key, value, message', [
+    ('batch_size', 12, 'use a multiple of 8'),
+    ('eval_batch_size', 4, 'use a multiple of 8'),
+    ('model.type', 'robertta', "Did you mean 'roberta'"),
+    ('masking.mask_prob', 0.95, 'exceeds 1'),
+])
+def test_validate_config(key, value, message):
+  c = tiny_config()
+  node, _, leaf = key.rpartition('.')
+  (c[node] if node else c)[leaf] = value
+  with pytest.raises(ValueError, match=message):
+    validation.validate_config(c, num_devices=8)
+  validation.validate_config(tiny_config(), num_devices=8)  # the tiny config itself is fine
