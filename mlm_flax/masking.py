@@ -56,9 +56,10 @@ def _random_normal_tokens(rng: jax.Array, shape, vocab_size: int,
 
 def _unit_ranks(rng: jax.Array, ids: jax.Array, can: jax.Array, word_starts: jax.Array | None,
                 strategy: str, max_span_length: int, span_p: float) -> jax.Array:
-  """[batch, length] int: the random priority of the unit (word or span) covering each token.
+  """[batch, length] int: the random priority of the unit covering each token; lower is chosen first.
 
-  Lower is chosen first; tokens of one word share a rank; `_NEVER` where not maskable.
+  Units are words: tokens of one word share a rank; for spans, the words of a span
+  have consecutive ranks, in order. `_NEVER` where not maskable.
   """
   batch, length = ids.shape
   prev_can = jnp.pad(can[:, :-1], ((0, 0), (1, 0)))
@@ -83,7 +84,8 @@ def _unit_ranks(rng: jax.Array, ids: jax.Array, can: jax.Array, word_starts: jax
     s = jnp.take_along_axis(start_of_word, jnp.maximum(word - d, 0), axis=1)
     take = lambda x: jnp.take_along_axis(x, s, axis=1)
     covers = can & (word - d >= 0) & (take(run) == run) & (take(span_len) > d)
-    best = jnp.minimum(best, jnp.where(covers, take(rank), _NEVER))
+    # Ordered by span, then word within it: a span that overshoots the count can end early, at a word.
+    best = jnp.minimum(best, jnp.where(covers, take(rank) * max_span_length + d, _NEVER))
   return best
 
 

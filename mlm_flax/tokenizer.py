@@ -109,7 +109,7 @@ def word_start_table(tokenizer: transformers.PreTrainedTokenizerBase) -> np.ndar
   else:
     raise ValueError('masking.strategy whole_word/span needs a WordPiece (## continuations), byte-level '
                      'BPE (Ġ word starts) or SentencePiece (▁) tokenizer; use masking.strategy=token.')
-  table[special_token_ids(tokenizer)] = True
+  table[list(special_token_ids(tokenizer))] = True
   return table
 
 
