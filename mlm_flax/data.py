@@ -316,7 +316,7 @@ def packed_rows(dataset: datasets.Dataset, tokenizer: 'transformers.PreTrainedTo
   if packing not in PACKING_MODES:
     raise ValueError(f'data.packing={packing!r}; use one of {PACKING_MODES}.')
   path = None
-  if cache:
+  if cache and dataset.cache_files:  # in-memory datasets (a streamed validation split) are not cached
     key = hashlib.sha256('-'.join([_PACK_VERSION, dataset._fingerprint, tokenizer_fingerprint(tokenizer),  # pylint: disable=protected-access
                                    str(max_seq_length), packing]).encode()).hexdigest()[:20]
     path = os.path.join(cache, 'packed', f'{key}.npz')
