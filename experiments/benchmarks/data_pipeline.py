@@ -1,9 +1,9 @@
 """Is the data pipeline ever the bottleneck? Step time with the real pipeline vs synthetic batches; tokenization.
 
-    python experiments/benchmarks/data_pipeline.py [--steps 20] [--rounds 2]
+    python experiments/benchmarks/data_pipeline.py [--steps 20] [--rounds 4]
 
 (a) For `configs/tiny.py` and a small BERT (4 layers, hidden 512, 8 heads, FFN 2048, seq 128, batch 32),
-    the mean train-step time over `--steps` steps after warm-up, alternating: the real pipeline
+    the mean train-step time over `--steps` steps after warm-up, alternating in `--rounds`: the real pipeline
     (`data.train_iterator`: batches sliced, placed on the mesh and prefetched on a background thread) and
     one synthetic batch of the same shapes, placed on the devices beforehand. Also the pipeline alone
     (batches/s with no step). Masking runs in-graph in both.
@@ -56,32 +56,35 @@ def _step_times(config, steps: int, rounds: int) -> dict:
   synthetic = parallel.to_global({k: v[:config.batch_size] for k, v in rows.items()}, mesh)
   jax.block_until_ready(synthetic)
 
-  def run(next_batch):
+  def timed(next_batch, n: int) -> float:
     nonlocal state
-    for _ in range(2):  # warm-up (compilation, thread start)
-      state, m = step_fn(state, next_batch())
+    state, m = step_fn(state, next_batch())  # warm-up: compilation, the prefetch thread filling up
     jax.block_until_ready(m)
     start = time.perf_counter()
-    for _ in range(steps):
+    for _ in range(n):
       state, m = step_fn(state, next_batch())
     jax.block_until_ready(m)
-    return (time.perf_counter() - start) / steps
+    return time.perf_counter() - start
 
+  # Alternate in rounds (and the order within a round) so drifting load on a shared machine hits both.
+  per_round = max(1, steps // rounds)
   real, synth, alone = [], [], []
   for r in range(rounds):
-    with data.train_iterator(config, rows, tok, mesh, start_step=r * (steps + 2)) as it:
-      real.append(run(lambda: next(it)[0]))
+    with data.train_iterator(config, rows, tok, mesh, start_step=r * (per_round + 1)) as it:
+      order = [('real', lambda: next(it)[0]), ('synthetic', lambda: synthetic)]
+      for name, next_batch in (order if r % 2 == 0 else order[::-1]):
+        (real if name == 'real' else synth).append(timed(next_batch, per_round))
       start = time.perf_counter()
-      for _ in range(steps):
+      for _ in range(per_round):
         jax.block_until_ready(next(it)[0])
-      alone.append((time.perf_counter() - start) / steps)
-    synth.append(run(lambda: synthetic))
-  real_s, synth_s = statistics.median(real), statistics.median(synth)
+      alone.append(time.perf_counter() - start)
+  n = per_round * rounds
+  real_s, synth_s = sum(real) / n, sum(synth) / n
   return {'batch': config.batch_size, 'seq': config.max_seq_length, 'params_m': round(sum(
       x.size for x in jax.tree.leaves(state.params)) / 1e6, 1), 'real_step_ms': 1e3 * real_s,
           'synthetic_step_ms': 1e3 * synth_s, 'overhead_pct': 100 * (real_s / synth_s - 1),
-          'pipeline_alone_batches_per_s': 1 / statistics.median(alone), 'rounds': {
-              'real_ms': [1e3 * x for x in real], 'synthetic_ms': [1e3 * x for x in synth]}}
+          'pipeline_alone_batches_per_s': n / sum(alone), 'rounds': {
+              'real_ms': [1e3 * x / per_round for x in real], 'synthetic_ms': [1e3 * x / per_round for x in synth]}}
 
 
 def _tokenization(vocab_size: int) -> dict:
@@ -107,7 +110,7 @@ def _tokenization(vocab_size: int) -> dict:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--steps', type=int, default=20)
-  parser.add_argument('--rounds', type=int, default=2)
+  parser.add_argument('--rounds', type=int, default=4, help='alternations; --steps are split over them')
   parser.add_argument('--out', default=os.path.join(os.path.dirname(__file__), 'results'))
   args = parser.parse_args()
   result = {'date': time.strftime('%Y-%m-%d'), 'machine': f'{platform.processor() or platform.machine()}, '
