@@ -55,16 +55,30 @@ def get_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.dataset = 'builtin:stdlib_docs'  # 'builtin:NAME', a hub name, or '' with train_files
   c.data.dataset_config = ml_collections.FieldReference(None, field_type=str)
-  c.data.train_files = ml_collections.FieldReference(None, field_type=str)  # path or glob
+  c.data.train_split = 'train'  # split names of a hub dataset
+  c.data.validation_split = 'validation'  # absent from the dataset: carved off train (validation_fraction)
+  # Local files: a path or glob of .txt/.text (one document per line), .json/.jsonl, .csv or .parquet.
+  c.data.train_files = ml_collections.FieldReference(None, field_type=str)
   c.data.validation_files = ml_collections.FieldReference(None, field_type=str)
   c.data.text_column = 'text'
+  # Stream the data (an IterableDataset: nothing converted on disk first) for corpora bigger than the cache.
+  # Train order: a shuffle buffer of shuffle_buffer_size documents, reseeded every epoch; validation: the
+  # first streaming_validation_docs documents (of the validation split, else taken off the train stream).
   c.data.streaming = False
-  c.data.tokenizer = ml_collections.FieldReference(None, field_type=str)  # None: train a WordPiece one
+  c.data.shuffle_buffer_size = 10_000
+  c.data.streaming_validation_docs = 1000
+  # 'documents': several documents per row, attention within each (segment ids), positions restarting;
+  # 'group_texts': BERT/HF-style concatenation cut into full rows, attention across documents;
+  # 'line_by_line': one document per row, truncated and padded.
+  c.data.packing = 'documents'
+  c.data.tokenizer = ml_collections.FieldReference(None, field_type=str)  # None: train one (tokenizer_type)
+  c.data.tokenizer_type = 'wordpiece'  # a trained tokenizer: 'wordpiece' (BERT) or 'bpe' (byte-level, RoBERTa)
   c.data.tokenizer_vocab_size = 8192
-  c.data.lowercase = True
+  c.data.lowercase = True  # WordPiece only; byte-level BPE is cased
   c.data.validation_fraction = 0.05  # carved off by document when the dataset has no validation split
-  c.data.num_proc = 1
+  c.data.num_proc = 1  # tokenization processes (datasets.map); results are cached under cache_dir
   c.data.cache_dir = ml_collections.FieldReference(None, field_type=str)  # None: ~/.cache/mlm_flax
+  c.data.prefetch = 2  # batches prepared ahead on a background thread (0: in the loop)
 
   c.masking = ml_collections.ConfigDict()
   c.masking.rate = 0.15
@@ -73,6 +87,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.masking.eval_rate = ml_collections.FieldReference(None, field_type=float)
   c.masking.mask_prob = 0.8
   c.masking.random_prob = 0.1  # the rest stay unchanged
+  # 'token': BERT's independent tokens; 'whole_word': all tokens of a word or none (WordPiece ## / BPE Ġ);
+  # 'span': SpanBERT's spans of whole words, Geometric(span_p) words long, at most max_span_length.
+  c.masking.strategy = 'token'
+  c.masking.max_span_length = 10
+  c.masking.span_p = 0.2
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 1e-3

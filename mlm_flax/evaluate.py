@@ -56,7 +56,8 @@ def evaluate_workdir(workdir: str, split: str = 'validation') -> dict:
   splits = data.load_text_splits(config.data, config.seed)
   if split not in splits:
     raise ValueError(f'unknown split {split!r}; available: {sorted(splits)}')
-  rows = data.pack(splits[split], mlm.tokenizer, config.max_seq_length, config.data.num_proc)
+  rows = data.packed_rows(splits[split], mlm.tokenizer, config.max_seq_length,
+                         config.data.get('packing', 'documents'), config.data.num_proc, data.cache_dir(config.data))
   mesh = parallel.make_mesh()
   evaluator = Evaluator(mlm.model, *train.make_mask_fn(config, mlm.tokenizer, 'eval'), mesh, config.seed)
   params = jax.device_put(mlm.params, parallel.replicated(mesh))

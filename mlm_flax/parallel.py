@@ -84,3 +84,27 @@ def to_global(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, ja
 def fetch(tree: Any) -> Any:
   """Device → host numpy (only at log time: a sync point)."""
   return jax.device_get(tree)
+
+
+def all_processes(flag: bool) -> bool:
+  """True iff `flag` is True on every process (all must call it): keeps collective paths in step."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.asarray(multihost_utils.process_allgather(np.int32(bool(flag)))).min())
+
+
+def allgather_concat(x: np.ndarray) -> np.ndarray:
+  """Concatenates every process's `x` (any length along axis 0) in process order, on every process."""
+  if jax.process_count() == 1:
+    return x
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  sizes = np.asarray(multihost_utils.process_allgather(np.int32(len(x)))).reshape(-1)
+  padded = np.zeros((max(int(sizes.max()), 1),) + x.shape[1:], x.dtype)
+  padded[:len(x)] = x
+  if x.dtype == np.int64:  # without jax_enable_x64 int64 would be truncated to int32 silently
+    if len(x) and (x.max() > np.iinfo(np.int32).max or x.min() < np.iinfo(np.int32).min):
+      raise ValueError('allgather_concat: int64 values out of int32 range.')
+    padded = padded.astype(np.int32)
+  gathered = np.asarray(multihost_utils.process_allgather(padded))
+  return np.concatenate([gathered[i, :n] for i, n in enumerate(sizes)]).astype(x.dtype)

@@ -141,11 +141,15 @@ def make_mask_fn(config: ml_collections.ConfigDict, tok, split: str = 'train') -
   rate = config.masking.rate
   if split == 'eval' and config.masking.get('eval_rate') is not None:
     rate = config.masking.eval_rate
+  strategy = config.masking.get('strategy', 'token')
+  word_starts = None if strategy == 'token' else jnp.asarray(tokenizer.word_start_table(tok))
   fn = functools.partial(
       masking.mask_tokens, vocab_size=len(tok), mask_id=tok.mask_token_id,
       special_ids=tokenizer.special_token_ids(tok), pad_id=tok.pad_token_id, rate=rate,
-      mask_prob=config.masking.mask_prob, random_prob=config.masking.random_prob)
-  return fn, masking.max_predictions(config.max_seq_length, rate)
+      mask_prob=config.masking.mask_prob, random_prob=config.masking.random_prob, strategy=strategy,
+      word_starts=word_starts, max_span_length=config.masking.get('max_span_length', 10),
+      span_p=config.masking.get('span_p', 0.2))
+  return fn, masking.max_predictions(config.max_seq_length, rate, strategy)
 
 
 def resolve_config(config: ml_collections.ConfigDict, tok) -> ml_collections.ConfigDict:
@@ -227,12 +231,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
     print(f'Starting from the weights imported into {workdir} (model config taken from its config.json).')
   validation.validate_config(config, jax.device_count(), jax.process_count())
   splits = data.load_text_splits(config.data, config.seed)
-  tok = tokenizer.get_tokenizer(config.data, lambda: splits['train']['text'], workdir,
-                                splits['train']._fingerprint, data.cache_dir(config.data))  # pylint: disable=protected-access
+  tok = tokenizer.get_tokenizer(config.data, lambda: data.tokenizer_texts(splits['train']), workdir,
+                                data.fingerprint(splits['train'], config.data), data.cache_dir(config.data))
   config = resolve_config(config, tok)
   _save_config(config, workdir)
-  train_rows = data.pack(splits['train'], tok, config.max_seq_length, config.data.num_proc)
-  eval_rows = data.pack(splits['validation'], tok, config.max_seq_length, config.data.num_proc)
+  pack = functools.partial(data.packed_rows, tokenizer=tok, max_seq_length=config.max_seq_length,
+                           packing=config.data.packing, num_proc=config.data.num_proc,
+                           cache=data.cache_dir(config.data))
+  train_rows = None if config.data.streaming else pack(splits['train'])  # streaming: packed on the fly
+  eval_rows = pack(splits['validation'])
 
   mesh = parallel.make_mesh(fsdp=config.fsdp)
   parallel.check_batch_size(config.batch_size, mesh)
@@ -244,7 +251,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
   init = functools.partial(create_train_state, model=model, tx=tx, seq_len=config.max_seq_length)
   shardings = state_shardings(mesh, jax.eval_shape(init, jax.random.PRNGKey(config.seed)))
   state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
-  pending = []
+  pending, meta = [], {}
   if ckpt.latest_step() is not None:
     state, meta = ckpt.restore(state)
     pending = _pending_from_meta(meta)
@@ -255,7 +262,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
   start_step = int(state.step)
 
   p_train_step = jit_train_step(model, tx, mask_fn, num_predictions, mesh, config.grad_accum_steps, shardings)
-  counts = np.bincount(train_rows['input_ids'][train_rows['segment_ids'] > 0], minlength=len(tok))
+  rows = eval_rows if train_rows is None else train_rows
+  counts = np.bincount(rows['input_ids'][rows['segment_ids'] > 0], minlength=len(tok))
   counts[list(tokenizer.special_token_ids(tok))] = 0
   baseline = int(counts.argmax())  # the unigram baseline predicts the most frequent training token
   evaluator = evaluate.Evaluator(model, *make_mask_fn(config, tok, 'eval'), mesh, config.seed,
@@ -268,8 +276,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
       writer.write(step, 'eval', result)
     return {'step': step, **result}
 
-  batches = data.train_batches(train_rows, config.batch_size, config.seed, start_step,
-                               jax.process_index(), jax.process_count())
+  batches = data.train_iterator(config, splits['train'] if train_rows is None else train_rows, tok, mesh,
+                                start_step, meta.get('data_position'))  # prepared on a background thread
+  on_exit.callback(batches.close)
   tokens_per_step = config.batch_size * config.max_seq_length
   flops_per_token = flops.config_flops_per_token(config)
   peak, peak_source = flops.peak_flops()
@@ -281,7 +290,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
   bar = tqdm(total=config.num_train_steps, initial=start_step, unit='step', dynamic_ncols=True,
              disable=not config.progress_bar or jax.process_index() != 0)
   for step in range(start_step + 1, config.num_train_steps + 1):
-    state, metrics = p_train_step(state, parallel.to_global(next(batches), mesh))
+    batch, data_position = next(batches)
+    state, metrics = p_train_step(state, batch)
     pending.append(metrics)
     if len(pending) > 1:  # keep one step queued, so the bar and ETA follow real progress
       jax.block_until_ready(pending[-2]['count'])
@@ -319,7 +329,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
     if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps or stop:
       if pending:
         _check_finite(pending[-1], step, config.optimizer.nonfinite)  # never checkpoint past a bad step
-      ckpt.save(step, state, {'step': step, 'data_position': step * config.batch_size,
+      ckpt.save(step, state, {'step': step, 'data_position': data.checkpoint_position(data_position),
                               **_pending_to_meta(pending)}, force=stop)
     if stop:
       ckpt.wait()

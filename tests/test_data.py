@@ -308,3 +308,131 @@ def test_eval_batches_cover_every_row_once():
     np.testing.assert_array_equal(np.concatenate([h0['input_ids'], h1['input_ids']]),
                                   batches[b]['input_ids'])
   assert len(list(data.eval_batches(_packed(8), 4))) == data.num_eval_batches(_packed(8), 4) == 2
+
+
+# Local formats, errors, the tokenization cache, packing modes, the BPE tokenizer.
+
+def _write_format(tmp_path, fmt, texts, column='text'):
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+  extra = {'id': list(range(len(texts)))}
+  if fmt == 'txt':
+    (tmp_path / 'a.txt').write_text('\n'.join(texts[:3]) + '\n\n')
+    (tmp_path / 'b.txt').write_text('\n'.join(texts[3:]) + '\n')
+    return str(tmp_path / '*.txt')
+  frame = pd.DataFrame({column: texts, **extra})
+  path = tmp_path / f'docs.{fmt}'
+  if fmt in ('json', 'jsonl'):
+    frame.to_json(path, orient='records', lines=True)
+  elif fmt == 'csv':
+    frame.to_csv(path, index=False)
+  else:
+    frame.to_parquet(path)
+  return str(path)
+
+
+@pytest.mark.parametrize('fmt', ['txt', 'json', 'jsonl', 'csv', 'parquet'])
+def test_local_formats(tmp_path, fmt):
+  texts = [f'document {i}, with words' for i in range(8)]
+  pattern = _write_format(tmp_path, fmt, texts)
+  cfg = _data_cfg(tmp_path / 'cache', dataset='', train_files=pattern, validation_files=pattern)
+  splits = data.load_text_splits(cfg, seed=0)
+  assert list(splits['train']['text']) == texts == list(splits['validation']['text'])
+  if fmt != 'txt':
+    cfg.text_column = 'body'
+    with pytest.raises(ValueError, match=r"no text column 'body'.*\['text', 'id'\]"):
+      data.load_text_splits(cfg, seed=0)
+
+
+def test_empty_and_unmatched_sources_fail_clearly(tmp_path):
+  (tmp_path / 'blank.txt').write_text('\n   \n\n')
+  cfg = _data_cfg(tmp_path / 'cache', dataset='', train_files=str(tmp_path / 'blank.txt'))
+  with pytest.raises(ValueError, match='train split is empty'):
+    data.load_text_splits(cfg, seed=0)
+  cfg.streaming = True
+  with pytest.raises(ValueError, match='train split is empty'):
+    data.load_text_splits(cfg, seed=0)
+  cfg.train_files = str(tmp_path / 'missing' / '*.jsonl')
+  with pytest.raises(FileNotFoundError, match='matches no file'):
+    data.load_text_splits(cfg, seed=0)
+  (tmp_path / 'x.csv').write_text('a\n1\n')
+  cfg.train_files, cfg.streaming = str(tmp_path / 'x.csv'), True
+  with pytest.raises(ValueError, match=r"no text column 'text'.*\['a'\]"):
+    data.load_text_splits(cfg, seed=0)
+
+
+def test_streaming_load_carves_validation_off_the_stream(tmp_path):
+  texts = [f'document {i} here' for i in range(30)]
+  cfg = _data_cfg(tmp_path / 'cache', dataset='', train_files=_write_format(tmp_path, 'jsonl', texts),
+                  streaming=True, streaming_validation_docs=5)
+  splits = data.load_text_splits(cfg, seed=0)
+  assert isinstance(splits['train'], datasets.IterableDataset)
+  assert list(splits['validation']['text']) == texts[:5]
+  assert [x['text'] for x in splits['train']] == texts[5:]
+
+
+def test_packed_rows_cached_on_second_run(tmp_path, wordpiece):
+  texts = [f'line {i} of the cached corpus, tokenized once' for i in range(200)]
+  pattern = _write_format(tmp_path, 'jsonl', texts)
+  cfg = _data_cfg(tmp_path / 'cache', dataset='', train_files=pattern, validation_files=pattern)
+  cache = str(tmp_path / 'cache')
+  calls = data.tokenize_calls
+  first = data.packed_rows(data.load_text_splits(cfg, 0)['train'], wordpiece, 32, cache=cache)
+  assert data.tokenize_calls == calls + 1
+  again = data.packed_rows(data.load_text_splits(cfg, 0)['train'], wordpiece, 32, cache=cache)
+  assert data.tokenize_calls == calls + 1  # loaded from cache/packed/*.npz, nothing tokenized
+  for k in first:
+    np.testing.assert_array_equal(again[k], first[k])
+  reference = data.pack(data.load_text_splits(cfg, 0)['train'], wordpiece, 32)  # uncached: tokenizes
+  for k in first:
+    np.testing.assert_array_equal(first[k], reference[k])
+  calls += 1
+  data.packed_rows(data.load_text_splits(cfg, 0)['train'], wordpiece, 64, cache=cache)  # new key
+  data.packed_rows(data.load_text_splits(cfg, 0)['train'], wordpiece, 32, 'group_texts', cache=cache)
+  assert data.tokenize_calls == calls + 3
+  assert len(os.listdir(os.path.join(cache, 'packed'))) == 3
+
+
+def test_group_texts_and_line_by_line(wordpiece):
+  texts = ['one two three', 'a ' * 40 + 'end', 'x', 'short doc', 'tokens ' * 13]
+  docs = [wordpiece(t, add_special_tokens=False).input_ids for t in texts]
+  ds = datasets.Dataset.from_dict({'text': texts})
+  cls, sep, pad = wordpiece.cls_token_id, wordpiece.sep_token_id, wordpiece.pad_token_id
+  length = 16
+  grouped = data.pack(ds, wordpiece, length, packing='group_texts')
+  stream = [t for d in docs for t in [cls] + d + [sep]]
+  assert grouped['input_ids'].tolist() == np.reshape(
+      stream[:len(stream) // length * length], (-1, length)).tolist()  # remainder dropped
+  assert (grouped['segment_ids'] == 1).all()  # one segment: attention across documents
+  assert (grouped['positions'] == np.arange(length)).all()
+  lines = data.pack(ds, wordpiece, length, packing='line_by_line')
+  assert len(lines['input_ids']) == len(texts)
+  for row, d in zip(lines['input_ids'].tolist(), docs):
+    body = d[:length - 2]
+    assert row == [cls] + body + [sep] + [pad] * (length - 2 - len(body))
+  assert set(np.unique(lines['segment_ids'])) == {0, 1}
+  with pytest.raises(ValueError, match="data.packing='grouped'"):
+    data.pack(ds, wordpiece, length, packing='grouped')
+
+
+def test_bpe_tokenizer_mask_token_and_word_starts(tmp_path, corpus):
+  texts = [d['text'] for d in _read_jsonl(corpus[1]['train'])[:800]]
+  tok = tok_lib.train_bpe(texts, vocab_size=1000)
+  assert (tok.bos_token_id, tok.pad_token_id, tok.eos_token_id, tok.unk_token_id,
+          tok.mask_token_id) == (0, 1, 2, 3, 4)
+  tok.save_pretrained(tmp_path / 'bpe')
+  loaded = transformers.AutoTokenizer.from_pretrained(tmp_path / 'bpe')
+  for t in (tok, loaded):
+    ids = t('a <mask> b').input_ids
+    assert ids.count(t.mask_token_id) == 1 and len(ids) == 5, t.convert_ids_to_tokens(ids)  # <s> a <mask> Ġb </s>
+    assert t.decode(t('Return the value, unchanged.').input_ids, skip_special_tokens=True) == \
+        'Return the value, unchanged.'
+  assert tok_lib.train_bpe(texts, vocab_size=1000).get_vocab() == tok.get_vocab()  # reproducible
+  table = tok_lib.word_start_table(loaded)
+  pieces = loaded.convert_ids_to_tokens(loaded(' tokenization').input_ids[1:-1])
+  assert [bool(table[loaded.convert_tokens_to_ids(p)]) for p in pieces] == [True] + [False] * (len(pieces) - 1)
+  cfg = _data_cfg(tmp_path, tokenizer_type='bpe', tokenizer_vocab_size=300)
+  got = tok_lib.get_tokenizer(cfg, lambda: texts[:100], str(tmp_path / 'work'))
+  assert type(got).__name__ == 'RobertaTokenizer' and len(got) == 300
+  cfg.tokenizer_type = 'unigram'
+  with pytest.raises(ValueError, match="tokenizer_type='unigram'"):
+    tok_lib.get_tokenizer(cfg, lambda: texts[:100], None)
