@@ -5,6 +5,7 @@
   mlm-flax fill-mask --model DIR [--top_k 5] [--targets a,b] TEXT ...
   mlm-flax export --workdir DIR --out HF_DIR
   mlm-flax import --hf HF_DIR --workdir DIR
+  mlm-flax plot --workdir DIR[,DIR2,...] [--out PNG]
 """
 
 import difflib
@@ -19,7 +20,7 @@ from ml_collections import config_flags
 
 import configs
 
-COMMANDS = ('train', 'eval', 'fill-mask', 'export', 'import')
+COMMANDS = ('train', 'eval', 'fill-mask', 'export', 'import', 'plot')
 DEFAULT_CONFIG = os.path.join(os.path.dirname(configs.__file__), 'tiny.py')
 
 FLAGS = flags.FLAGS
@@ -33,7 +34,7 @@ def define_flags() -> None:
   flags.DEFINE_string('model', None, 'Workdir to load (fill-mask).')
   flags.DEFINE_integer('top_k', 5, 'Predictions per mask (fill-mask).')
   flags.DEFINE_list('targets', None, 'Restrict fill-mask scoring to these words (fill-mask).')
-  flags.DEFINE_string('out', None, 'Hugging Face folder to write (export).')
+  flags.DEFINE_string('out', None, 'Hugging Face folder to write (export); PNG to write (plot).')
   flags.DEFINE_string('hf', None, 'Hugging Face model folder or hub name to import (import).')
   flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host).')
   flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host).')
@@ -46,6 +47,12 @@ def _default_workdir() -> str:
 
 
 def _run(command: str, args: list[str]) -> None:
+  if command == 'plot':  # no JAX needed
+    from mlm_flax import plot  # pylint: disable=g-import-not-at-top
+    if not FLAGS.workdir:
+      raise ValueError('usage: mlm-flax plot --workdir DIR[,DIR2,...] [--out PNG]')
+    print(json.dumps({'plot': plot.plot_runs(FLAGS.workdir.split(','), FLAGS.out)}))
+    return
   from mlm_flax import evaluate, hf, inference, parallel, train  # pylint: disable=g-import-not-at-top
   if command == 'train':
     parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)

@@ -106,6 +106,12 @@ def load_text_splits(data_cfg: ml_collections.ConfigDict, seed: int) -> datasets
   return datasets.DatasetDict(splits)
 
 
+def load_text_files(pattern: str, data_cfg: ml_collections.ConfigDict) -> datasets.Dataset:
+  """The `text` column of the files matching a path or glob (any type `data.train_files` takes)."""
+  ds = _load_files(pattern, 'files', os.path.join(cache_dir(data_cfg), 'datasets'))
+  return _clean(ds, data_cfg.text_column, pattern)
+
+
 def pack(dataset: datasets.Dataset, tokenizer: 'transformers.PreTrainedTokenizerBase',
          max_seq_length: int, num_proc: int = 1) -> dict[str, np.ndarray]:
   """Tokenizes `dataset['text']` and packs `[CLS] chunk [SEP]` segments into rows.
