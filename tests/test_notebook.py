@@ -30,7 +30,7 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
   assert any('image/png' in o.get('data', {}) for o in outputs)  # the learning curves, inline
   assert os.path.isfile(tmp_path / 'workdirs' / 'quickstart' / 'curves.png')
   assert os.path.isfile(tmp_path / 'workdirs' / 'quickstart-hf' / 'model.safetensors')
-  last = ''.join(o.get('text', '') for o in nb.cells[-1].outputs if o.output_type == 'stream')
+  last = ''.join(o.text for o in nb.cells[-1].outputs if o.output_type == 'stream' and o.name == 'stdout')
   summary = json.loads(last.strip().splitlines()[-1])
   assert len(summary['fill_mask']) == 5
   if 'pipeline' in summary:  # torch installed: transformers' pipeline agrees with our fill-mask
