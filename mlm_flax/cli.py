@@ -5,6 +5,7 @@
   mlm-flax fill-mask --model DIR [--top_k 5] [--targets a,b] TEXT ...
   mlm-flax export --workdir DIR --out HF_DIR
   mlm-flax import --hf HF_DIR --workdir DIR
+  mlm-flax plot --workdir DIR[,DIR2,...] [--out PNG]
 """
 
 import difflib
@@ -20,7 +21,7 @@ from ml_collections import config_flags
 
 import configs
 
-COMMANDS = ('train', 'eval', 'fill-mask', 'export', 'import')
+COMMANDS = ('train', 'eval', 'fill-mask', 'export', 'import', 'plot')
 DEFAULT_CONFIG = os.path.join(os.path.dirname(configs.__file__), 'tiny.py')
 
 FLAGS = flags.FLAGS
@@ -34,7 +35,7 @@ def define_flags() -> None:
   flags.DEFINE_string('model', None, 'Workdir to load (fill-mask).')
   flags.DEFINE_integer('top_k', 5, 'Predictions per mask (fill-mask).')
   flags.DEFINE_list('targets', None, 'Restrict fill-mask scoring to these words (fill-mask).')
-  flags.DEFINE_string('out', None, 'Hugging Face folder to write (export).')
+  flags.DEFINE_string('out', None, 'Hugging Face folder to write (export); PNG to write (plot).')
   flags.DEFINE_string('hf', None, 'Hugging Face model folder or hub name to import (import).')
   flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host).')
   flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host).')
@@ -47,6 +48,12 @@ def _default_workdir() -> str:
 
 
 def _run(command: str, args: list[str]) -> None:
+  if command == 'plot':  # no JAX needed
+    from mlm_flax import plot  # pylint: disable=g-import-not-at-top
+    if not FLAGS.workdir:
+      raise ValueError('usage: mlm-flax plot --workdir DIR[,DIR2,...] [--out PNG]')
+    print(json.dumps({'plot': plot.plot_runs(FLAGS.workdir.split(','), FLAGS.out)}))
+    return
   if command == 'train':  # a bad config fails in a second, before the heavy imports and any data work
     import jax  # pylint: disable=g-import-not-at-top
     from mlm_flax import parallel, validation  # pylint: disable=g-import-not-at-top

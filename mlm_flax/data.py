@@ -163,6 +163,12 @@ def tokenizer_texts(train) -> Iterable[str]:
   return train['text']
 
 
+def load_text_files(pattern: str, data_cfg: ml_collections.ConfigDict) -> datasets.Dataset:
+  """The `text` column of the files matching a path or glob (any type `data.train_files` takes)."""
+  ds = _load_files(pattern, 'files', os.path.join(cache_dir(data_cfg), 'datasets'), streaming=False)
+  return _clean(ds, data_cfg.text_column, pattern)
+
+
 def fingerprint(train, data_cfg: ml_collections.ConfigDict) -> str:
   """Identifies the training text: the datasets fingerprint, or the source settings of a stream."""
   if isinstance(train, datasets.Dataset):

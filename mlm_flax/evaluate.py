@@ -48,16 +48,24 @@ class Evaluator:
     return loss.summarize(jax.tree.map(lambda *x: np.sum(np.asarray(x, np.float64)), *parallel.fetch(pending)))
 
 
-def evaluate_workdir(workdir: str, split: str = 'validation') -> dict:
-  """Evaluates the latest checkpoint of a workdir on `split` of its configured dataset."""
+def evaluate_workdir(workdir: str, split: str = 'validation', files: str | None = None) -> dict:
+  """Evaluates the latest checkpoint of a workdir on `split` of its configured dataset.
+
+  `files` (a path or glob of text / JSON-lines / CSV / Parquet files, as `data.train_files` takes) replaces
+  the split: e.g. a model trained on one corpus, evaluated on another's validation text.
+  """
   from mlm_flax import inference, train  # pylint: disable=g-import-not-at-top
   mlm = inference.load(workdir)
   config = mlm.config
-  splits = data.load_text_splits(config.data, config.seed)
-  if split not in splits:
-    raise ValueError(f'unknown split {split!r}; available: {sorted(splits)}')
-  rows = data.packed_rows(splits[split], mlm.tokenizer, config.max_seq_length,
-                         config.data.get('packing', 'documents'), config.data.num_proc, data.cache_dir(config.data))
+  if files:
+    texts = data.load_text_files(files, config.data)
+  else:
+    splits = data.load_text_splits(config.data, config.seed)
+    if split not in splits:
+      raise ValueError(f'unknown split {split!r}; available: {sorted(splits)}')
+    texts = splits[split]
+  rows = data.packed_rows(texts, mlm.tokenizer, config.max_seq_length, config.data.get('packing', 'documents'),
+                          config.data.num_proc, data.cache_dir(config.data))
   mesh = parallel.make_mesh()
   evaluator = Evaluator(mlm.model, *train.make_mask_fn(config, mlm.tokenizer, 'eval'), mesh, config.seed)
   params = jax.device_put(mlm.params, parallel.replicated(mesh))

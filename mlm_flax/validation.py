@@ -80,7 +80,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, num_pro
     raise ValueError(f'--config.fsdp={config.fsdp} must divide the {num_devices} devices; use a divisor of '
                      f'{num_devices} (1 = plain data parallelism).')
   accum = config.get('grad_accum_steps', 1)
-  if config.batch_size % (accum * num_devices):
+  if accum > 1 and config.batch_size % (accum * num_devices):
     raise ValueError(f'batch_size={config.batch_size} must split into grad_accum_steps={accum} micro-batches '
                      f'of a multiple of the {num_devices} devices; use a batch_size that is a multiple of '
                      f'{accum * num_devices}, or fewer grad_accum_steps.')

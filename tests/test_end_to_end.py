@@ -84,3 +84,18 @@ def test_fill_mask_matches_the_training_params(trained):
   probs = np.asarray(jax.nn.softmax(logits[0, 2]))
   top = inference.fill_mask(mlm, 'the [MASK] is', top_k=1)[0]
   assert top['token'] == int(probs.argmax()) and top['score'] == pytest.approx(float(probs.max()), rel=1e-5)
+
+
+def test_eval_on_other_files(trained, tmp_path):
+  """`evaluate_workdir(files=...)` scores any text files; the validation texts themselves give the split's result."""
+  from mlm_flax import data
+  workdir, _ = trained
+  mlm = inference.load(workdir)
+  texts = data.load_text_splits(mlm.config.data, mlm.config.seed)['validation']['text']
+  path = tmp_path / 'val.jsonl'
+  path.write_text(''.join(json.dumps({'text': t}) + '\n' for t in texts))
+  assert evaluate.evaluate_workdir(workdir, files=str(path)) == evaluate.evaluate_workdir(workdir)
+  half = tmp_path / 'half.txt'
+  half.write_text('\n'.join(texts[:len(texts) // 2]))
+  assert (evaluate.evaluate_workdir(workdir, files=str(half))['num_masked_tokens']
+          < evaluate.evaluate_workdir(workdir)['num_masked_tokens'])

@@ -1,0 +1,21 @@
+"""Domain adaptation: the quick-start model (configs/tiny.py) on general English vs Python documentation.
+
+Every run trains `num_train_steps` steps of `batch_size` x `max_seq_length` tokens; the adapted run spends the
+first half on general text (the general run's half-way checkpoint) and the second half on domain text. All
+runs share one WordPiece vocabulary trained on both training sets (run.py passes it as `data.tokenizer`) and
+evaluate on the domain validation text during training, which gives the learning curves.
+"""
+
+from configs import tiny
+
+
+def get_config():
+  c = tiny.get_config()
+  c.num_train_steps = 1200  # per run (the adapted run: 600 general + 600 domain)
+  c.eval_every_steps = 100
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 600  # keeps the half-way checkpoint the adapted run starts from
+  c.fill_mask_examples = 0  # run.py shows its own, for the three models side by side
+  c.progress_bar = False
+  c.data.tokenizer_vocab_size = 4096  # trained once on both training sets (run.py)
+  return c

@@ -1,0 +1,180 @@
+"""Domain adaptation with equal compute: general vs general-then-domain vs domain-only pretraining.
+
+  python experiments/domain_adaptation/run.py [--steps 1200] [--root workdirs/domain_adaptation]
+
+1. Corpora: Jane Austen + World English Bible (general) and the Python docs (domain) from Debian packages
+   (debian_text.py), split by whole document (chapter / book / source file), validation texts that also
+   occur in training dropped; written as JSON lines under ROOT/data/.
+2. One WordPiece tokenizer on the union of both training sets (ROOT/tokenizer), given to every run.
+3. Runs of `--steps` steps each: `general`; `adapted` (the general run's half-way checkpoint, then the second
+   half on domain text with a fresh optimizer); `domain_only`. Workdirs ROOT/<run>; a rerun resumes.
+4. Each final model evaluated on both validation sets; results.json, learning_curves.png and fill-mask
+   examples on held-out domain sentences written next to this file.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(os.path.dirname(HERE))]  # this folder and the repository root
+
+import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import config as experiment_config  # pylint: disable=wrong-import-position
+import debian_text  # pylint: disable=wrong-import-position
+from mlm_flax import checkpoint, corpora, evaluate, inference, plot, tokenizer, train  # pylint: disable=wrong-import-position
+from mlm_flax.model import make_model  # pylint: disable=wrong-import-position
+
+GENERAL, DOMAIN = ('austen', 'bible'), ('python_docs',)
+VALIDATION_FRACTION = 0.03
+RUNS = ('general', 'adapted', 'domain_only')
+
+
+def build_corpora(root: str, cache: str) -> dict[str, dict[str, str]]:
+  """ROOT/data/{general,domain}/{train,validation}.jsonl (built once); returns their paths."""
+  paths = {}
+  for name, parts in (('general', GENERAL), ('domain', DOMAIN)):
+    folder = os.path.join(root, 'data', name)
+    paths[name] = {s: os.path.join(folder, f'{s}.jsonl') for s in ('train', 'validation')}
+    if os.path.isfile(paths[name]['validation']):
+      continue
+    docs = []
+    for part in parts:
+      docs += debian_text.READERS[part](debian_text.fetch(debian_text.PACKAGES[part], cache))
+    os.makedirs(folder, exist_ok=True)
+    for split, rows in corpora.split_documents(docs, VALIDATION_FRACTION).items():
+      with open(paths[name][split] + '.tmp', 'w', encoding='utf-8') as f:
+        f.writelines(json.dumps({'text': t, 'source': s}, ensure_ascii=False) + '\n' for s, t in rows)
+      os.replace(paths[name][split] + '.tmp', paths[name][split])
+  return paths
+
+
+def read_texts(path: str) -> list[str]:
+  with open(path, encoding='utf-8') as f:
+    return [json.loads(line)['text'] for line in f]
+
+
+def corpus_stats(paths: dict[str, dict[str, str]]) -> dict:
+  return {f'{name}_{split}': {'texts': len(t), 'words': sum(len(x.split()) for x in t)}
+          for name, splits in paths.items() for split, p in splits.items() for t in [read_texts(p)]}
+
+
+def shared_tokenizer(root: str, paths: dict, vocab_size: int) -> str:
+  """One WordPiece vocabulary trained on the union of the training sets, saved once."""
+  path = os.path.join(root, 'tokenizer')
+  if not os.path.isdir(path):
+    texts = read_texts(paths['general']['train']) + read_texts(paths['domain']['train'])
+    tokenizer.save_atomic(tokenizer.train_wordpiece(texts, vocab_size), path)
+  return path
+
+
+def start_from_checkpoint(src: str, step: int, dst: str) -> None:
+  """Starts workdir `dst` from `src`'s params at `step` with a fresh optimizer (as `mlm-flax import`)."""
+  if os.path.isfile(os.path.join(dst, 'config.json')):
+    return
+  shutil.rmtree(dst, ignore_errors=True)  # an interrupted start
+  with open(os.path.join(src, 'config.json')) as f:
+    model = make_model(ml_collections.ConfigDict(json.load(f)['model']))
+  ckpt = checkpoint.Checkpointer(src, create=False, async_save=False)
+  params, _ = ckpt.restore_params(inference.abstract_params(model), step)
+  ckpt.close()
+  shutil.copytree(os.path.join(src, 'tokenizer'), os.path.join(dst, 'tokenizer'))
+  checkpoint.Checkpointer(dst).save_imported(params)
+  shutil.copy(os.path.join(src, 'config.json'), os.path.join(dst, 'config.json'))  # last: marks it done
+
+
+def run_config(base: ml_collections.ConfigDict, train_files: str, validation_files: str, tok: str,
+               steps: int) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict(base.to_dict())
+  c.data.dataset, c.data.train_files, c.data.validation_files = '', train_files, validation_files
+  c.data.tokenizer, c.num_train_steps = tok, steps
+  return c
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--steps', type=int, default=None, help='steps per run (default: config.py)')
+  parser.add_argument('--root', default='workdirs/domain_adaptation', help='data, tokenizer and workdirs')
+  parser.add_argument('--cache', default=os.path.join(os.environ.get('MLM_FLAX_CACHE', '~/.cache/mlm_flax'),
+                                                      'debian'), help='downloaded Debian packages')
+  parser.add_argument('--results', default=HERE, help='folder for results.json and learning_curves.png')
+  args = parser.parse_args()
+
+  base = experiment_config.get_config()
+  steps = args.steps or base.num_train_steps
+  half = steps // 2
+  base.checkpoint_every_steps = half
+  base.eval_every_steps = min(base.eval_every_steps, half)
+  start = time.time()
+  paths = build_corpora(args.root, os.path.expanduser(args.cache))
+  tok = shared_tokenizer(args.root, paths, base.data.tokenizer_vocab_size)
+  print(f'Corpora and tokenizer ready in {time.time() - start:.0f}s.', flush=True)
+
+  domain_val, general_val = paths['domain']['validation'], paths['general']['validation']
+  workdirs = {r: os.path.join(args.root, r) for r in RUNS}
+  plan = {'general': (paths['general']['train'], steps),
+          'adapted': (paths['domain']['train'], steps - half),
+          'domain_only': (paths['domain']['train'], steps)}
+  results = {}
+  for name in RUNS:
+    if name == 'adapted':
+      start_from_checkpoint(workdirs['general'], half, workdirs['adapted'])
+    print(f'=== {name} ===', flush=True)
+    t = time.time()
+    config = run_config(base, plan[name][0], domain_val, tok, plan[name][1])
+    train.train_and_evaluate(config, workdirs[name])
+    results[name] = {'steps': steps, 'tokens': steps * base.batch_size * base.max_seq_length,
+                     'wall_seconds': round(time.time() - t, 1)}
+    if name == 'adapted':
+      results[name].update(general_steps=half, domain_steps=steps - half,
+                           note='wall_seconds: the domain half only; the general half is the general run')
+
+  for name in RUNS:  # each final model on both validation sets
+    for which, path in (('domain', domain_val), ('general', general_val)):
+      ev = evaluate.evaluate_workdir(workdirs[name], files=path)
+      results[name].update({f'{which}_val_masked_accuracy': round(ev['masked_accuracy'], 4),
+                            f'{which}_val_loss': round(ev['loss'], 4),
+                            f'{which}_val_masked_tokens': ev['num_masked_tokens']})
+    print(name, json.dumps(results[name]), flush=True)
+
+  # Learning curves on the domain validation set; the adapted run continues the general run's first half.
+  curves = {name: plot.read_run(workdirs[name]) for name in RUNS}
+  curves['adapted'] = ([r for r in curves['general'] if r['step'] <= half]
+                       + [{**r, 'step': r['step'] + half} for r in curves['adapted']])
+  plot.plot_curves(curves, os.path.join(args.results, 'learning_curves.png'), metrics=('masked_accuracy',),
+                   splits=('eval',), title=f'Domain (Python docs) validation; adapted switches at step {half}')
+
+  models = {name: inference.load(workdirs[name]) for name in RUNS}
+  examples = []
+  for text, answer in inference.held_out_examples(read_texts(domain_val), models['general'].tokenizer, 8):
+    row = {'text': text, 'answer': answer}
+    for name, mlm in models.items():
+      row[name] = [p['token_str'] for p in inference.fill_mask(mlm, text, top_k=3)]
+    examples.append(row)
+
+  summary = {
+      'runs': results,
+      'adapted_minus_general': {
+          'domain_val_masked_accuracy': round(results['adapted']['domain_val_masked_accuracy']
+                                              - results['general']['domain_val_masked_accuracy'], 4),
+          'general_val_masked_accuracy': round(results['adapted']['general_val_masked_accuracy']
+                                               - results['general']['general_val_masked_accuracy'], 4)},
+      'config': {k: base[k] for k in ('batch_size', 'max_seq_length')} | {
+          'steps_per_run': steps, 'model': {k: base.model[k] for k in ('num_layers', 'hidden_size', 'num_heads')},
+          'vocab_size': base.data.tokenizer_vocab_size, 'train_masking_rate': base.masking.rate,
+          'eval_masking_rate': base.masking.eval_rate},
+      'corpora': corpus_stats(paths),
+      'fill_mask_examples': examples,
+      'total_wall_seconds': round(time.time() - start, 1),
+  }
+  with open(os.path.join(args.results, 'results.json'), 'w') as f:
+    json.dump(summary, f, indent=2, ensure_ascii=False)
+  print(json.dumps(summary['adapted_minus_general']))
+
+
+if __name__ == '__main__':
+  main()
