@@ -34,7 +34,7 @@ def _last_json(stdout):
 
 
 def _metric_rows(workdir):
-  """metrics.jsonl rows without wall-clock fields; a half-written last line reads as None."""
+  """metrics.jsonl rows without wall-clock fields (time, speed, MFU); a half-written last line reads as None."""
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
     return []
@@ -43,7 +43,7 @@ def _metric_rows(workdir):
   rows = []
   for line in lines:
     try:
-      rows.append({k: v for k, v in json.loads(line).items() if k not in ('wall_seconds', 'tokens_per_second')})
+      rows.append({k: v for k, v in json.loads(line).items() if k not in ('wall_seconds', 'tokens_per_second', 'mfu')})
     except ValueError:
       rows.append(None)
   return rows
