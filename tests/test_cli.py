@@ -33,6 +33,9 @@ def _last_json(stdout):
   return json.loads(stdout.strip().splitlines()[-1])
 
 
+_WALL_CLOCK = ('wall_seconds', 'tokens_per_second', 'mfu')
+
+
 def _metric_rows(workdir):
   """metrics.jsonl rows without wall-clock fields (time, speed, MFU); a half-written last line reads as None."""
   path = os.path.join(workdir, 'metrics.jsonl')
@@ -43,7 +46,7 @@ def _metric_rows(workdir):
   rows = []
   for line in lines:
     try:
-      rows.append({k: v for k, v in json.loads(line).items() if k not in ('wall_seconds', 'tokens_per_second', 'mfu')})
+      rows.append({k: v for k, v in json.loads(line).items() if k not in _WALL_CLOCK})
     except ValueError:
       rows.append(None)
   return rows
