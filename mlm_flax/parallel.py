@@ -68,13 +68,6 @@ def state_sharding(mesh: Mesh, tree: Any) -> Any:
   return jax.tree.map(leaf, tree)
 
 
-def check_batch_size(global_batch_size: int, mesh: Mesh, key: str = 'batch_size') -> None:
-  n = mesh.size
-  if global_batch_size % n or global_batch_size % jax.process_count():
-    raise ValueError(f'{key}={global_batch_size} must be divisible by the {n} devices and the '
-                     f'{jax.process_count()} processes; use a multiple of {n}.')
-
-
 def to_global(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """This process's rows of the global batch → global arrays sharded over `data`."""
   sharding = data_sharding(mesh)

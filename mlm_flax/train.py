@@ -242,8 +242,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
   eval_rows = pack(splits['validation'])
 
   mesh = parallel.make_mesh(fsdp=config.fsdp)
-  parallel.check_batch_size(config.batch_size, mesh)
-  parallel.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
   model = make_model(config.model)
   tx = make_optimizer(config.optimizer, config.num_train_steps)
   mask_fn, num_predictions = make_mask_fn(config, tok)
