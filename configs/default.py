@@ -50,6 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
   # 'auto': jax.nn.dot_product_attention (fused kernels) on GPU/TPU, heads-major einsums on CPU (faster
   # there); or 'einsum' / 'dot_product_attention'. Training with attention_dropout > 0 uses the einsums.
   c.model.attention = 'auto'
+  # The head's matmul runs on the vocabulary padded (zero rows) to a multiple of this, aligned for GPU
+  # tensor cores / TPU MXUs; logits, params and exports keep the real size. 1 turns it off.
+  c.model.vocab_multiple = 128
   c.model.remat = False  # recompute each layer in the backward pass: less activation memory, ~1/3 more FLOPs
 
   c.data = ml_collections.ConfigDict()

@@ -200,8 +200,23 @@ class BertMLM(nn.Module):
     if masked_positions is not None:
       x = jnp.take_along_axis(x, masked_positions[..., None], axis=1)
     x = self.head_norm(_activation(c.hidden_act)(self.head_transform(x)))
-    logits = mixed_einsum('bph,vh->bpv', x, self.word_embeddings.embedding, c.dtype)
-    return logits + self.head_bias
+    return self.decode(x)
+
+  def decode(self, x: jax.Array) -> jax.Array:
+    """Vocabulary logits through the tied embeddings.
+
+    The matmul runs on the embedding padded with zero rows to a multiple of `vocab_multiple`
+    (aligned tiles for GPU tensor cores / TPU MXUs); the padded logits are sliced off, so params,
+    checkpoints and Hugging Face exports keep the tokenizer's vocabulary size.
+    """
+    c = self.config
+    embedding = self.word_embeddings.embedding
+    vocab = embedding.shape[0]
+    pad = -vocab % c.get('vocab_multiple', 1)
+    if pad:
+      embedding = jnp.pad(embedding, ((0, pad), (0, 0)))
+    logits = mixed_einsum('bph,vh->bpv', x, embedding, c.dtype)
+    return logits[..., :vocab] + self.head_bias
 
 
 def _cpu_has_fast_bf16() -> bool:

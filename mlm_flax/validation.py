@@ -23,11 +23,11 @@ CHOICES = {
     'model.attention': ('auto', 'einsum', 'dot_product_attention'),
 }
 # Model keys that change how the same params are computed, not the params: free to change on resume.
-COMPUTE_ONLY = ('dtype', 'attention', 'remat')
+COMPUTE_ONLY = ('dtype', 'attention', 'remat', 'vocab_multiple')
 POSITIVE = ('num_train_steps', 'batch_size', 'eval_batch_size', 'max_seq_length', 'log_every_steps',
             'eval_every_steps', 'checkpoint_every_steps', 'max_checkpoints_to_keep', 'model.num_layers',
             'model.hidden_size', 'model.num_heads', 'model.intermediate_size',
-            'model.max_position_embeddings', 'data.tokenizer_vocab_size', 'data.num_proc', 'fsdp',
+            'model.max_position_embeddings', 'model.vocab_multiple', 'data.tokenizer_vocab_size', 'data.num_proc', 'fsdp',
             'grad_accum_steps')
 FRACTIONS = ('masking.rate', 'masking.eval_rate', 'masking.mask_prob', 'masking.random_prob',
              'data.validation_fraction')  # in [0, 1]; rates in (0, 1]

@@ -89,8 +89,9 @@ def test_pre_ln_variant_has_a_final_norm_and_differs():
   assert a.shape == b.shape and bool(jnp.isfinite(b).all()) and float(jnp.abs(a - b).max()) > 1e-2
 
 
-def test_remat_and_fused_attention_compute_the_same_function():
-  """`model.remat` and `model.attention='dot_product_attention'` change how, not what, is computed."""
+def test_remat_fused_attention_and_vocab_padding_compute_the_same_function():
+  """`model.remat`, `model.attention='dot_product_attention'` and `model.vocab_multiple` change how, not
+  what, is computed: same logits (real vocabulary only), same params, same gradients."""
   import pytest  # pylint: disable=g-import-not-at-top
   make_model = model_lib.make_model
   c = tiny_config()
@@ -106,8 +107,10 @@ def test_remat_and_fused_attention_compute_the_same_function():
     f = lambda p: (model.apply({'params': p}, ids, seg) * (seg > 0)[..., None]).astype(jnp.float32).sum()
     return jax.value_and_grad(f)(params)
 
+  assert c.model.vocab_multiple == 128 and params['word_embeddings']['embedding'].shape == (100, c.model.hidden_size)
+  assert base.apply({'params': params}, ids, seg).shape == (2, 16, 100)  # the padded 28 are sliced off
   ref_loss, ref_grad = loss_and_grad(base)
-  for key, value in (('remat', True), ('attention', 'dot_product_attention')):
+  for key, value in (('remat', True), ('attention', 'dot_product_attention'), ('vocab_multiple', 1)):
     c2 = tiny_config()
     c2.model.update(vocab_size=100, pad_token_id=0, hidden_dropout=0.0, attention_dropout=0.0, **{key: value})
     other_loss, other_grad = loss_and_grad(make_model(c2.model))

@@ -1,6 +1,7 @@
 """Reliability: corrupt checkpoints fall back, failed saves keep the good ones, one trainer per workdir,
 non-finite steps are skipped or stop the run, bad configs fail before any work."""
 
+import contextlib
 import functools
 import glob
 import json
@@ -130,8 +131,12 @@ def test_failed_save_is_a_clear_error_and_keeps_the_good_checkpoints(tmp_path):
     assert ckpt.directory in str(e.value) and 'writable' in str(e.value) and 'step 2' in str(e.value)
   finally:
     undo()
+    with contextlib.suppress(Exception):  # the failed save's threads, else they time out at exit
+      ckpt.close()
   assert sorted(int(d) for d in os.listdir(ckpt.directory) if d.isdigit()) == [1, 2]
-  restored, meta = checkpoint.Checkpointer(str(tmp_path), create=False).restore(state)
+  reader = checkpoint.Checkpointer(str(tmp_path), create=False)
+  restored, meta = reader.restore(state)
+  reader.close()
   assert meta['step'] == 2
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(restored.params)):
     np.testing.assert_array_equal(a, b)

@@ -36,6 +36,10 @@ WORKERS = {'mlm_flax': ('mlm_flax_step.py', 'auto'), 'hf_flax': ('hf_flax_step.p
 HF_REQUIREMENTS = ['transformers==4.46.3', 'flax==0.8.5', 'jax==0.4.30', 'jaxlib==0.4.30', 'optax==0.2.2',
                    'orbax-checkpoint==0.5.20', 'numpy<2']
 VOCAB = 30522
+# What each speed choice buys: the default step against the step with one choice undone (or one option on).
+ABLATIONS = ('--override=model.vocab_multiple=1', '--head_everywhere', '--override=model.dtype=bfloat16',
+             '--override=model.dtype=float32', '--override=model.attention=dot_product_attention',
+             '--override=model.remat=True')
 
 
 def hf_python(venv: str) -> str:
@@ -72,11 +76,11 @@ def _time(fn) -> float:
   return time.perf_counter() - start
 
 
-def run_worker(framework: str, shape: dict, args, python: str, env: dict) -> dict:
+def run_worker(framework: str, shape: dict, args, python: str, env: dict, extra: tuple = ()) -> dict:
   script, dtype = WORKERS[framework]
   cmd = [python, os.path.join(HERE, 'workers', script), '--vocab', str(VOCAB), '--dtype', dtype,
          '--steps', str(args.steps), '--warmup', str(args.warmup)]
-  cmd += [f'--{k}={v}' for k, v in shape.items()]
+  cmd += [f'--{k}={v}' for k, v in shape.items()] + list(extra)
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
   lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
   if proc.returncode or not lines:
@@ -94,6 +98,9 @@ def main() -> None:
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--rounds', type=int, default=1, help='alternating rounds; the median is reported')
   parser.add_argument('--devices', default='1,8', help='CPU device counts for the mlm_flax scaling rows')
+  parser.add_argument('--ablations', default=';'.join(ABLATIONS),
+                      help="';'-separated mlm_flax variants (worker flags) measured against the default; '' skips")
+  parser.add_argument('--ablation_rounds', type=int, default=3)
   parser.add_argument('--hf_venv', default=os.path.join(HERE, '.hf_flax_venv'))
   parser.add_argument('--out', default=os.path.join(HERE, 'results'))
   args = parser.parse_args()
@@ -135,6 +142,8 @@ def main() -> None:
                    'peak_rss_gb': res['peak_rss_mb'] / 1024, 'mfu': res['tokens_per_second'] * fpt / peak,
                    'model_flops_per_token': fpt})
 
+  ablation_rows = ablate(args, env, peak) if args.ablations and 'mlm_flax' in frameworks else []
+
   ours = {(r['size'], r['seq']): r['tokens_per_second'] for r in rows if r['framework'] == 'mlm_flax'}
   lines = ['| size | seq × batch | framework | dtype | tokens/s | step (s) | peak RSS (GB) | MFU | mlm_flax speed-up |',
            '|---|---|---|---|---:|---:|---:|---:|---:|']
@@ -146,14 +155,33 @@ def main() -> None:
   lines.append('')
   lines.append('Matmul peaks (GFLOP/s; 2048³, torch bf16 512³): ' + ', '.join(f'{k} {v / 1e9:.0f}' for k, v in peaks.items())
                + f'. MFU is against the best, {peak / 1e9:.0f} GFLOP/s.')
+  if ablation_rows:
+    lines += ['', f"Ablations ({ablation_rows[0]['size']}, seq 128, median of {args.ablation_rounds} alternating rounds):", '',
+              '| mlm_flax variant | tokens/s | vs default |', '|---|---:|---:|']
+    lines += [f"| {r['variant']} | {r['tokens_per_second']:.0f} | {r['vs_default']:.2f}x |" for r in ablation_rows]
   table = '\n'.join(lines) + '\n'
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, 'train_step.json'), 'w') as f:
     json.dump({'machine': platform.processor() or platform.machine(), 'cpu_count': os.cpu_count(),
-               'matmul_peaks': peaks, 'rows': rows, 'args': vars(args)}, f, indent=2)
+               'matmul_peaks': peaks, 'rows': rows, 'ablations': ablation_rows, 'args': vars(args)}, f, indent=2)
   with open(os.path.join(args.out, 'train_step.md'), 'w') as f:
     f.write(table)
   print(table)
+
+
+def ablate(args, env: dict, peak: float) -> list[dict]:
+  """The default mlm_flax step vs each variant in `args.ablations`, alternating, on the first size at seq 128."""
+  size = args.sizes.split(',')[0]
+  shape = {**SIZES[size], 'seq': 128, 'batch': args.tokens_per_step // 128}
+  variants = [''] + args.ablations.split(';')
+  runs = {v: [] for v in variants}
+  for r in range(args.ablation_rounds):
+    for v in variants[r % len(variants):] + variants[:r % len(variants)]:
+      runs[v].append(run_worker('mlm_flax', shape, args, sys.executable, env, tuple(v.split())))
+      print(f"ablation {v or 'default'}: {runs[v][-1]['tokens_per_second']:.0f} tokens/s", flush=True)
+  tps = {v: statistics.median(r['tokens_per_second'] for r in res) for v, res in runs.items()}
+  return [{'size': size, 'variant': v.replace('--override=', '') or 'default', 'tokens_per_second': t,
+           'vs_default': t / tps['']} for v, t in tps.items()]
 
 
 if __name__ == '__main__':

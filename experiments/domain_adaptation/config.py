@@ -8,6 +8,12 @@ evaluate on the domain validation text during training, which gives the learning
 
 from configs import tiny
 
+# The adapted run's second half: this fraction of its training words is general text (replay), the rest
+# domain text, so continued pretraining does not overwrite what the general half learned; and its peak
+# learning rate (None: the config's).
+REPLAY_FRACTION = 0.25
+ADAPT_LEARNING_RATE = None
+
 
 def get_config():
   c = tiny.get_config()

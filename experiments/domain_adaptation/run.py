@@ -15,6 +15,7 @@
 import argparse
 import json
 import os
+import random
 import shutil
 import sys
 import time
@@ -51,6 +52,32 @@ def build_corpora(root: str, cache: str) -> dict[str, dict[str, str]]:
         f.writelines(json.dumps({'text': t, 'source': s}, ensure_ascii=False) + '\n' for s, t in rows)
       os.replace(paths[name][split] + '.tmp', paths[name][split])
   return paths
+
+
+def replay_mix(root: str, paths: dict[str, dict[str, str]], fraction: float, seed: int = 0) -> str:
+  """The adapted run's training file: every domain training text plus general ones drawn (seeded) until
+  they make `fraction` of the words. Replaying some general text is the usual guard against forgetting
+  in continued pretraining."""
+  if fraction <= 0:
+    return paths['domain']['train']
+  path = os.path.join(root, 'data', f'replay_{fraction:g}', 'train.jsonl')
+  if os.path.isfile(path):
+    return path
+  domain = read_texts(paths['domain']['train'])
+  general = read_texts(paths['general']['train'])
+  random.Random(seed).shuffle(general)
+  budget = fraction / (1 - fraction) * sum(len(t.split()) for t in domain)
+  replay, words = [], 0
+  for text in general:
+    if words >= budget:
+      break
+    replay.append(text)
+    words += len(text.split())
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + '.tmp', 'w', encoding='utf-8') as f:
+    f.writelines(json.dumps({'text': t}, ensure_ascii=False) + '\n' for t in domain + replay)
+  os.replace(path + '.tmp', path)
+  return path
 
 
 def read_texts(path: str) -> list[str]:
@@ -101,6 +128,11 @@ def main() -> None:
   parser.add_argument('--root', default='workdirs/domain_adaptation', help='data, tokenizer and workdirs')
   parser.add_argument('--cache', default=os.path.join(os.environ.get('MLM_FLAX_CACHE', '~/.cache/mlm_flax'),
                                                       'debian'), help='downloaded Debian packages')
+  parser.add_argument('--replay', type=float, default=experiment_config.REPLAY_FRACTION,
+                      help="fraction of the adapted run's second-half words drawn from general text")
+  parser.add_argument('--adapt_lr', type=float, default=experiment_config.ADAPT_LEARNING_RATE,
+                      help="the adapted run's second-half peak learning rate (default: the config's)")
+  parser.add_argument('--runs', default=','.join(RUNS), help='a subset to train (evaluation needs all three)')
   parser.add_argument('--results', default=HERE, help='folder for results.json and learning_curves.png')
   args = parser.parse_args()
 
@@ -117,29 +149,34 @@ def main() -> None:
   domain_val, general_val = paths['domain']['validation'], paths['general']['validation']
   workdirs = {r: os.path.join(args.root, r) for r in RUNS}
   plan = {'general': (paths['general']['train'], steps),
-          'adapted': (paths['domain']['train'], steps - half),
+          'adapted': (replay_mix(args.root, paths, args.replay), steps - half),
           'domain_only': (paths['domain']['train'], steps)}
   results = {}
-  for name in RUNS:
+  for name in args.runs.split(','):
     if name == 'adapted':
       start_from_checkpoint(workdirs['general'], half, workdirs['adapted'])
     print(f'=== {name} ===', flush=True)
     t = time.time()
     config = run_config(base, plan[name][0], domain_val, tok, plan[name][1])
+    if name == 'adapted' and args.adapt_lr:
+      config.optimizer.learning_rate = args.adapt_lr
     train.train_and_evaluate(config, workdirs[name])
     results[name] = {'steps': steps, 'tokens': steps * base.batch_size * base.max_seq_length,
                      'wall_seconds': round(time.time() - t, 1)}
     if name == 'adapted':
-      results[name].update(general_steps=half, domain_steps=steps - half,
-                           note='wall_seconds: the domain half only; the general half is the general run')
+      results[name].update(general_steps=half, domain_steps=steps - half, replay_fraction=args.replay,
+                           learning_rate=config.optimizer.learning_rate,
+                           note='wall_seconds: the second half only; the first half is the general run')
 
-  for name in RUNS:  # each final model on both validation sets
+  for name in results:  # each final model on both validation sets
     for which, path in (('domain', domain_val), ('general', general_val)):
       ev = evaluate.evaluate_workdir(workdirs[name], files=path)
       results[name].update({f'{which}_val_masked_accuracy': round(ev['masked_accuracy'], 4),
                             f'{which}_val_loss': round(ev['loss'], 4),
                             f'{which}_val_masked_tokens': ev['num_masked_tokens']})
     print(name, json.dumps(results[name]), flush=True)
+  if set(results) != set(RUNS):
+    return  # a subset (--runs): no comparison to write
 
   # Learning curves on the domain validation set; the adapted run continues the general run's first half.
   curves = {name: plot.read_run(workdirs[name]) for name in RUNS}

@@ -24,6 +24,10 @@ def parse_args() -> argparse.Namespace:
   p.add_argument('--warmup', type=int, default=2)
   p.add_argument('--dtype', default='float32')
   p.add_argument('--mask_rate', type=float, default=0.15)
+  # mlm_flax ablations (the other workers ignore them): `--override model.KEY=VALUE` (Python literal),
+  # `--head_everywhere` computes the MLM head at every position, as the Hugging Face step does.
+  p.add_argument('--override', action='append', default=[])
+  p.add_argument('--head_everywhere', action='store_true')
   return p.parse_args()
 
 

@@ -1,5 +1,6 @@
 """mlm_flax's training step (`train.jit_train_step`: in-graph masking, head at masked positions, AdamW)."""
 
+import ast
 import functools
 import os
 import sys
@@ -21,6 +22,13 @@ def main() -> None:
   c.model.update(num_layers=args.layers, hidden_size=args.hidden, num_heads=args.heads,
                  intermediate_size=args.ffn, vocab_size=args.vocab, pad_token_id=0,
                  max_position_embeddings=max(512, args.seq), dtype=args.dtype)
+  for item in args.override:
+    key, value = item.split('=', 1)
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      pass  # a bare string such as bfloat16
+    c.model[key.removeprefix('model.')] = value
   model = make_model(c.model)
   tx = train.make_optimizer(c.optimizer, 10_000)
   mesh = parallel.make_mesh()
@@ -28,7 +36,8 @@ def main() -> None:
                               special_ids=common.SPECIALS, pad_id=0, rate=args.mask_rate)
   state = jax.jit(functools.partial(train.create_train_state, model=model, tx=tx, seq_len=args.seq),
                   out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(0))
-  step = train.jit_train_step(model, tx, mask_fn, masking.max_predictions(args.seq, args.mask_rate), mesh)
+  num_predictions = args.seq if args.head_everywhere else masking.max_predictions(args.seq, args.mask_rate)
+  step = train.jit_train_step(model, tx, mask_fn, num_predictions, mesh)
   ones = np.ones((args.batch, args.seq), np.int32)
   batches = [parallel.to_global({'input_ids': common.token_ids(args, i), 'segment_ids': ones,
                                  'positions': np.broadcast_to(np.arange(args.seq, dtype=np.int32), ones.shape)}, mesh)
@@ -39,7 +48,8 @@ def main() -> None:
     holder['state'], holder['metrics'] = step(holder['state'], batches[i % 2])
 
   result = common.timed(args, run, lambda: jax.block_until_ready(holder['metrics']))
-  result.update(devices=jax.device_count(), dtype=str(c.model.dtype), framework='mlm_flax')
+  result.update(devices=jax.device_count(), dtype=str(c.model.dtype), framework='mlm_flax',
+                overrides=args.override, head_everywhere=args.head_everywhere)
   common.report(result)
 
 
