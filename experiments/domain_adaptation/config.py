@@ -1,7 +1,8 @@
 """Domain adaptation: the quick-start model (configs/tiny.py) on general English vs Python documentation.
 
 Every run trains `num_train_steps` steps of `batch_size` x `max_seq_length` tokens; the adapted run spends the
-first half on general text (the general run's half-way checkpoint) and the second half on domain text. All
+first half on general text (the general run's half-way checkpoint) and the second half on domain text with
+25% general text replayed (REPLAY_FRACTION). All
 runs share one WordPiece vocabulary trained on both training sets (run.py passes it as `data.tokenizer`) and
 evaluate on the domain validation text during training, which gives the learning curves.
 """
