@@ -156,7 +156,7 @@ class Layer(nn.Module):
       probs = Dropout(c.attention_dropout)(probs, deterministic=deterministic)
       context = mixed_einsum('bhqk,bhkd->bhqd', probs, v, c.dtype).transpose(0, 2, 1, 3).reshape(b, l, h)
     attn = Dropout(c.hidden_dropout)(dense(h, name='attention_output')(context),
-                                        deterministic=deterministic)
+                                     deterministic=deterministic)
     x = inputs + attn if pre else norm(name='attention_norm')(inputs + attn)
 
     y = norm(name='output_norm')(x) if pre else x

@@ -173,8 +173,7 @@ def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)['model']
-    diff = {k: (old.get(k), v) for k, v in config.model.to_dict().items()
-            if old.get(k) != v and k not in validation.COMPUTE_ONLY}
+    diff = validation.model_changes(old, config.model.to_dict())
     if diff:
       raise ValueError(f'{workdir} holds a run with a different model config {diff} (old, new); '
                        'use a new --workdir or the old model settings.')
@@ -229,7 +228,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
     config = ml_collections.ConfigDict(config.to_dict())
     config.model.update(imported_model)
     print(f'Starting from the weights imported into {workdir} (model config taken from its config.json).')
-  validation.validate_config(config, jax.device_count(), jax.process_count())
+    validation.validate_config(config, jax.device_count(), jax.process_count())  # with the imported model
   splits = data.load_text_splits(config.data, config.seed)
   tok = tokenizer.get_tokenizer(config.data, lambda: data.tokenizer_texts(splits['train']), workdir,
                                 data.fingerprint(splits['train'], config.data), data.cache_dir(config.data))

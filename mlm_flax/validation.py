@@ -8,6 +8,7 @@ the one a workdir was trained with. Checks that need the tokenizer (vocab size) 
 
 import difflib
 import json
+import math
 import os
 
 import ml_collections
@@ -87,16 +88,17 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, num_pro
   for key in ('batch_size', 'eval_batch_size'):
     size = config[key]
     if size % num_devices or size % num_processes:
-      multiple = num_devices * num_processes // _gcd(num_devices, num_processes)
+      multiple = math.lcm(num_devices, num_processes)
       raise ValueError(f'{key}={size} must be divisible by the {num_devices} devices of the data axis and the '
                        f'{num_processes} processes; use a multiple of {multiple} (e.g. '
                        f'--config.{key}={max(multiple, size // multiple * multiple)}).')
 
 
-def _gcd(a: int, b: int) -> int:
-  while b:
-    a, b = b, a % b
-  return a
+def model_changes(old: dict, new: dict, set_in_both: bool = False) -> dict:
+  """{key: (old, new)} of the model keys that differ, except COMPUTE_ONLY ones; `set_in_both`: only
+  keys that `new` sets and `old` has."""
+  return {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v and k not in COMPUTE_ONLY
+          and (not set_in_both or (v is not None and k in old))}
 
 
 def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -108,8 +110,7 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
     return  # nothing to resume, or imported weights whose model config `train` adopts
   with open(path) as f:
     old = json.load(f).get('model', {})
-  diff = {k: (old[k], v) for k, v in config.model.to_dict().items() if v is not None and k in old
-          and old[k] != v and k not in COMPUTE_ONLY}
+  diff = model_changes(old, config.model.to_dict(), set_in_both=True)
   if diff:
     keys = ' '.join(f'--config.model.{k}={o}' for k, (o, _) in diff.items())
     raise ValueError(f'{workdir} holds a run with a different model config {diff} (old, new); use a new '

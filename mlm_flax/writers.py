@@ -19,7 +19,7 @@ class MetricWriter:
       return
     if os.path.exists(self.path):  # drop rows logged after the checkpoint we resume from
       with open(self.path) as f:
-        rows = [l.rstrip('\n') + '\n' for l in f if _step(l) is not None and _step(l) <= resume_step]
+        rows = [l.rstrip('\n') + '\n' for l in f if (s := _step(l)) is not None and s <= resume_step]
       with open(self.path + '.tmp', 'w') as f:
         f.writelines(rows)
       os.replace(self.path + '.tmp', self.path)

@@ -88,6 +88,16 @@ def run_worker(framework: str, shape: dict, args, python: str, env: dict, extra:
   return json.loads(lines[-1][len('RESULT '):])
 
 
+def row(size: str, shape: dict, framework: str, results: list[dict], fpt: float, peak: float) -> dict:
+  """One table row from a framework's worker results: the median tokens/s, the largest peak RSS."""
+  tps = statistics.median(r['tokens_per_second'] for r in results)
+  return {'size': size, 'seq': shape['seq'], 'batch': shape['batch'], 'framework': framework,
+          'dtype': results[0]['dtype'], 'devices': results[0]['devices'], 'tokens_per_second': tps,
+          'step_seconds': shape['batch'] * shape['seq'] / tps,
+          'peak_rss_gb': max(r['peak_rss_mb'] for r in results) / 1024,
+          'mfu': tps * fpt / peak, 'model_flops_per_token': fpt}
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--sizes', default='small,base')
@@ -123,24 +133,15 @@ def main() -> None:
         for f in frameworks[r % len(frameworks):] + frameworks[:r % len(frameworks)]:
           runs[f].append(run_worker(f, shape, args, pythons[f], env))
           print(f"{size} seq {seq} {f}: {runs[f][-1]['tokens_per_second']:.0f} tokens/s", flush=True)
-      for f, results in runs.items():
-        tps = statistics.median(r['tokens_per_second'] for r in results)
-        rows.append({'size': size, 'seq': seq, 'batch': shape['batch'], 'framework': f,
-                     'dtype': results[0]['dtype'], 'devices': results[0]['devices'], 'tokens_per_second': tps,
-                     'step_seconds': shape['batch'] * seq / tps,
-                     'peak_rss_gb': max(r['peak_rss_mb'] for r in results) / 1024,
-                     'mfu': tps * fpt / peak, 'model_flops_per_token': fpt})
+      rows += [row(size, shape, f, results, fpt, peak) for f, results in runs.items()]
   if 'mlm_flax' in frameworks:  # scaling over host-platform CPU devices (same cores, more partitions)
-    shape = {**SIZES[args.sizes.split(',')[0]], 'seq': 128, 'batch': args.tokens_per_step // 128}
+    size = args.sizes.split(',')[0]
+    shape = {**SIZES[size], 'seq': 128, 'batch': args.tokens_per_step // 128}
     fpt = flops.train_flops_per_token(shape['layers'], shape['hidden'], shape['ffn'], VOCAB, 128, 0.15)
     for n in map(int, args.devices.split(',')):
       dev_env = {**env, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={n}'}
       res = run_worker('mlm_flax', shape, args, sys.executable, dev_env)
-      rows.append({'size': args.sizes.split(',')[0], 'seq': 128, 'batch': shape['batch'],
-                   'framework': f'mlm_flax ({n} CPU devices)', 'dtype': res['dtype'], 'devices': n,
-                   'tokens_per_second': res['tokens_per_second'], 'step_seconds': res['step_seconds'],
-                   'peak_rss_gb': res['peak_rss_mb'] / 1024, 'mfu': res['tokens_per_second'] * fpt / peak,
-                   'model_flops_per_token': fpt})
+      rows.append(row(size, shape, f'mlm_flax ({n} CPU devices)', [res], fpt, peak))
 
   ablation_rows = ablate(args, env, peak) if args.ablations and 'mlm_flax' in frameworks else []
 
