@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.progress_bar = True
 
   c.model = ml_collections.ConfigDict()
-  c.model.type = 'bert'  # 'bert' or 'roberta' (position offset, token types)
+  c.model.type = 'bert'  # 'bert', 'roberta' (position offset, token types) or 'modernbert'
   c.model.num_layers = 4
   c.model.hidden_size = 256
   c.model.num_heads = 4
@@ -41,7 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
   # 'post': BERT/RoBERTa layout (Hugging Face compatible); 'pre': pre-LN layers + a final LayerNorm,
   # which tolerates higher learning rates (Xiong et al. 2020).
   c.model.norm_position = 'post'
-  c.model.hidden_act = 'gelu'  # exact erf GELU, as BERT
+  c.model.hidden_act = 'gelu'  # exact erf GELU, as BERT (ModernBERT: the GeGLU's activation)
   c.model.initializer_range = 0.02
   c.model.pad_token_id = ml_collections.FieldReference(None, field_type=int)  # None: from the tokenizer
   # 'bfloat16': bf16 matmul inputs, f32 accumulation, f32 master params; 'auto' picks per backend.
@@ -54,6 +54,19 @@ def get_config() -> ml_collections.ConfigDict:
   # tensor cores / TPU MXUs; logits, params and exports keep the real size. 1 turns it off.
   c.model.vocab_multiple = 128
   c.model.remat = False  # recompute each layer in the backward pass: less activation memory, ~1/3 more FLOPs
+  # ModernBERT (model.type='modernbert'; BERT/RoBERTa ignore these). Each layer attends to its whole document
+  # ('full_attention') or to the tokens at most local_attention // 2 away ('sliding_attention').
+  c.model.layer_types = ''  # comma-separated, one per layer; '': every global_attn_every_n_layers-th layer full
+  c.model.global_attn_every_n_layers = 3  # from layer 0 (Hugging Face's rule); the others sliding
+  c.model.local_attention = 128  # the whole sliding window, half on each side (Hugging Face's definition)
+  c.model.global_rope_theta = 160_000.0  # RoPE base of full-attention layers
+  c.model.local_rope_theta = 10_000.0  # RoPE base of sliding-window layers
+  # Biases; None: the architecture's own (BERT: all; ModernBERT: only the decoder's).
+  c.model.attention_bias = ml_collections.FieldReference(None, field_type=bool)  # QKV and attention output
+  c.model.mlp_bias = ml_collections.FieldReference(None, field_type=bool)
+  c.model.norm_bias = ml_collections.FieldReference(None, field_type=bool)  # LayerNorm shift
+  c.model.decoder_bias = ml_collections.FieldReference(None, field_type=bool)  # MLM decoder (tied embedding)
+  c.model.classifier_bias = ml_collections.FieldReference(None, field_type=bool)  # the head's dense layer
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = 'builtin:stdlib_docs'  # 'builtin:NAME', a hub name, or '' with train_files

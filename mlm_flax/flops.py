@@ -9,6 +9,9 @@ of length `s` in a model of `n` layers, hidden `h`, FFN `f`, vocabulary `v`:
   attention  6 * n * 2 * s * h               scores (QK^T) and context (PV), full s x s
   MLM head   6 * r * (h^2 + h v)             transform + tied decoder, at the masked fraction r only
 
+ModernBERT: the GeGLU MLP has three h x f matmuls (6 * n * (4h^2 + 3hf)), and a sliding-window layer attends
+to at most 2 * (local_attention // 2) + 1 tokens instead of s.
+
 Embedding lookups, norms, softmax and the optimizer are not counted. A step that computes the head
 at every position (Hugging Face) does more work than this and gets no credit for it.
 """
@@ -29,11 +32,15 @@ _KNOWN_PEAKS = {
 
 
 def train_flops_per_token(num_layers: int, hidden_size: int, intermediate_size: int, vocab_size: int,
-                          seq_len: int, masked_fraction: float) -> float:
-  """Model FLOPs of one training token (forward + backward); see the module docstring."""
+                          seq_len: int, masked_fraction: float, glu: bool = False,
+                          attended: tuple[int, ...] | None = None) -> float:
+  """Model FLOPs of one training token (forward + backward); see the module docstring.
+
+  `glu`: gated MLP (three h x f matmuls); `attended`: tokens each layer attends to (default: all `seq_len`).
+  """
   h, f = hidden_size, intermediate_size
-  encoder = 6 * num_layers * (4 * h * h + 2 * h * f)
-  attention = 6 * num_layers * 2 * seq_len * h
+  encoder = 6 * num_layers * (4 * h * h + (3 if glu else 2) * h * f)
+  attention = 6 * 2 * h * (sum(attended) if attended is not None else num_layers * seq_len)
   head = 6 * masked_fraction * (h * h + h * vocab_size)
   return float(encoder + attention + head)
 
@@ -41,8 +48,14 @@ def train_flops_per_token(num_layers: int, hidden_size: int, intermediate_size: 
 def config_flops_per_token(config) -> float:
   """`train_flops_per_token` for a resolved run config (evaluation's 15% is not what trains)."""
   m = config.model
+  glu, attended = False, None
+  if m.type == 'modernbert':
+    from mlm_flax.models import modernbert  # pylint: disable=g-import-not-at-top
+    window = min(config.max_seq_length, 2 * (m.local_attention // 2) + 1)
+    glu = True
+    attended = tuple(config.max_seq_length if t == 'full_attention' else window for t in modernbert.layer_types(m))
   return train_flops_per_token(m.num_layers, m.hidden_size, m.intermediate_size, m.vocab_size,
-                               config.max_seq_length, config.masking.rate)
+                               config.max_seq_length, config.masking.rate, glu, attended)
 
 
 def measure_matmul_peak(dtype: str = 'float32', n: int = 2048, repeats: int = 5) -> float:

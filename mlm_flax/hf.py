@@ -13,6 +13,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from mlm_flax import hf_modernbert
+
 _LAYER = {  # ours (under layer_{i}) -> HF (under {prefix}.encoder.layer.{i}.)
     ('query',): 'attention.self.query', ('key',): 'attention.self.key', ('value',): 'attention.self.value',
     ('attention_output',): 'attention.output.dense', ('attention_norm',): 'attention.output.LayerNorm',
@@ -56,8 +58,10 @@ def key_map(model_type: str, num_layers: int, prefix: str | None = None) -> list
 def model_config_from_hf(hf: dict) -> dict:
   """Our `model` config values from a Hugging Face config.json."""
   model_type = hf.get('model_type', 'bert')
+  if model_type == 'modernbert':
+    return hf_modernbert.model_config_from_hf(hf)
   if model_type not in _ARCH:
-    raise ValueError(f"model_type {model_type!r} is not supported; use a BERT or RoBERTa checkpoint.")
+    raise ValueError(f"model_type {model_type!r} is not supported; use a BERT, RoBERTa or ModernBERT checkpoint.")
   act = hf.get('hidden_act', 'gelu')
   if act not in ('gelu', 'gelu_new', 'relu'):
     raise ValueError(f'hidden_act {act!r} is not supported (gelu, gelu_new, relu).')
@@ -73,6 +77,8 @@ def model_config_from_hf(hf: dict) -> dict:
 
 def hf_config_from_model(model: ml_collections.ConfigDict, tok) -> dict:
   """A Hugging Face config.json for our `model` config."""
+  if model.type == 'modernbert':
+    return hf_modernbert.hf_config_from_model(model, tok)
   if model.get('norm_position', 'post') != 'post':
     raise ValueError('only post-LN models (model.norm_position="post") have a Hugging Face layout.')
   max_pos = model.max_position_embeddings
@@ -105,6 +111,8 @@ def params_from_state_dict(state: dict[str, np.ndarray], model: dict, init_param
   Accepts keys with or without the `bert.` / `roberta.` prefix (encoder-only exports).
   Returns the params and the list of our params that were initialised fresh.
   """
+  if model['type'] == 'modernbert':
+    return hf_modernbert.params_from_state_dict(state, model, init_params)
   prefix = model['type']
   if not any(k.startswith(prefix + '.') for k in state):
     prefix = ''
@@ -129,6 +137,8 @@ def params_from_state_dict(state: dict[str, np.ndarray], model: dict, init_param
 
 def state_dict_from_params(params: Any, model: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
   """A HF `*ForMaskedLM` state dict (decoder weight tied to the word embeddings)."""
+  if model.type == 'modernbert':
+    return hf_modernbert.state_dict_from_params(params, model)
   state = {}
   for ours, hf, transpose in key_map(model.type, model.num_layers):
     value = np.asarray(_get(params, ours), np.float32)
@@ -182,7 +192,7 @@ def export(mlm, out_dir: str) -> None:
   try:
     config = hf_config_from_model(mlm.config.model, mlm.tokenizer)
     state = state_dict_from_params(mlm.params, mlm.config.model)
-    state = {k: v for k, v in state.items() if '.decoder.' not in k}  # tied: rebuilt on load
+    state = {k: v for k, v in state.items() if '.decoder.' not in k and k != 'decoder.weight'}  # tied: rebuilt on load
     save_file(state, os.path.join(tmp, 'model.safetensors'), metadata={'format': 'pt'})
     with open(os.path.join(tmp, 'config.json'), 'w') as f:
       json.dump(config, f, indent=2)

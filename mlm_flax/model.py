@@ -69,20 +69,23 @@ def mixed_einsum(spec: str, a: jax.Array, b: jax.Array, dtype: Dtype) -> jax.Arr
 
 
 class Dense(nn.Module):
-  """`y = x @ kernel + bias` through `mixed_einsum`."""
+  """`y = x @ kernel + bias` through `mixed_einsum` (`use_bias=False`: no bias param)."""
   features: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   init_std: float = 0.02
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param('kernel', nn.initializers.normal(self.init_std),
                         (x.shape[-1], self.features), self.param_dtype)
-    bias = self.param('bias', nn.initializers.zeros, (self.features,), self.param_dtype)
     # A 2-D dot: XLA:CPU differentiates '...k,kn->...n' on 3-D inputs ~1.8x slower.
     y = mixed_einsum('mk,kn->mn', x.reshape(-1, x.shape[-1]), kernel, self.dtype)
-    return y.reshape(*x.shape[:-1], self.features) + bias
+    y = y.reshape(*x.shape[:-1], self.features)
+    if not self.use_bias:
+      return y
+    return y + self.param('bias', nn.initializers.zeros, (self.features,), self.param_dtype)
 
 
 class Dropout(nn.Module):
@@ -110,7 +113,8 @@ class Dropout(nn.Module):
 def _activation(name: str):
   return {'gelu': functools.partial(jax.nn.gelu, approximate=False),
           'gelu_new': functools.partial(jax.nn.gelu, approximate=True),
-          'relu': jax.nn.relu}[name]
+          'gelu_pytorch_tanh': functools.partial(jax.nn.gelu, approximate=True),
+          'relu': jax.nn.relu, 'silu': jax.nn.silu}[name]
 
 
 def _use_dot_product_attention(mode: str, dropout: float, deterministic: bool) -> bool:
@@ -264,10 +268,21 @@ def position_offset(model_cfg) -> int:
   return model_cfg['pad_token_id'] + 1 if model_cfg['type'] == 'roberta' else 0
 
 
-def make_model(model_cfg: ml_collections.ConfigDict) -> BertMLM:
-  """Builds the module from the `model` sub-config (dtypes given as names)."""
+def _modernbert(config: ml_collections.FrozenConfigDict) -> nn.Module:
+  from mlm_flax.models import modernbert  # pylint: disable=g-import-not-at-top  # builds on this module: no cycle
+  return modernbert.ModernBertMLM(config)
+
+
+# model.type -> a constructor taking the resolved (frozen) `model` config.
+ARCHITECTURES = {'bert': BertMLM, 'roberta': BertMLM, 'modernbert': _modernbert}
+
+
+def make_model(model_cfg: ml_collections.ConfigDict) -> nn.Module:
+  """Builds the module of `model.type` from the `model` sub-config (dtypes given as names)."""
   c = model_cfg.to_dict()
+  if c['type'] not in ARCHITECTURES:
+    raise ValueError(f'model.type={c["type"]!r} is not one of {", ".join(ARCHITECTURES)}; pick one of those.')
   c['dtype'] = resolve_dtype(c['dtype'])
   c['param_dtype'] = jnp.dtype(c['param_dtype'])
   c['position_offset'] = position_offset(c)
-  return BertMLM(ml_collections.FrozenConfigDict(c))
+  return ARCHITECTURES[c['type']](ml_collections.FrozenConfigDict(c))

@@ -14,9 +14,9 @@ import os
 import ml_collections
 
 CHOICES = {
-    'model.type': ('bert', 'roberta'),
+    'model.type': ('bert', 'roberta', 'modernbert'),
     'model.norm_position': ('post', 'pre'),
-    'model.hidden_act': ('gelu', 'gelu_new', 'relu'),
+    'model.hidden_act': ('gelu', 'gelu_new', 'gelu_pytorch_tanh', 'relu', 'silu'),
     'model.dtype': ('auto', 'float32', 'bfloat16', 'float16'),
     'model.param_dtype': ('float32', 'bfloat16', 'float16'),
     'optimizer.schedule': ('linear', 'cosine', 'constant'),
@@ -67,6 +67,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, num_pro
   if config.model.hidden_size % config.model.num_heads:
     raise ValueError(f'model.hidden_size={config.model.hidden_size} is not divisible by model.num_heads='
                      f'{config.model.num_heads}; pick num_heads dividing hidden_size (e.g. hidden_size/64).')
+  if config.model.type == 'modernbert':  # layer types, window, RoPE head size
+    from mlm_flax.models import modernbert  # pylint: disable=g-import-not-at-top
+    modernbert.check_config(config.model)
   if config.model.vocab_size is not None and config.model.vocab_size < 1:
     raise ValueError(f'--config.model.vocab_size={config.model.vocab_size} must be positive (or unset).')
   offset = 0
