@@ -39,7 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.attention_dropout = 0.1
   c.model.layer_norm_eps = 1e-12
   # 'post': BERT/RoBERTa layout (Hugging Face compatible); 'pre': pre-LN layers + a final LayerNorm,
-  # which tolerates higher learning rates (Xiong et al. 2020).
+  # which tolerates higher learning rates (Xiong et al. 2020). ModernBERT is always pre-LN.
   c.model.norm_position = 'post'
   c.model.hidden_act = 'gelu'  # exact erf GELU, as BERT (ModernBERT: the GeGLU's activation)
   c.model.initializer_range = 0.02

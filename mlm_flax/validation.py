@@ -99,8 +99,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, num_pro
 
 def model_changes(old: dict, new: dict, set_in_both: bool = False) -> dict:
   """{key: (old, new)} of the model keys that differ, except COMPUTE_ONLY ones; `set_in_both`: only
-  keys that `new` sets and `old` has."""
-  return {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v and k not in COMPUTE_ONLY
+  keys that `new` sets and `old` has. A key `old` lacks (added to the config after that run) counts as
+  its default, so older workdirs still resume."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  defaults = default.get_config().model.to_dict()
+  before = lambda k: old[k] if k in old else defaults.get(k)
+  return {k: (before(k), v) for k, v in new.items() if before(k) != v and k not in COMPUTE_ONLY
           and (not set_in_both or (v is not None and k in old))}
 
 

@@ -132,7 +132,8 @@ def test_sliding_window_hides_tokens_beyond_half_the_window():
   model = make_model(c.model)
   ids = jnp.asarray(np.random.RandomState(0).randint(1, 50, (1, 12)), jnp.int32)
   params = _random_params(model, ids)
-  encode = lambda x: np.asarray(model.apply({'params': params}, x, jnp.ones_like(x), method=model.encode))[0, 5]
+  apply = jax.jit(lambda x: model.apply({'params': params}, x, jnp.ones_like(x), method=model.encode))
+  encode = lambda x: np.asarray(apply(x))[0, 5]
   base = encode(ids)
   changed = lambda j: np.abs(encode(ids.at[0, j].set(ids[0, j] % 49 + 1)) - base).max()
   for j in (2, 8, 0, 11):  # 3 or more away from position 5: outside the window (|i - j| <= 4 // 2)
@@ -148,6 +149,7 @@ def test_sliding_window_hides_tokens_beyond_half_the_window():
 
 
 def test_packed_documents_match_each_alone():
+  # RoPE is relative, so restarting positions changes only rounding; the segment mask is what this checks.
   c = _tiny_modernbert(num_layers=3, local_attention=4, global_attn_every_n_layers=2)
   model = make_model(c.model)
   rng = np.random.RandomState(0)
@@ -220,3 +222,10 @@ def test_config_checks_and_flops():
   h, f, v, s = 32, 64, 50, 32
   expected = 6 * 3 * (4 * h * h + 3 * h * f) + 6 * 2 * h * (s + 9 + 9) + 6 * 0.15 * (h * h + h * v)
   assert flops.config_flops_per_token(c) == pytest.approx(expected)
+
+
+def test_workdirs_written_before_the_modernbert_keys_still_resume():
+  new = tiny_config().model.to_dict()
+  old = {k: v for k, v in new.items() if k not in ('layer_types', 'local_attention', 'global_rope_theta', *BIASES)}
+  assert validation.model_changes(old, new) == {}
+  assert validation.model_changes(old, {**new, 'local_attention': 64}) == {'local_attention': (128, 64)}
