@@ -75,6 +75,25 @@ def test_import_logits_match_transformers(tmp_path, biases):
   ours = np.asarray(mlm.model.apply({'params': mlm.params}, ids, mask))
   assert np.abs(ref).max() > 3  # spread logits: a mapping error cannot hide in small numbers
   np.testing.assert_allclose(ours[mask > 0], ref[mask > 0], atol=1e-4, rtol=1e-4)
+  with torch.no_grad():
+    ref = model.model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
+  ours = np.asarray(mlm.model.apply({'params': mlm.params}, ids, mask, method=mlm.model.encode))
+  np.testing.assert_allclose(ours[mask > 0], ref[mask > 0], atol=1e-4, rtol=1e-4)
+
+
+def test_encoder_only_checkpoint_gets_a_fresh_head_with_a_warning(tmp_path, caplog):
+  path, model, tok = _save_random(tmp_path, False)
+  encoder = str(tmp_path / 'encoder')
+  model.model.save_pretrained(encoder)  # a ModernBertModel: keys without the `model.` prefix, no head
+  tok.save_pretrained(encoder)
+  with caplog.at_level('WARNING'):
+    mlm = _f32(inference.load(encoder))
+  assert 'no MLM head' in caplog.text and 'head_transform' in caplog.text
+  ids, mask = _padded_batch(tok)
+  with torch.no_grad():
+    ref = model.model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
+  ours = np.asarray(mlm.model.apply({'params': mlm.params}, ids, mask, method=mlm.model.encode))
+  np.testing.assert_allclose(ours[mask > 0], ref[mask > 0], atol=1e-4, rtol=1e-4)
 
 
 def test_legacy_and_v5_configs_convert_alike(tmp_path):
@@ -229,3 +248,15 @@ def test_workdirs_written_before_the_modernbert_keys_still_resume():
   old = {k: v for k, v in new.items() if k not in ('layer_types', 'local_attention', 'global_rope_theta', *BIASES)}
   assert validation.model_changes(old, new) == {}
   assert validation.model_changes(old, {**new, 'local_attention': 64}) == {'local_attention': (128, 64)}
+
+
+def test_a_bias_switch_that_differs_from_the_checkpoint_is_an_error(tmp_path):
+  path, _, _ = _save_random(tmp_path, True)
+  config = hf.model_config_from_hf({**hf.read_hf_config(path), 'attention_bias': False})
+  mlm_config = tiny_config().model
+  mlm_config.update(config)
+  mlm_config.dtype = 'float32'
+  model = make_model(mlm_config)
+  init = _random_params(model, jnp.ones((1, 8), jnp.int32))
+  with pytest.raises(ValueError, match=r"attn\.Wo\.bias.*attention_bias"):
+    hf.params_from_state_dict(hf.read_state_dict(path), mlm_config.to_dict(), init)
