@@ -7,7 +7,7 @@ os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
 
 import pytest  # pylint: disable=g-import-not-at-top
 
-from configs import default  # pylint: disable=g-import-not-at-top
+from mlm_flax.configs import default  # pylint: disable=g-import-not-at-top
 
 
 def tiny_config(tmp_path=None):

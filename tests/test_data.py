@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 import tokenizers  # noqa: E402
 import transformers  # noqa: E402
 
-from configs import default  # noqa: E402
+from mlm_flax.configs import default  # noqa: E402
 from mlm_flax import corpora, data  # noqa: E402
 from mlm_flax import tokenizer as tok_lib  # noqa: E402
 

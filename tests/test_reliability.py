@@ -243,7 +243,7 @@ def test_bad_config_fails_fast_on_the_command_line(tmp_path, override, message):
 
 def test_config_file_with_an_unknown_key_is_one_clear_line(tmp_path):
   path = tmp_path / 'my_config.py'
-  path.write_text('from configs import default\n\ndef get_config():\n  c = default.get_config()\n'
+  path.write_text('from mlm_flax.configs import default\n\ndef get_config():\n  c = default.get_config()\n'
                   '  c.model.hiden_size = 3\n  return c\n')
   out = _cli('train', f'--config={path}', f'--workdir={tmp_path}')
   assert out.returncode == 2 and 'Traceback' not in out.stderr, out.stderr[-2000:]
