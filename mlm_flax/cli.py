@@ -19,10 +19,10 @@ from absl import app, flags, logging
 import ml_collections
 from ml_collections import config_flags
 
-import configs
+from mlm_flax import configs
 
 COMMANDS = ('train', 'eval', 'fill-mask', 'export', 'import', 'plot')
-DEFAULT_CONFIG = os.path.join(os.path.dirname(configs.__file__), 'tiny.py')
+DEFAULT_CONFIG = os.path.join(list(configs.__path__)[0], 'tiny.py')  # installed with the package
 
 FLAGS = flags.FLAGS
 

@@ -74,7 +74,7 @@ def load(path: str | os.PathLike) -> MLM:
 
 def load_hf(path: str | os.PathLike) -> MLM:
   """A Hugging Face BERT/RoBERTa masked LM (or encoder-only model: fresh head, with a warning)."""
-  from configs import default  # pylint: disable=g-import-not-at-top
+  from mlm_flax.configs import default  # pylint: disable=g-import-not-at-top
   from mlm_flax import hf, tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   path = os.fspath(path)
   if not os.path.isdir(path):  # a hub name
