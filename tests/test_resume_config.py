@@ -1,5 +1,5 @@
 """A workdir holds one run: resuming refuses every config change that alters the run's maths (and allows
-the rest), imported weights keep their architecture and resume, precision traps and typos fail first."""
+the rest); imported weights keep their architecture, take compute keys from the config, and resume."""
 
 import json
 import os
@@ -126,29 +126,6 @@ def test_imported_architecture_is_adopted_and_compute_keys_stay_the_configs(tmp_
   assert 'dtype' not in str(e.value).split('(')[1].split(';')[0]  # only the architecture key is named
 
 
-@pytest.mark.parametrize('key, value, message', [
-    ('model.dtype', 'float16', 'no loss scaling'),
-    ('model.param_dtype', 'bfloat16', 'master weights in 16 bits'),
-    ('model.param_dtype', 'float16', 'param_dtype=float32'),
-    ('masking.strategy', 'spam', "Did you mean 'span'"),
-    ('data.packing', 'document', "Did you mean 'documents'"),
-    ('data.tokenizer_type', 'wordpeice', "Did you mean 'wordpiece'"),
-    ('model.dtype', 'float17', "Did you mean 'float16'"),
-    ('optimizer.schedule', 'cosin', "Did you mean 'cosine'"),
-    ('optimizer.nonfinite', 'ignore', 'optimizer.nonfinite'),
-    ('masking.rate', 1.5, 'masking.rate=1.5 must be a fraction'),
-    ('model.num_heads', 5, 'not divisible by model.num_heads=5'),
-    ('max_seq_length', 1024, 'raise model.max_position_embeddings'),
-    ('checkpoint_every_steps', 0, 'checkpoint_every_steps=0 must be at least 1'),
-])
-def test_bad_values_fail_in_validate_config(key, value, message):
-  c = tiny_config()
-  node, _, leaf = key.rpartition('.')
-  (c[node] if node else c)[leaf] = value
-  with pytest.raises(ValueError, match=message):
-    validation.validate_config(c, num_devices=1)
-
-
 def test_choices_copies_equal_the_modules_definitions():
   from mlm_flax import data, masking, tokenizer  # pylint: disable=g-import-not-at-top
   assert validation.CHOICES['masking.strategy'] == masking.STRATEGIES
@@ -180,24 +157,6 @@ def _corpus(tmp_path):
           f'--config.data.cache_dir={tmp_path / "cache"}']
 
 
-def test_resuming_with_another_batch_size_is_one_error_line_and_touches_nothing(tmp_path):
-  work = str(tmp_path / 'run')
-  args = [*_corpus(tmp_path), 'train', f'--workdir={work}', '--config.num_train_steps=2', '--config.batch_size=8',
-          '--config.eval_batch_size=16', '--config.max_seq_length=32', '--config.checkpoint_every_steps=2',
-          '--config.max_eval_batches=1', '--config.fill_mask_examples=0', '--config.progress_bar=False',
-          '--config.model.num_layers=1', '--config.model.hidden_size=32', '--config.model.num_heads=4',
-          '--config.model.intermediate_size=64', '--config.data.tokenizer_vocab_size=200']
-  first = _cli(*args)
-  assert first.returncode == 0, first.stderr[-3000:]
-  before = _tree_files(os.path.join(work, 'checkpoints'))
-  assert any(k.startswith('2/') for k in before)
-  out = _cli(*args, '--config.batch_size=16')
-  lines = out.stderr.strip().splitlines()
-  assert out.returncode == 2 and 'Traceback' not in out.stderr, out.stderr[-3000:]
-  assert lines[-1].startswith('error: ') and 'batch_size: 8 -> 16' in lines[-1], lines
-  assert _tree_files(os.path.join(work, 'checkpoints')) == before
-
-
 def _metric_rows(workdir):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     rows = [json.loads(line) for line in f]
@@ -205,16 +164,18 @@ def _metric_rows(workdir):
 
 
 def test_imported_workdir_resumes_after_a_kill_to_the_uninterrupted_result(tmp_path):
+  """Import, train, SIGTERM after the first checkpoint, the same command again: resumed, equal to an
+  uninterrupted run. Then a changed batch_size or architecture is one `error:` line, nothing touched."""
   from test_hf import _save_random  # pylint: disable=g-import-not-at-top  (needs torch)
   from mlm_flax import hf, inference  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   hf_path, _, _ = _save_random(tmp_path, 'bert')  # hidden 36, 3 layers, dropout 0.1, 40 positions
-  steps = 30
+  steps = 20
   full, killed = str(tmp_path / 'full'), str(tmp_path / 'killed')
   for work in (full, killed):
     hf.import_to_workdir(hf_path, work)
   args = [*_corpus(tmp_path), f'--config.num_train_steps={steps}', '--config.batch_size=8', '--config.eval_batch_size=16',
-          '--config.max_seq_length=32', '--config.log_every_steps=5', '--config.eval_every_steps=15',
+          '--config.max_seq_length=32', '--config.log_every_steps=5', '--config.eval_every_steps=10',
           '--config.checkpoint_every_steps=5', '--config.max_eval_batches=2', '--config.fill_mask_examples=0',
           '--config.progress_bar=False', '--config.model.hidden_dropout=0.0', '--config.model.attention_dropout=0.1',
           '--config.model.dtype=float32', '--config.optimizer.learning_rate=1e-4']
@@ -245,5 +206,12 @@ def test_imported_workdir_resumes_after_a_kill_to_the_uninterrupted_result(tmp_p
     model = json.load(f)['model']
   assert (model['hidden_size'], model['num_layers']) == (36, 3)  # the import's architecture
   assert (model['hidden_dropout'], model['attention_dropout'], model['dtype']) == (0.0, 0.1, 'float32')
-  refused = _cli('train', f'--workdir={killed}', *args, '--config.model.hidden_size=48')
-  assert refused.returncode == 2 and 'model.hidden_size: 36 -> 48' in refused.stderr, refused.stderr[-2000:]
+
+  before = _tree_files(killed)
+  for change, message in [('--config.batch_size=16', 'batch_size: 8 -> 16'),
+                          ('--config.model.hidden_size=48', 'model.hidden_size: 36 -> 48')]:
+    out = _cli('train', f'--workdir={killed}', *args, change)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and 'Traceback' not in out.stderr, out.stderr[-3000:]
+    assert lines[-1].startswith('error: ') and message in lines[-1], lines
+  assert _tree_files(killed) == before  # checkpoints, config.json and metrics untouched
