@@ -9,11 +9,13 @@
 """
 
 import difflib
+import hashlib
 import importlib.util
 import json
 import os
 import re
 import sys
+from typing import Any
 
 from absl import app, flags, logging
 import ml_collections
@@ -30,7 +32,7 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """Defined at start-up, after `check_overrides` (config_flags reads sys.argv when defined)."""
   config_flags.DEFINE_config_file('config', DEFAULT_CONFIG, 'Experiment config file (train).')
-  flags.DEFINE_string('workdir', None, 'Run folder; default: workdirs/<config name>.')
+  flags.DEFINE_string('workdir', None, 'Run folder; default: workdirs/<config name>[-<overrides>].')
   flags.DEFINE_string('split', 'validation', 'Split to evaluate (eval).')
   flags.DEFINE_string('model', None, 'Workdir to load (fill-mask).')
   flags.DEFINE_integer('top_k', 5, 'Predictions per mask (fill-mask).')
@@ -42,9 +44,19 @@ def define_flags() -> None:
   flags.DEFINE_integer('process_id', None, 'This process (multi-host).')
 
 
-def _default_workdir() -> str:
-  config_file = config_flags.get_config_filename(flags.FLAGS['config'])
-  return os.path.join('workdirs', os.path.splitext(os.path.basename(config_file.split(':')[0]))[0])
+def default_workdir(config_file: str, overrides: dict[str, Any]) -> str:
+  """`workdirs/<config name>`, plus a suffix naming the `--config.KEY=VALUE` overrides, so runs with other
+  overrides get other folders: sorted (any order gives the same folder), filesystem-safe, and a readable
+  prefix plus a hash of the whole when long or when characters had to be replaced, e.g.
+  `workdirs/tiny-batch_size=32+optimizer.learning_rate=0.0003`."""
+  name = os.path.splitext(os.path.basename(config_file.split(':')[0]))[0]
+  if not overrides:
+    return os.path.join('workdirs', name)
+  raw = '+'.join(f'{k}={v}' for k, v in sorted(overrides.items()))  # no ',': `plot --workdir a,b`
+  suffix = re.sub(r'[^A-Za-z0-9._=+-]', '_', raw)
+  if suffix != raw or len(suffix) > 80:  # replaced characters or cut: a hash keeps the names distinct
+    suffix = f'{suffix[:60]}-{hashlib.sha256(raw.encode()).hexdigest()[:10]}'
+  return os.path.join('workdirs', f'{name}-{suffix}')
 
 
 def _run(command: str, args: list[str]) -> None:
@@ -58,11 +70,15 @@ def _run(command: str, args: list[str]) -> None:
     import jax  # pylint: disable=g-import-not-at-top
     from mlm_flax import parallel, validation  # pylint: disable=g-import-not-at-top
     parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    validation.validate_config(FLAGS.config, jax.device_count(), jax.process_count())
+    overrides = config_flags.get_override_values(FLAGS['config'])
+    workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS['config']), overrides)
+    config = validation.adopt_imported(FLAGS.config, workdir, set_keys=overrides)
+    validation.validate_config(config, jax.device_count(), jax.process_count())
+    if jax.process_index() == 0:
+      print(f'Workdir: {workdir}', flush=True)
   from mlm_flax import evaluate, hf, inference, parallel, train  # pylint: disable=g-import-not-at-top
   if command == 'train':
-    workdir = FLAGS.workdir or _default_workdir()
-    result = train.train_and_evaluate(FLAGS.config, workdir)
+    result = train.train_and_evaluate(config, workdir)
     print(json.dumps(result))
   elif command == 'eval':
     if not FLAGS.workdir:
