@@ -1,4 +1,4 @@
-"""A BERT/RoBERTa-layout encoder with a tied MLM head, in Flax linen.
+"""A BERT/RoBERTa-layout encoder with an MLM head (tied to the word embeddings by default), in Flax linen.
 
 Post-LN Transformer layers named and shaped so Hugging Face BERT and RoBERTa
 checkpoints map one-to-one (see `hf.py`). Params are kept in `param_dtype`
