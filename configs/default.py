@@ -54,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
   # tensor cores / TPU MXUs; logits, params and exports keep the real size. 1 turns it off.
   c.model.vocab_multiple = 128
   c.model.remat = False  # recompute each layer in the backward pass: less activation memory, ~1/3 more FLOPs
+  c.model.tie_word_embeddings = True  # False: the MLM decoder is its own [vocab, hidden] param (HF untied)
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = 'builtin:stdlib_docs'  # 'builtin:NAME', a hub name, or '' with train_files

@@ -2,7 +2,7 @@
 
   mlm-flax train [--config configs/tiny.py] [--workdir DIR] [--config.KEY=VALUE ...]
   mlm-flax eval --workdir DIR [--split validation]
-  mlm-flax fill-mask --model DIR [--top_k 5] [--targets a,b] TEXT ...
+  mlm-flax fill-mask --model DIR [--top_k 5] [--targets a,b] [--dtype float32] TEXT ...
   mlm-flax export --workdir DIR --out HF_DIR
   mlm-flax import --hf HF_DIR --workdir DIR
   mlm-flax plot --workdir DIR[,DIR2,...] [--out PNG]
@@ -37,6 +37,8 @@ def define_flags() -> None:
   flags.DEFINE_string('model', None, 'Workdir to load (fill-mask).')
   flags.DEFINE_integer('top_k', 5, 'Predictions per mask (fill-mask).')
   flags.DEFINE_list('targets', None, 'Restrict fill-mask scoring to these words (fill-mask).')
+  flags.DEFINE_string('dtype', None, 'Compute dtype (fill-mask): float32 (default; answers as transformers), '
+                      'bfloat16, float16 or auto (as training: bf16 on GPU/TPU/AMX CPUs).')
   flags.DEFINE_string('out', None, 'Hugging Face folder to write (export); PNG to write (plot).')
   flags.DEFINE_string('hf', None, 'Hugging Face model folder or hub name to import (import).')
   flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host).')
@@ -60,6 +62,9 @@ def default_workdir(config_file: str, overrides: dict[str, Any]) -> str:
 
 
 def _run(command: str, args: list[str]) -> None:
+  if FLAGS.dtype is not None and command != 'fill-mask':
+    hint = 'set --config.model.dtype=... instead' if command == 'train' else 'eval and export compute in float32'
+    raise ValueError(f'--dtype is a fill-mask flag; {command} does not take it ({hint}).')
   if command == 'plot':  # no JAX needed
     from mlm_flax import plot  # pylint: disable=g-import-not-at-top
     if not FLAGS.workdir:
@@ -87,7 +92,7 @@ def _run(command: str, args: list[str]) -> None:
   elif command == 'fill-mask':
     if not FLAGS.model or not args:
       raise ValueError('usage: mlm-flax fill-mask --model DIR [--top_k 5] "text with a [MASK]" ...')
-    mlm = inference.load(FLAGS.model)
+    mlm = inference.load(FLAGS.model, dtype=FLAGS.dtype)
     print(json.dumps(inference.fill_mask(mlm, args[0] if len(args) == 1 else args, top_k=FLAGS.top_k,
                                          targets=FLAGS.targets), indent=1))
   elif command == 'export':

@@ -75,9 +75,44 @@ def test_bf16_compute_keeps_f32_params_and_close_gradients():
     assert float(jnp.abs(a - b).max()) <= 0.05 * float(jnp.abs(b).max()) + 1e-6
 
 
-def test_auto_dtype_resolves():
+def test_auto_dtype_follows_the_hardware(monkeypatch):
+  """'auto' is bf16 where bf16 matmuls are fast (GPU/TPU, CPUs with AVX512-BF16/AMX), f32 on other CPUs;
+  an explicit name is taken as given."""
   assert model_lib.resolve_dtype('float32') == jnp.float32
-  assert model_lib.resolve_dtype('auto') in (jnp.float32, jnp.bfloat16)
+  assert model_lib.resolve_dtype('bfloat16') == jnp.bfloat16
+  monkeypatch.setattr(model_lib.jax, 'default_backend', lambda: 'cpu')
+  monkeypatch.setattr(model_lib, '_cpu_has_fast_bf16', lambda: True)
+  assert model_lib.resolve_dtype('auto') == jnp.bfloat16
+  assert model_lib.resolve_dtype('float32') == jnp.float32
+  monkeypatch.setattr(model_lib, '_cpu_has_fast_bf16', lambda: False)
+  assert model_lib.resolve_dtype('auto') == jnp.float32
+  for backend in ('gpu', 'tpu'):
+    monkeypatch.setattr(model_lib.jax, 'default_backend', lambda b=backend: b)
+    assert model_lib.resolve_dtype('auto') == jnp.bfloat16
+
+
+def test_attention_implementation_asks_for_cudnn_only_where_it_applies():
+  """cuDNN flash attention: NVIDIA GPU, 16-bit compute, no attention dropout; XLA's attention otherwise."""
+  pick = model_lib.attention_implementation
+  assert pick('gpu', jnp.bfloat16, False) == 'cudnn'
+  assert pick('cuda', 'float16', False) == 'cudnn'
+  assert pick('gpu', jnp.float32, False) is None  # cuDNN's fused kernel needs bf16/fp16 inputs
+  assert pick('gpu', jnp.bfloat16, True) is None  # no attention-probability dropout in the kernel
+  for backend in ('cpu', 'tpu', 'rocm'):
+    assert pick(backend, jnp.bfloat16, False) is None
+
+
+def test_refused_cudnn_attention_falls_back_to_xla(monkeypatch, caplog):
+  """When cuDNN refuses at trace time (here: no cuDNN on a CPU machine), the layer computes XLA's attention."""
+  m, params = _model('bfloat16', attention='dot_product_attention', attention_dropout=0.0)
+  ids = jnp.array([[2, 11, 12, 13, 3, 21, 22, 0]])
+  seg = jnp.array([[1, 1, 1, 1, 1, 2, 2, 0]])
+  xla = m.apply({'params': params}, ids, seg)
+  monkeypatch.setattr(model_lib, 'attention_implementation', lambda *_: 'cudnn')
+  with caplog.at_level('INFO'):
+    fallback = m.apply({'params': params}, ids, seg)
+  assert 'cuDNN attention unavailable' in caplog.text
+  np.testing.assert_array_equal(np.asarray(fallback), np.asarray(xla))
 
 
 def _layer_norm(x, p, eps):
