@@ -1,6 +1,6 @@
 """BERT-base (Devlin et al. 2019): 12 layers, hidden 768, 12 heads, seq 128, batch 256, lr 1e-4."""
 
-from configs import default
+from mlm_flax.configs import default
 
 
 def get_config():

@@ -54,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
   # tensor cores / TPU MXUs; logits, params and exports keep the real size. 1 turns it off.
   c.model.vocab_multiple = 128
   c.model.remat = False  # recompute each layer in the backward pass: less activation memory, ~1/3 more FLOPs
+  c.model.tie_word_embeddings = True  # False: the MLM decoder is its own [vocab, hidden] param (HF untied)
   # ModernBERT (model.type='modernbert'; BERT/RoBERTa ignore these). Each layer attends to its whole document
   # ('full_attention') or to the tokens at most local_attention // 2 away ('sliding_attention').
   c.model.layer_types = ''  # comma-separated, one per layer; '': every global_attn_every_n_layers-th layer full

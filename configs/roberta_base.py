@@ -1,7 +1,7 @@
 """RoBERTa-base layout (Liu et al. 2019): positions offset past the padding index, one token type,
 seq 512, batch 2048 (8k in the paper with gradient accumulation), lr 6e-4, eps 1e-6, b2 0.98."""
 
-from configs import default
+from mlm_flax.configs import default
 
 
 def get_config():

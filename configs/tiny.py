@@ -6,7 +6,7 @@ dropout (the run is far from overfitting), and training masks at 40% (more predi
 Wettig et al. 2023) while evaluation keeps BERT's 15%.
 """
 
-from configs import default
+from mlm_flax.configs import default
 
 
 def get_config():

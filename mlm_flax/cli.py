@@ -2,27 +2,29 @@
 
   mlm-flax train [--config configs/tiny.py] [--workdir DIR] [--config.KEY=VALUE ...]
   mlm-flax eval --workdir DIR [--split validation]
-  mlm-flax fill-mask --model DIR [--top_k 5] [--targets a,b] TEXT ...
+  mlm-flax fill-mask --model DIR [--top_k 5] [--targets a,b] [--dtype float32] TEXT ...
   mlm-flax export --workdir DIR --out HF_DIR
   mlm-flax import --hf HF_DIR --workdir DIR
   mlm-flax plot --workdir DIR[,DIR2,...] [--out PNG]
 """
 
 import difflib
+import hashlib
 import importlib.util
 import json
 import os
 import re
 import sys
+from typing import Any
 
 from absl import app, flags, logging
 import ml_collections
 from ml_collections import config_flags
 
-import configs
+from mlm_flax import configs
 
 COMMANDS = ('train', 'eval', 'fill-mask', 'export', 'import', 'plot')
-DEFAULT_CONFIG = os.path.join(os.path.dirname(configs.__file__), 'tiny.py')
+DEFAULT_CONFIG = os.path.join(list(configs.__path__)[0], 'tiny.py')  # installed with the package
 
 FLAGS = flags.FLAGS
 
@@ -30,11 +32,13 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """Defined at start-up, after `check_overrides` (config_flags reads sys.argv when defined)."""
   config_flags.DEFINE_config_file('config', DEFAULT_CONFIG, 'Experiment config file (train).')
-  flags.DEFINE_string('workdir', None, 'Run folder; default: workdirs/<config name>.')
+  flags.DEFINE_string('workdir', None, 'Run folder; default: workdirs/<config name>[-<overrides>].')
   flags.DEFINE_string('split', 'validation', 'Split to evaluate (eval).')
   flags.DEFINE_string('model', None, 'Workdir to load (fill-mask).')
   flags.DEFINE_integer('top_k', 5, 'Predictions per mask (fill-mask).')
   flags.DEFINE_list('targets', None, 'Restrict fill-mask scoring to these words (fill-mask).')
+  flags.DEFINE_string('dtype', None, 'Compute dtype (fill-mask): float32 (default; answers as transformers), '
+                      'bfloat16, float16 or auto (as training: bf16 on GPU/TPU/AMX CPUs).')
   flags.DEFINE_string('out', None, 'Hugging Face folder to write (export); PNG to write (plot).')
   flags.DEFINE_string('hf', None, 'Hugging Face model folder or hub name to import (import).')
   flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host).')
@@ -42,12 +46,25 @@ def define_flags() -> None:
   flags.DEFINE_integer('process_id', None, 'This process (multi-host).')
 
 
-def _default_workdir() -> str:
-  config_file = config_flags.get_config_filename(flags.FLAGS['config'])
-  return os.path.join('workdirs', os.path.splitext(os.path.basename(config_file.split(':')[0]))[0])
+def default_workdir(config_file: str, overrides: dict[str, Any]) -> str:
+  """`workdirs/<config name>`, plus a suffix naming the `--config.KEY=VALUE` overrides, so runs with other
+  overrides get other folders: sorted (any order gives the same folder), filesystem-safe, and a readable
+  prefix plus a hash of the whole when long or when characters had to be replaced, e.g.
+  `workdirs/tiny-batch_size=32+optimizer.learning_rate=0.0003`."""
+  name = os.path.splitext(os.path.basename(config_file.split(':')[0]))[0]
+  if not overrides:
+    return os.path.join('workdirs', name)
+  raw = '+'.join(f'{k}={v}' for k, v in sorted(overrides.items()))  # no ',': `plot --workdir a,b`
+  suffix = re.sub(r'[^A-Za-z0-9._=+-]', '_', raw)
+  if suffix != raw or len(suffix) > 80:  # replaced characters or cut: a hash keeps the names distinct
+    suffix = f'{suffix[:60]}-{hashlib.sha256(raw.encode()).hexdigest()[:10]}'
+  return os.path.join('workdirs', f'{name}-{suffix}')
 
 
 def _run(command: str, args: list[str]) -> None:
+  if FLAGS.dtype is not None and command != 'fill-mask':
+    hint = 'set --config.model.dtype=... instead' if command == 'train' else 'eval and export compute in float32'
+    raise ValueError(f'--dtype is a fill-mask flag; {command} does not take it ({hint}).')
   if command == 'plot':  # no JAX needed
     from mlm_flax import plot  # pylint: disable=g-import-not-at-top
     if not FLAGS.workdir:
@@ -58,11 +75,15 @@ def _run(command: str, args: list[str]) -> None:
     import jax  # pylint: disable=g-import-not-at-top
     from mlm_flax import parallel, validation  # pylint: disable=g-import-not-at-top
     parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    validation.validate_config(FLAGS.config, jax.device_count(), jax.process_count())
+    overrides = config_flags.get_override_values(FLAGS['config'])
+    workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS['config']), overrides)
+    config = validation.adopt_imported(FLAGS.config, workdir, set_keys=overrides)
+    validation.validate_config(config, jax.device_count(), jax.process_count())
+    if jax.process_index() == 0:
+      print(f'Workdir: {workdir}', flush=True)
   from mlm_flax import evaluate, hf, inference, parallel, train  # pylint: disable=g-import-not-at-top
   if command == 'train':
-    workdir = FLAGS.workdir or _default_workdir()
-    result = train.train_and_evaluate(FLAGS.config, workdir)
+    result = train.train_and_evaluate(config, workdir)
     print(json.dumps(result))
   elif command == 'eval':
     if not FLAGS.workdir:
@@ -71,7 +92,7 @@ def _run(command: str, args: list[str]) -> None:
   elif command == 'fill-mask':
     if not FLAGS.model or not args:
       raise ValueError('usage: mlm-flax fill-mask --model DIR [--top_k 5] "text with a [MASK]" ...')
-    mlm = inference.load(FLAGS.model)
+    mlm = inference.load(FLAGS.model, dtype=FLAGS.dtype)
     print(json.dumps(inference.fill_mask(mlm, args[0] if len(args) == 1 else args, top_k=FLAGS.top_k,
                                          targets=FLAGS.targets), indent=1))
   elif command == 'export':

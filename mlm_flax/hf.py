@@ -1,8 +1,10 @@
 """Hugging Face interop: BERT / RoBERTa masked-LM checkpoints in and out of our params pytree.
 
 Our layer names follow BERT's, so the mapping is one table (`_EMBEDDINGS`, `_LAYER`, `_HEAD`) read in both
-directions. Linear weights are transposed (torch stores [out, in]); the MLM decoder is tied to
-the word embeddings on both sides, so only its bias travels.
+directions. Linear weights are transposed (torch stores [out, in]). The MLM decoder is tied to the word
+embeddings (only its bias travels) unless the config says `tie_word_embeddings=False`, or the checkpoint's
+decoder weight differs from the embeddings (transformers 5 then unties too): then it is our `decoder` param.
+Keys we do not use (the pooler, an NSP head, ...) are logged, never silently dropped.
 """
 
 import json
@@ -27,11 +29,13 @@ _HEAD = {'bert': {('head_transform',): 'cls.predictions.transform.dense',
          'roberta': {('head_transform',): 'lm_head.dense', ('head_norm',): 'lm_head.layer_norm',
                      ('head_bias',): 'lm_head.bias'}}
 _ARCH = {'bert': 'BertForMaskedLM', 'roberta': 'RobertaForMaskedLM'}
+_DECODER = {'bert': 'cls.predictions.decoder', 'roberta': 'lm_head.decoder'}
+_BUFFERS = ('embeddings.position_ids', 'embeddings.token_type_ids')  # index buffers some exports carry
 
 
 def _leaves(ours: tuple, hf: str) -> list[tuple[tuple, str, bool]]:
   """(our path, HF key, transpose?) for one module: bias vector, norm, embedding or dense."""
-  if ours[-1] == 'head_bias':
+  if ours[-1] in ('head_bias', 'decoder'):
     return [(ours, hf, False)]
   if ours[-1].endswith('norm'):
     return [(ours + ('scale',), hf + '.weight', False), (ours + ('bias',), hf + '.bias', False)]
@@ -40,8 +44,10 @@ def _leaves(ours: tuple, hf: str) -> list[tuple[tuple, str, bool]]:
   return [(ours + ('kernel',), hf + '.weight', True), (ours + ('bias',), hf + '.bias', False)]
 
 
-def key_map(model_type: str, num_layers: int, prefix: str | None = None) -> list[tuple[tuple, str, bool]]:
-  """Every (our param path, HF state-dict key, transpose?) of a BERT/RoBERTa masked LM."""
+def key_map(model_type: str, num_layers: int, prefix: str | None = None,
+            tied: bool = True) -> list[tuple[tuple, str, bool]]:
+  """Every (our param path, HF state-dict key, transpose?) of a BERT/RoBERTa masked LM; with `tied=False`
+  also the decoder weight ([vocab, hidden] on both sides)."""
   prefix = model_type if prefix is None else prefix
   dot = f'{prefix}.' if prefix else ''
   out = []
@@ -52,6 +58,8 @@ def key_map(model_type: str, num_layers: int, prefix: str | None = None) -> list
       out += _leaves((f'layer_{i}',) + ours, f'{dot}encoder.layer.{i}.{hf}')
   for ours, hf in _HEAD[model_type].items():
     out += _leaves(ours, hf)
+  if not tied:
+    out += _leaves(('decoder',), _DECODER[model_type] + '.weight')
   return out
 
 
@@ -65,6 +73,10 @@ def model_config_from_hf(hf: dict) -> dict:
   act = hf.get('hidden_act', 'gelu')
   if act not in ('gelu', 'gelu_new', 'relu'):
     raise ValueError(f'hidden_act {act!r} is not supported (gelu, gelu_new, relu).')
+  positions = hf.get('position_embedding_type', 'absolute')
+  if positions != 'absolute':
+    raise ValueError(f'position_embedding_type {positions!r} is not supported: only absolute position embeddings '
+                     'are implemented; use a checkpoint with position_embedding_type "absolute".')
   return dict(type=model_type, num_layers=hf['num_hidden_layers'], hidden_size=hf['hidden_size'],
               num_heads=hf['num_attention_heads'], intermediate_size=hf['intermediate_size'],
               vocab_size=hf['vocab_size'], max_position_embeddings=hf['max_position_embeddings'],
@@ -72,7 +84,8 @@ def model_config_from_hf(hf: dict) -> dict:
               hidden_act=act, initializer_range=hf.get('initializer_range', 0.02),
               pad_token_id=hf.get('pad_token_id', 0) or 0,
               hidden_dropout=hf.get('hidden_dropout_prob', 0.1),
-              attention_dropout=hf.get('attention_probs_dropout_prob', 0.1), norm_position='post')
+              attention_dropout=hf.get('attention_probs_dropout_prob', 0.1), norm_position='post',
+              tie_word_embeddings=bool(hf.get('tie_word_embeddings', True)))
 
 
 def hf_config_from_model(model: ml_collections.ConfigDict, tok) -> dict:
@@ -90,7 +103,7 @@ def hf_config_from_model(model: ml_collections.ConfigDict, tok) -> dict:
           'max_position_embeddings': max_pos, 'type_vocab_size': model.type_vocab_size,
           'initializer_range': model.initializer_range, 'layer_norm_eps': model.layer_norm_eps,
           'pad_token_id': model.pad_token_id, 'bos_token_id': tok.cls_token_id, 'eos_token_id': tok.sep_token_id,
-          'tie_word_embeddings': True, 'position_embedding_type': 'absolute'}
+          'tie_word_embeddings': bool(model.get('tie_word_embeddings', True)), 'position_embedding_type': 'absolute'}
 
 
 def _get(tree: dict, path: tuple) -> Any:
@@ -105,47 +118,97 @@ def _set(tree: dict, path: tuple, value: Any) -> None:
   tree[path[-1]] = value
 
 
+def legacy_names_renamed(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Old TF-converted BERT checkpoints name LayerNorm params `gamma`/`beta`: renamed `weight`/`bias`."""
+  renamed = {}
+  for k, v in state.items():
+    module, _, leaf = k.rpartition('.')
+    leaf = {'gamma': 'weight', 'beta': 'bias'}.get(leaf, leaf) if module else leaf
+    renamed.setdefault(f'{module}.{leaf}' if module else leaf, v)
+  return renamed
+
+
+def _prefix(state: dict, model_type: str) -> str:
+  """'bert.' / 'roberta.' when the encoder keys carry it (a *ForMaskedLM), else '' (an encoder-only export)."""
+  return model_type + '.' if any(k.startswith(model_type + '.') for k in state) else ''
+
+
+def decoder_is_tied(state: dict[str, np.ndarray], model: dict) -> bool:
+  """Whether the MLM decoder is the word embeddings: the config's `tie_word_embeddings`, except that a
+  checkpoint holding a decoder weight different from its word embeddings is loaded untied, with a warning
+  (as transformers 5 loads it: `pipeline("fill-mask")` then scores with that decoder weight)."""
+  if model['type'] == 'modernbert':
+    return hf_modernbert.decoder_is_tied(state, model)
+  if not model.get('tie_word_embeddings', True):
+    return False
+  prefix = _prefix(state, model['type'])
+  embeddings = state.get(f'{prefix}embeddings.word_embeddings.weight')
+  decoder = state.get(_DECODER[model['type']] + '.weight')
+  if embeddings is None or decoder is None or np.array_equal(np.asarray(embeddings), np.asarray(decoder)):
+    return True
+  logging.warning('the config says tie_word_embeddings=True but the checkpoint\'s %s.weight differs from its word '
+                  'embeddings: loaded untied (as transformers does); set tie_word_embeddings=false in its '
+                  'config.json to say so.', _DECODER[model['type']])
+  return False
+
+
 def params_from_state_dict(state: dict[str, np.ndarray], model: dict, init_params: Any) -> tuple[dict, list[str]]:
   """Our params from a HF state dict; missing head params come from `init_params`.
 
-  Accepts keys with or without the `bert.` / `roberta.` prefix (encoder-only exports).
-  Returns the params and the list of our params that were initialised fresh.
+  Accepts keys with or without the `bert.` / `roberta.` prefix (encoder-only exports) and legacy LayerNorm
+  `gamma`/`beta` names. Keys it does not use are logged: the pooler in one info line (the MLM has none), any
+  other in one warning listing them. Returns the params and the list of our params that were initialised fresh.
   """
   if model['type'] == 'modernbert':
     return hf_modernbert.params_from_state_dict(state, model, init_params)
-  prefix = model['type']
-  if not any(k.startswith(prefix + '.') for k in state):
-    prefix = ''
-  params, fresh = {}, []
-  for ours, hf, transpose in key_map(model['type'], model['num_layers'], prefix):
-    if hf not in state and hf == 'cls.predictions.bias' and 'cls.predictions.decoder.bias' in state:
-      hf = 'cls.predictions.decoder.bias'
+  state = legacy_names_renamed(state)
+  prefix = _prefix(state, model['type'])
+  tied = model.get('tie_word_embeddings', True)
+  decoder = _DECODER[model['type']]
+  # The head bias is the decoder's bias, which transformers computes with (tied: the same tensor as
+  # `cls.predictions.bias` / `lm_head.bias`; untied: that one is a dead parameter).
+  params, fresh, used = {}, [], {_HEAD[model['type']][('head_bias',)]}
+  if tied:
+    used.add(decoder + '.weight')  # the word embeddings (`decoder_is_tied` checked they are equal)
+  for ours, hf, transpose in key_map(model['type'], model['num_layers'], prefix.rstrip('.'), tied):
+    if ours == ('head_bias',) and decoder + '.bias' in state:
+      hf = decoder + '.bias'
     if hf in state:
       value = np.asarray(state[hf], np.float32)
       value = value.T if transpose else value
       expected = np.shape(_get(init_params, ours))
       if value.shape != expected:
         raise ValueError(f'{hf}: shape {value.shape} does not match the config ({expected}).')
-    elif ours[0].startswith('head'):
+      used.add(hf)
+    elif ours[0].startswith('head') or ours[0] == 'decoder':
       value = np.asarray(_get(init_params, ours))
       fresh.append('/'.join(ours))
     else:
       raise ValueError(f'the checkpoint has no {hf!r}; is it a BERT/RoBERTa model of this config?')
     _set(params, ours, value)
+  unused = sorted(k for k in state if k not in used and not k.endswith(_BUFFERS))
+  pooler = [k for k in unused if k.startswith(f'{prefix}pooler.')]
+  if pooler:
+    logging.info('the checkpoint\'s pooler (%s) is not used by the masked LM; not loaded.', ', '.join(pooler))
+  others = [k for k in unused if k not in pooler]
+  if others:
+    logging.warning('%d checkpoint key(s) not used by the %s masked LM, not loaded: %s', len(others),
+                    model['type'], ', '.join(others))
   return params, fresh
 
 
 def state_dict_from_params(params: Any, model: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
-  """A HF `*ForMaskedLM` state dict (decoder weight tied to the word embeddings)."""
+  """A HF `*ForMaskedLM` state dict in f32 (decoder weight: the word embeddings, or our untied `decoder`)."""
   if model.type == 'modernbert':
     return hf_modernbert.state_dict_from_params(params, model)
   state = {}
-  for ours, hf, transpose in key_map(model.type, model.num_layers):
+  tied = model.get('tie_word_embeddings', True)
+  for ours, hf, transpose in key_map(model.type, model.num_layers, tied=tied):
     value = np.asarray(_get(params, ours), np.float32)
     state[hf] = np.ascontiguousarray(value.T if transpose else value)
-  prefix = model.type
-  head = 'cls.predictions.decoder' if model.type == 'bert' else 'lm_head.decoder'
-  state[f'{head}.weight'] = state[f'{prefix}.embeddings.word_embeddings.weight']
+  head = _DECODER[model.type]
+  if tied:
+    state[f'{head}.weight'] = state[f'{model.type}.embeddings.word_embeddings.weight']
   state[f'{head}.bias'] = state['cls.predictions.bias' if model.type == 'bert' else 'lm_head.bias']
   return state
 
@@ -192,7 +255,8 @@ def export(mlm, out_dir: str) -> None:
   try:
     config = hf_config_from_model(mlm.config.model, mlm.tokenizer)
     state = state_dict_from_params(mlm.params, mlm.config.model)
-    state = {k: v for k, v in state.items() if '.decoder.' not in k and k != 'decoder.weight'}  # tied: rebuilt on load
+    if mlm.config.model.get('tie_word_embeddings', True):  # rebuilt from the embeddings and bias on load
+      state = {k: v for k, v in state.items() if '.decoder.' not in k and k != 'decoder.weight'}
     save_file(state, os.path.join(tmp, 'model.safetensors'), metadata={'format': 'pt'})
     with open(os.path.join(tmp, 'config.json'), 'w') as f:
       json.dump(config, f, indent=2)
@@ -211,10 +275,12 @@ def import_to_workdir(hf_path: str, workdir: str) -> dict:
 
   `mlm-flax train --workdir` on it then continues pretraining with a fresh optimizer.
   """
+  from mlm_flax.configs import default  # pylint: disable=g-import-not-at-top
   from mlm_flax import checkpoint, inference, tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   if os.path.exists(os.path.join(workdir, 'config.json')):
     raise FileExistsError(f'{workdir} already holds a run; import into a new --workdir.')
   mlm = inference.load_hf(hf_path)
+  mlm.config.model.dtype = default.get_config().model.dtype  # training's default ('auto'), not inference's f32
   os.makedirs(workdir, exist_ok=True)
   tokenizer_lib.save_atomic(mlm.tokenizer, os.path.join(workdir, 'tokenizer'))
   mlm.config.data.tokenizer = None

@@ -164,6 +164,18 @@ def params_from_state_dict(state: Mapping[str, np.ndarray], model: Mapping[str, 
   return params, fresh
 
 
+def decoder_is_tied(state: Mapping[str, np.ndarray], model: Mapping[str, Any]) -> bool:
+  """True, after checking that a `decoder.weight` in the checkpoint is the token embeddings (an untied
+  ModernBERT decoder is not supported: it would be dropped silently)."""
+  prefix = 'model.' if any(k.startswith('model.') for k in state) else ''
+  embeddings, decoder = state.get(prefix + 'embeddings.tok_embeddings.weight'), state.get('decoder.weight')
+  if not model.get('tie_word_embeddings', True) or (
+      embeddings is not None and decoder is not None and not np.array_equal(embeddings, decoder)):
+    raise ValueError('the checkpoint\'s decoder.weight differs from its token embeddings (untied); mlm_flax ties '
+                     'the ModernBERT decoder to the token embeddings, so it cannot load this checkpoint exactly.')
+  return True
+
+
 def state_dict_from_params(params: Any, model: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """A `ModernBertForMaskedLM` state dict (`decoder.weight` tied to the token embeddings)."""
   state = {}

@@ -16,6 +16,8 @@ import numpy as np
 from mlm_flax import checkpoint
 from mlm_flax.model import make_model, position_offset
 
+DTYPES = ('float32', 'bfloat16', 'float16', 'auto')  # compute dtypes `load` accepts; float32 by default
+
 # Padded shapes: steps of at most 1.5x, so padding wastes little compute and few lengths compile.
 _BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 
@@ -44,20 +46,35 @@ def is_hf_folder(path: str) -> bool:
     return 'model_type' in json.load(f)
 
 
-def load(path: str | os.PathLike) -> MLM:
+def _compute_dtype(dtype: str | None) -> str:
+  """float32 unless asked: answers then match `transformers.pipeline("fill-mask")` on every machine, whereas
+  the training default 'auto' is bf16 on GPU/TPU/AMX CPUs (a different top-1 is possible)."""
+  dtype = 'float32' if dtype is None else dtype
+  if dtype not in DTYPES:
+    raise ValueError(f'dtype={dtype!r}; use one of {", ".join(DTYPES)} (default float32, exact).')
+  return dtype
+
+
+def load(path: str | os.PathLike, dtype: str | None = None) -> MLM:
   """Loads a workdir written by `mlm-flax train`/`import` (params only, no optimizer state), or a
-  Hugging Face BERT/RoBERTa folder (or hub name, where the network allows)."""
+  Hugging Face BERT/RoBERTa folder (or hub name, where the network allows).
+
+  Computes in float32 unless `dtype` asks for 'bfloat16', 'float16' or 'auto' (training's choice: bf16 on
+  GPU/TPU/AMX CPUs), whatever the workdir trained with; `mlm.config.model.dtype` says which is used.
+  """
   from mlm_flax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   path = os.fspath(path)
+  dtype = _compute_dtype(dtype)
   looks_like_hub_name = not path.startswith(('/', '.', '~')) and path.count('/') <= 1
   if is_hf_folder(path) or (not os.path.exists(path) and looks_like_hub_name):
-    return load_hf(path)
+    return load_hf(path, dtype)
   config_path = os.path.join(path, 'config.json')
   if not os.path.isfile(config_path):
     raise FileNotFoundError(f'{path} is not an mlm_flax workdir (no config.json) nor a Hugging Face model '
                             'folder; pass the --workdir of a `mlm-flax train` run.')
   with open(config_path) as f:
     config = ml_collections.ConfigDict(json.load(f))
+  config.model.dtype = dtype
   model = make_model(config.model)
   ckpt = checkpoint.Checkpointer(path, create=False, async_save=False)
   try:
@@ -72,9 +89,10 @@ def load(path: str | os.PathLike) -> MLM:
   return MLM(config=config, params=params, tokenizer=tok, model=model, step=step)
 
 
-def load_hf(path: str | os.PathLike) -> MLM:
-  """A Hugging Face BERT/RoBERTa masked LM (or encoder-only model: fresh head, with a warning)."""
-  from configs import default  # pylint: disable=g-import-not-at-top
+def load_hf(path: str | os.PathLike, dtype: str | None = None) -> MLM:
+  """A Hugging Face BERT/RoBERTa masked LM (or encoder-only model: fresh head, with a warning), computing in
+  `dtype` (float32 unless asked, as `load`)."""
+  from mlm_flax.configs import default  # pylint: disable=g-import-not-at-top
   from mlm_flax import hf, tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   path = os.fspath(path)
   if not os.path.isdir(path):  # a hub name
@@ -85,12 +103,14 @@ def load_hf(path: str | os.PathLike) -> MLM:
       raise FileNotFoundError(f'{path!r} is neither a local folder nor a reachable Hugging Face hub model '
                               f'({type(e).__name__}); pass a workdir or a local model folder.') from e
   config = default.get_config()
-  config.model.update(hf.model_config_from_hf(hf.read_hf_config(path)))
+  state = hf.read_state_dict(path)
+  config.model.update(hf.model_config_from_hf(hf.read_hf_config(path)), dtype=_compute_dtype(dtype))
+  config.model.tie_word_embeddings = hf.decoder_is_tied(state, config.model.to_dict())
   config.max_seq_length = min(512, config.model.max_position_embeddings - position_offset(config.model))
   config.data.tokenizer = os.path.abspath(path)
   model = make_model(config.model)
   init = model.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, 8), jnp.int32), jnp.ones((1, 8), jnp.int32))
-  params, fresh = hf.params_from_state_dict(hf.read_state_dict(path), config.model.to_dict(), init['params'])
+  params, fresh = hf.params_from_state_dict(state, config.model.to_dict(), init['params'])
   hf.log_fresh_head(fresh, path)
   tok = tokenizer_lib.load_tokenizer(path)
   return MLM(config=config, params=jax.tree.map(jnp.asarray, params), tokenizer=tok, model=model)

@@ -1,4 +1,4 @@
-"""A BERT/RoBERTa-layout encoder with a tied MLM head, in Flax linen.
+"""A BERT/RoBERTa-layout encoder with an MLM head (tied to the word embeddings by default), in Flax linen.
 
 Post-LN Transformer layers named and shaped so Hugging Face BERT and RoBERTa
 checkpoints map one-to-one (see `hf.py`). Params are kept in `param_dtype`
@@ -12,6 +12,7 @@ attention stays inside a document; `positions` restart per document.
 """
 
 import functools
+import logging
 from typing import Any
 
 import flax.linen as nn
@@ -130,6 +131,27 @@ def _use_dot_product_attention(mode: str, dropout: float, deterministic: bool) -
   return mode == 'dot_product_attention' or jax.default_backend() != 'cpu'
 
 
+def attention_implementation(backend: str, dtype: Dtype, dropout_active: bool) -> str | None:
+  """The `implementation` to ask `jax.nn.dot_product_attention` for: 'cudnn' (flash attention) on an NVIDIA
+  GPU with bf16/fp16 compute and no attention dropout, which is what cuDNN's fused kernel supports; None
+  (XLA's attention) elsewhere (CPU, TPU, ROCm, f32 compute)."""
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  return 'cudnn' if backend in ('gpu', 'cuda') and half and not dropout_active else None
+
+
+def _dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, dtype: Dtype,
+                           dropout_active: bool) -> jax.Array:
+  """`jax.nn.dot_product_attention` with cuDNN where `attention_implementation` picks it; XLA's attention
+  when cuDNN refuses these inputs at trace time (head size, cuDNN version, no cuDNN, ...)."""
+  implementation = attention_implementation(jax.default_backend(), dtype, dropout_active)
+  if implementation is not None:
+    try:
+      return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+    except (RuntimeError, ValueError, NotImplementedError) as e:
+      logging.info('cuDNN attention unavailable here (%s); using XLA attention.', e)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=None)
+
+
 class Layer(nn.Module):
   """One Transformer layer: post-LN as BERT/RoBERTa (default), or pre-LN (`norm_position='pre'`)."""
   config: ml_collections.ConfigDict
@@ -153,7 +175,9 @@ class Layer(nn.Module):
     use_dpa = _use_dot_product_attention(c.get('attention', 'auto'), c.attention_dropout, deterministic)
     if use_dpa:  # fused kernels (cuDNN flash attention on GPU) where the backend has them
       qkv = (t.transpose(0, 2, 1, 3).astype(c.dtype) for t in (q, k, v))
-      context = jax.nn.dot_product_attention(*qkv, mask=attention_bias == 0).astype(jnp.float32).reshape(b, l, h)
+      context = _dot_product_attention(*qkv, attention_bias == 0, c.dtype,
+                                       dropout_active=c.attention_dropout > 0 and not deterministic)
+      context = context.astype(jnp.float32).reshape(b, l, h)
     else:
       scores = mixed_einsum('bhqd,bhkd->bhqk', q * head_dim ** -0.5, k, c.dtype) + attention_bias
       probs = jax.nn.softmax(scores, axis=-1)
@@ -170,7 +194,7 @@ class Layer(nn.Module):
 
 
 class BertMLM(nn.Module):
-  """Encoder + MLM head tied to the word embeddings.
+  """Encoder + MLM head tied to the word embeddings (or, with `tie_word_embeddings=False`, its own decoder).
 
   `__call__` returns logits [batch, P, vocab] at `masked_positions` [batch, P]
   (training computes the head only where predictions are scored), or at every
@@ -200,6 +224,9 @@ class BertMLM(nn.Module):
                                 init_std=c.initializer_range)
     self.head_norm = nn.LayerNorm(epsilon=c.layer_norm_eps, param_dtype=c.param_dtype)
     self.head_bias = self.param('head_bias', nn.initializers.zeros, (c.vocab_size,), c.param_dtype)
+    # An untied decoder [vocab, hidden] (Hugging Face `tie_word_embeddings=False`); tied by default.
+    self.decoder = (None if c.get('tie_word_embeddings', True)
+                    else self.param('decoder', init, (c.vocab_size, c.hidden_size), c.param_dtype))
 
   def encode(self, input_ids: jax.Array, segment_ids: jax.Array, positions: jax.Array | None = None,
              token_type_ids: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
@@ -229,14 +256,14 @@ class BertMLM(nn.Module):
     return self.decode(x)
 
   def decode(self, x: jax.Array) -> jax.Array:
-    """Vocabulary logits through the tied embeddings.
+    """Vocabulary logits through the tied embeddings (or the untied `decoder`, same layout).
 
     The matmul runs on the embedding padded with zero rows to a multiple of `vocab_multiple`
     (aligned tiles for GPU tensor cores / TPU MXUs); the padded logits are sliced off, so params,
     checkpoints and Hugging Face exports keep the tokenizer's vocabulary size.
     """
     c = self.config
-    embedding = self.word_embeddings.embedding
+    embedding = self.word_embeddings.embedding if self.decoder is None else self.decoder
     vocab = embedding.shape[0]
     pad = -vocab % c.get('vocab_multiple', 1)
     if pad:

@@ -168,15 +168,12 @@ def resolve_config(config: ml_collections.ConfigDict, tok) -> ml_collections.Con
 
 
 def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Writes config.json; on resume, refuses a model that differs from the checkpointed one."""
+  """Writes config.json; on resume, first refuses (as `validation.check_resume` did before the data
+  was read) a config whose tokenizer-filled keys change the saved run's maths."""
   path = os.path.join(workdir, 'config.json')
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)['model']
-    diff = validation.model_changes(old, config.model.to_dict())
-    if diff:
-      raise ValueError(f'{workdir} holds a run with a different model config {diff} (old, new); '
-                       'use a new --workdir or the old model settings.')
+  old = validation.saved_config(workdir)
+  if old is not None:
+    validation.check_config_change(old, config.to_dict(), workdir)  # its warning was printed at start
   if jax.process_index() == 0:
     with open(path + '.tmp', 'w') as f:
       json.dump(config.to_dict(), f, indent=2)
@@ -210,8 +207,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Holds `WORKDIR/.lock` for the run; SIGTERM/SIGINT save a checkpoint at the current step and return
   `{"step", "preempted": true}`. Returns the final evaluation metrics otherwise.
   """
+  config = validation.adopt_imported(config, workdir)  # imported weights: their architecture
   validation.validate_config(config, jax.device_count(), jax.process_count())
-  validation.check_resume(config, workdir)
+  warning = validation.check_resume(config, workdir)
+  if warning and jax.process_index() == 0:
+    print(warning, flush=True)
   os.makedirs(workdir, exist_ok=True)
   with (workdir_lock.hold(workdir, enabled=jax.process_index() == 0), preemption.watch() as preempt,
         contextlib.ExitStack() as on_exit):
@@ -222,13 +222,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
                         on_exit: contextlib.ExitStack) -> dict:
   ckpt = checkpoint.Checkpointer(workdir, config.max_checkpoints_to_keep)
   on_exit.callback(ckpt.close)  # however the run ends, in-flight saves are finalised (or fail loudly)
-  if ckpt.latest_step() is None and ckpt.has_imported():  # continue pretraining imported weights
-    with open(os.path.join(workdir, 'config.json')) as f:
-      imported_model = json.load(f)['model']
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.model.update(imported_model)
-    print(f'Starting from the weights imported into {workdir} (model config taken from its config.json).')
-    validation.validate_config(config, jax.device_count(), jax.process_count())  # with the imported model
+  if ckpt.latest_step() is None and ckpt.has_imported() and jax.process_index() == 0:
+    print(f'Starting from the weights imported into {workdir} (model architecture from the import; '
+          f'{", ".join(validation.IMPORT_FROM_CONFIG)} from this config).')
   splits = data.load_text_splits(config.data, config.seed)
   tok = tokenizer.get_tokenizer(config.data, lambda: data.tokenizer_texts(splits['train']), workdir,
                                 data.fingerprint(splits['train'], config.data), data.cache_dir(config.data))

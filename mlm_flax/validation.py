@@ -1,15 +1,17 @@
 """Config checks that run before any data is read or anything compiles: a mistyped config fails in a
 second with a message naming the key and the fix, not after an hour of corpus building and compiling.
 
-`validate_config` needs only the config and the device count; `check_resume` compares the model with
-the one a workdir was trained with. Checks that need the tokenizer (vocab size) live in
-`train.resolve_config`, which runs right after the tokenizer is loaded.
+`validate_config` needs only the config and the device count; `check_resume` compares the whole config
+with the one a workdir's run was saved with (`FREE_TO_CHANGE` lists the keys a resumed run may change);
+`adopt_imported` takes a workdir's imported model architecture. Checks that need the tokenizer (vocab
+size) live in `train.resolve_config`, which runs right after the tokenizer is loaded.
 """
 
 import difflib
 import json
 import math
 import os
+from typing import Iterable
 
 import ml_collections
 
@@ -22,9 +24,28 @@ CHOICES = {
     'optimizer.schedule': ('linear', 'cosine', 'constant'),
     'optimizer.nonfinite': ('skip', 'stop'),
     'model.attention': ('auto', 'einsum', 'dot_product_attention'),
+    # Copies of masking.STRATEGIES, data.PACKING_MODES and tokenizer.TOKENIZER_TYPES (those modules import
+    # JAX, datasets, transformers; tests/test_resume_config.py checks the copies are equal).
+    'masking.strategy': ('token', 'whole_word', 'span'),
+    'data.packing': ('documents', 'group_texts', 'line_by_line'),
+    'data.tokenizer_type': ('wordpiece', 'bpe'),
 }
 # Model keys that change how the same params are computed, not the params: free to change on resume.
 COMPUTE_ONLY = ('dtype', 'attention', 'remat', 'vocab_multiple')
+# Keys whose change leaves a run's maths (params, optimizer, data order, masks) as they were: a resumed
+# run may change them, and a sweep or a fine-tuning run may vary them without making another run. Logging
+# and progress, eval cadence and size (eval results do not depend on the eval batch size), checkpoint
+# cadence and retention, input-pipeline knobs, compute-only model keys, the FSDP layout (same maths,
+# other sharding), and what a non-finite step does (the applied steps are the same).
+FREE_TO_CHANGE = ('log_every_steps', 'progress_bar', 'fill_mask_examples', 'eval_every_steps', 'eval_batch_size',
+                  'max_eval_batches', 'checkpoint_every_steps', 'max_checkpoints_to_keep', 'fsdp',
+                  'optimizer.nonfinite', 'data.prefetch', 'data.num_proc', 'data.cache_dir',
+                  *(f'model.{k}' for k in COMPUTE_ONLY))
+# Model keys that do not change the params' shapes or meaning: a run on imported weights takes them from
+# its config; every other model key (the architecture) comes from the import.
+IMPORT_FROM_CONFIG = (*COMPUTE_ONLY, 'hidden_dropout', 'attention_dropout')
+# Keys filled from the tokenizer when unset: a config that leaves them None matches any saved value.
+FROM_TOKENIZER = ('model.vocab_size', 'model.pad_token_id')
 POSITIVE = ('num_train_steps', 'batch_size', 'eval_batch_size', 'max_seq_length', 'log_every_steps',
             'eval_every_steps', 'checkpoint_every_steps', 'max_checkpoints_to_keep', 'model.num_layers',
             'model.hidden_size', 'model.num_heads', 'model.intermediate_size',
@@ -58,6 +79,14 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, num_pro
     lowest_ok = 0.0 if key in ('data.validation_fraction', 'masking.mask_prob', 'masking.random_prob') else 1e-9
     if value is not None and not lowest_ok <= value <= 1.0:
       raise ValueError(f'--config.{key}={value} must be a fraction in {"[0" if lowest_ok == 0 else "(0"}, 1].')
+  if config.model.dtype == 'float16':
+    raise ValueError("--config.model.dtype='float16' is not supported: the train step has no loss scaling, so "
+                     "float16 gradients underflow to zero and activations overflow; use --config.model.dtype="
+                     "bfloat16 (float32's range, the same speed on GPU/TPU) with model.param_dtype=float32.")
+  if config.model.param_dtype != 'float32':
+    raise ValueError(f'--config.model.param_dtype={config.model.param_dtype!r} keeps the AdamW master weights in '
+                     '16 bits: updates smaller than ~1/256 of a weight round away and training stalls; use '
+                     '--config.model.param_dtype=float32 and get 16-bit compute from --config.model.dtype=bfloat16.')
   m = config.masking
   if m.mask_prob + m.random_prob > 1.0:
     raise ValueError(f'masking.mask_prob + masking.random_prob = {m.mask_prob + m.random_prob} exceeds 1; '
@@ -97,28 +126,96 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, num_pro
                        f'--config.{key}={max(multiple, size // multiple * multiple)}).')
 
 
-def model_changes(old: dict, new: dict, set_in_both: bool = False) -> dict:
-  """{key: (old, new)} of the model keys that differ, except COMPUTE_ONLY ones; `set_in_both`: only
-  keys that `new` sets and `old` has. A key `old` lacks (added to the config after that run) counts as
-  its default, so older workdirs still resume."""
-  from configs import default  # pylint: disable=g-import-not-at-top
-  defaults = default.get_config().model.to_dict()
-  before = lambda k: old[k] if k in old else defaults.get(k)
-  return {k: (before(k), v) for k, v in new.items() if before(k) != v and k not in COMPUTE_ONLY
-          and (not set_in_both or (v is not None and k in old))}
+def _flatten(tree: dict, prefix: str = '') -> dict:
+  """{'model.hidden_size': 256, ...} from nested dicts."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
 
 
-def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Refuses early to continue a workdir's run with a different model (keys the config sets)."""
+def config_changes(old: dict, new: dict) -> dict:
+  """{key: (old, new)} of the (dotted) keys whose values differ, except FREE_TO_CHANGE ones.
+
+  Keys absent from either config (a config.json written by an older version) are not compared, nor
+  FROM_TOKENIZER keys that `new` leaves unset (they are filled from the workdir's tokenizer).
+  """
+  old, new = _flatten(old), _flatten(json.loads(json.dumps(new)))  # JSON: tuples as lists, like config.json
+  return {k: (old[k], v) for k, v in new.items()
+          if k in old and old[k] != v and k not in FREE_TO_CHANGE and not (v is None and k in FROM_TOKENIZER)}
+
+
+def check_config_change(old: dict, new: dict, workdir: str) -> str | None:
+  """Refuses (ValueError naming each key, old and new values, and the fix) to continue the run saved
+  with config `old` in `workdir` under config `new` if that changes the run's maths.
+
+  A changed `num_train_steps` is allowed ("train longer"); the returned warning says what it does to the
+  learning-rate schedule. None when nothing that matters changed.
+  """
+  diff = config_changes(old, new)
+  steps = diff.pop('num_train_steps', None)
+  if diff:
+    changes = ', '.join(f'{k}: {o!r} -> {n!r}' for k, (o, n) in diff.items())
+    keep = ' '.join(f'--config.{k}={o}' for k, (o, _) in diff.items())
+    raise ValueError(f'{workdir} holds a run whose config differs in keys that change its maths ({changes}; '
+                     f'old -> new), so it cannot resume with them; use a new --workdir, or pass the old values '
+                     f'({keep}).')
+  if steps is None:
+    return None
+  opt = _flatten(new)
+  decay = ('constant' if opt['optimizer.schedule'] == 'constant' else
+           f"{opt['optimizer.schedule']} decay to {opt['optimizer.end_learning_rate_factor']} x learning_rate")
+  return (f'warning: num_train_steps changed from {steps[0]} to {steps[1]}. The learning-rate schedule '
+          f"({opt['optimizer.warmup_steps']} warmup steps, then {decay} at step {steps[1]}) is rebuilt for "
+          f'{steps[1]} steps: the steps from the checkpoint on follow the new schedule (the learning rate '
+          'jumps to its value at that step), the steps already taken followed the old one, so the result is '
+          f'not that of a run started with num_train_steps={steps[1]} (use a new --workdir for that).')
+
+
+def saved_config(workdir: str) -> dict | None:
+  """The config.json of the run `workdir` holds; None when there is no run to continue: no config.json,
+  or weights imported by `mlm-flax import` that no checkpoint has trained yet (that config.json is the
+  import's, not a run's)."""
   path = os.path.join(workdir, 'config.json')
   checkpoints = os.path.join(workdir, 'checkpoints')
   trained = os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints))
   if not os.path.isfile(path) or (not trained and os.path.isdir(os.path.join(workdir, 'imported'))):
-    return  # nothing to resume, or imported weights whose model config `train` adopts
+    return None
   with open(path) as f:
-    old = json.load(f).get('model', {})
-  diff = model_changes(old, config.model.to_dict(), set_in_both=True)
-  if diff:
-    keys = ' '.join(f'--config.model.{k}={o}' for k, (o, _) in diff.items())
-    raise ValueError(f'{workdir} holds a run with a different model config {diff} (old, new); use a new '
-                     f'--workdir, or resume with the old model settings ({keys}).')
+    return json.load(f)
+
+
+def check_resume(config: ml_collections.ConfigDict, workdir: str) -> str | None:
+  """Refuses early (before any data is read) to continue a workdir's run with a config that changes its
+  maths; returns `check_config_change`'s warning, if any."""
+  old = saved_config(workdir)
+  return None if old is None else check_config_change(old, config.to_dict(), workdir)
+
+
+def adopt_imported(config: ml_collections.ConfigDict, workdir: str,
+                   set_keys: Iterable[str] = ()) -> ml_collections.ConfigDict:
+  """For a workdir started by `mlm-flax import`: `config` with the imported model's architecture (every
+  model key but IMPORT_FROM_CONFIG, which stay the config's); `config` itself for other workdirs.
+
+  `set_keys` (dotted, e.g. the command line's overrides) are keys the user chose: one that sets an
+  architecture key to another value than the import's is refused (ValueError), not silently replaced.
+  """
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isdir(os.path.join(workdir, 'imported')) or not os.path.isfile(path):
+    return config
+  with open(path) as f:
+    imported = {k: v for k, v in json.load(f)['model'].items() if k not in IMPORT_FROM_CONFIG}
+  conflicts = {k: (imported[k[6:]], _get(config, k)) for k in set_keys
+               if k.startswith('model.') and k[6:] in imported and imported[k[6:]] != _get(config, k)}
+  if conflicts:
+    changes = ', '.join(f'{k}: {o!r} -> {n!r}' for k, (o, n) in conflicts.items())
+    raise ValueError(f'{workdir} holds imported weights whose architecture these settings would change '
+                     f'({changes}; imported -> given); drop them (the architecture comes from the import; '
+                     f'only {", ".join(IMPORT_FROM_CONFIG)} can be set), or train a new model in another '
+                     '--workdir.')
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.update({k: v for k, v in imported.items() if k in config.model})
+  return config

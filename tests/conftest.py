@@ -1,13 +1,15 @@
-"""Shared fixtures: a tiny model config and offline Hugging Face settings."""
+"""Shared fixtures: a tiny model config, offline Hugging Face settings, and hermetic caches."""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
 
 import pytest  # pylint: disable=g-import-not-at-top
 
-from configs import default  # pylint: disable=g-import-not-at-top
+from mlm_flax.configs import default  # pylint: disable=g-import-not-at-top
 
 
 def tiny_config(tmp_path=None):
@@ -38,3 +40,28 @@ def tiny_config(tmp_path=None):
 @pytest.fixture
 def config():
   return tiny_config()
+
+
+# Every cache the tests write (corpora, tokenizers, packed rows, Hugging Face, matplotlib, Jupyter) goes under
+# one temporary folder for the whole run, never under ~: set in `pytest_configure`, before collection imports
+# `datasets`, `huggingface_hub` and `transformers` (they read these variables at import), and inherited by the
+# processes tests start. Not a fixture for that reason. Removed at the end of the run.
+_CACHE_VARIABLES = {'MLM_FLAX_CACHE': 'mlm_flax', 'HF_HOME': 'huggingface',
+                    'HF_DATASETS_CACHE': 'huggingface/datasets', 'XDG_CACHE_HOME': 'xdg-cache',
+                    'MPLCONFIGDIR': 'matplotlib', 'JUPYTER_RUNTIME_DIR': 'jupyter-runtime',
+                    'IPYTHONDIR': 'ipython'}
+_CACHE_ROOT = pytest.StashKey[str]()
+
+
+def pytest_configure(config):
+  root = tempfile.mkdtemp(prefix='mlm_flax-tests-')
+  config.stash[_CACHE_ROOT] = root
+  for variable, folder in _CACHE_VARIABLES.items():
+    os.environ[variable] = os.path.join(root, folder)
+
+
+def pytest_unconfigure(config):
+  root = config.stash.get(_CACHE_ROOT, None)
+  if root:
+    shutil.rmtree(root, ignore_errors=True)
+

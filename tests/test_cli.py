@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from mlm_flax import inference
+from mlm_flax import cli, inference
 
 STEPS = 40
 OVERRIDES = [
@@ -146,3 +146,21 @@ def test_errors_are_one_clear_line(args, message):
   out = _run(*args)
   assert out.returncode == 2
   assert message in out.stderr and 'Traceback' not in out.stderr, out.stderr[-2000:]
+
+
+def test_default_workdir_names_the_overrides():
+  tiny = '/somewhere/configs/tiny.py'
+  assert cli.default_workdir(tiny, {}) == 'workdirs/tiny'  # the quick start's folder
+  a = cli.default_workdir(tiny, {'optimizer.learning_rate': 3e-4, 'batch_size': 32})
+  assert a == 'workdirs/tiny-batch_size=32+optimizer.learning_rate=0.0003'
+  assert cli.default_workdir(tiny, {'batch_size': 32, 'optimizer.learning_rate': 3e-4}) == a  # any order
+  assert cli.default_workdir(tiny, {'batch_size': 16}) != cli.default_workdir(tiny, {'batch_size': 32})
+  assert cli.default_workdir('configs/bert_base.py:x', {'seed': 1}) == 'workdirs/bert_base-seed=1'
+  unsafe = [cli.default_workdir(tiny, {'data.train_files': p}) for p in ('/data/a b/*.txt', '/data/a_b/?.txt')]
+  long = cli.default_workdir(tiny, {f'model.key{i}': 10 ** i for i in range(20)})
+  for name in unsafe + [long]:
+    suffix = name[len('workdirs/tiny-'):]
+    assert all(ch.isalnum() or ch in '._=+-' for ch in suffix) and len(suffix) <= 71, name
+  assert unsafe[0] != unsafe[1]  # replaced characters: the hash keeps them apart
+  assert long.startswith('workdirs/tiny-model.key0=1+model.key1=10+')
+  assert long != cli.default_workdir(tiny, {f'model.key{i}': 10 ** i for i in range(21)})

@@ -1,5 +1,7 @@
 """Model: packing semantics, padding, masked-position head, mixed precision."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,20 +75,81 @@ def test_bf16_compute_keeps_f32_params_and_close_gradients():
     assert float(jnp.abs(a - b).max()) <= 0.05 * float(jnp.abs(b).max()) + 1e-6
 
 
-def test_auto_dtype_resolves():
+def test_auto_dtype_follows_the_hardware(monkeypatch):
+  """'auto' is bf16 where bf16 matmuls are fast (GPU/TPU, CPUs with AVX512-BF16/AMX), f32 on other CPUs;
+  an explicit name is taken as given."""
   assert model_lib.resolve_dtype('float32') == jnp.float32
-  assert model_lib.resolve_dtype('auto') in (jnp.float32, jnp.bfloat16)
+  assert model_lib.resolve_dtype('bfloat16') == jnp.bfloat16
+  monkeypatch.setattr(model_lib.jax, 'default_backend', lambda: 'cpu')
+  monkeypatch.setattr(model_lib, '_cpu_has_fast_bf16', lambda: True)
+  assert model_lib.resolve_dtype('auto') == jnp.bfloat16
+  assert model_lib.resolve_dtype('float32') == jnp.float32
+  monkeypatch.setattr(model_lib, '_cpu_has_fast_bf16', lambda: False)
+  assert model_lib.resolve_dtype('auto') == jnp.float32
+  for backend in ('gpu', 'tpu'):
+    monkeypatch.setattr(model_lib.jax, 'default_backend', lambda b=backend: b)
+    assert model_lib.resolve_dtype('auto') == jnp.bfloat16
 
 
-def test_pre_ln_variant_has_a_final_norm_and_differs():
-  m_post, p_post = _model()
-  m_pre, p_pre = _model(norm_position='pre')
-  assert 'final_norm' in p_pre and 'final_norm' not in p_post
-  ids = jnp.array([[2, 5, 6, 7, 3]])
-  shared = jax.tree.map(lambda x: 10 * x, p_post)  # the same (large) weights in both layouts
-  a = m_post.apply({'params': shared}, ids, jnp.ones_like(ids))
-  b = m_pre.apply({'params': {**shared, 'final_norm': p_pre['final_norm']}}, ids, jnp.ones_like(ids))
-  assert a.shape == b.shape and bool(jnp.isfinite(b).all()) and float(jnp.abs(a - b).max()) > 1e-2
+def test_attention_implementation_asks_for_cudnn_only_where_it_applies():
+  """cuDNN flash attention: NVIDIA GPU, 16-bit compute, no attention dropout; XLA's attention otherwise."""
+  pick = model_lib.attention_implementation
+  assert pick('gpu', jnp.bfloat16, False) == 'cudnn'
+  assert pick('cuda', 'float16', False) == 'cudnn'
+  assert pick('gpu', jnp.float32, False) is None  # cuDNN's fused kernel needs bf16/fp16 inputs
+  assert pick('gpu', jnp.bfloat16, True) is None  # no attention-probability dropout in the kernel
+  for backend in ('cpu', 'tpu', 'rocm'):
+    assert pick(backend, jnp.bfloat16, False) is None
+
+
+def test_refused_cudnn_attention_falls_back_to_xla(monkeypatch, caplog):
+  """When cuDNN refuses at trace time (here: no cuDNN on a CPU machine), the layer computes XLA's attention."""
+  m, params = _model('bfloat16', attention='dot_product_attention', attention_dropout=0.0)
+  ids = jnp.array([[2, 11, 12, 13, 3, 21, 22, 0]])
+  seg = jnp.array([[1, 1, 1, 1, 1, 2, 2, 0]])
+  xla = m.apply({'params': params}, ids, seg)
+  monkeypatch.setattr(model_lib, 'attention_implementation', lambda *_: 'cudnn')
+  with caplog.at_level('INFO'):
+    fallback = m.apply({'params': params}, ids, seg)
+  assert 'cuDNN attention unavailable' in caplog.text
+  np.testing.assert_array_equal(np.asarray(fallback), np.asarray(xla))
+
+
+def _layer_norm(x, p, eps):
+  mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + eps) * p['scale'] + p['bias']
+
+
+def test_pre_ln_layer_computes_x_plus_attn_of_ln_x_then_mlp_and_a_final_norm():
+  """A 1-layer pre-LN encoder against the maths written out in float64 numpy from its params:
+  x = LN_emb(embeddings); x += attn(LN_a(x)); x += mlp(LN_o(x)); out = LN_final(x)."""
+  m_post, p_post = _model(num_layers=1)
+  m, params = _model(num_layers=1, norm_position='pre')
+  assert 'final_norm' in params and 'final_norm' not in p_post
+  leaves, treedef = jax.tree.flatten(params)  # random LayerNorm scales and biases too (init: 1 and 0)
+  keys = jax.random.split(jax.random.PRNGKey(3), len(leaves))
+  params = treedef.unflatten([x + 0.2 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+  ids = jnp.array([[2, 5, 6, 7, 8, 3]])
+  out = np.asarray(m.apply({'params': params}, ids, jnp.ones_like(ids), method=m.encode), np.float64)
+
+  p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+  c, eps = m.config, m.config.layer_norm_eps
+  dense = lambda x, q: x @ q['kernel'] + q['bias']
+  x = (p['word_embeddings']['embedding'][ids[0]] + p['position_embeddings']['embedding'][:ids.shape[1]]
+       + p['token_type_embeddings']['embedding'][0])
+  x = _layer_norm(x, p['embeddings_norm'], eps)
+  layer = p['layer_0']
+  h = _layer_norm(x, layer['attention_norm'], eps)
+  heads = lambda t: t.reshape(len(t), c.num_heads, -1).transpose(1, 0, 2)  # [heads, length, head_dim]
+  q, k, v = (heads(dense(h, layer[n])) for n in ('query', 'key', 'value'))
+  scores = q @ k.transpose(0, 2, 1) / np.sqrt(q.shape[-1])
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  context = (probs @ v).transpose(1, 0, 2).reshape(len(x), -1)
+  x = x + dense(context, layer['attention_output'])
+  gelu = np.vectorize(lambda u: 0.5 * u * (1 + math.erf(u / math.sqrt(2))))  # exact (erf) GELU
+  x = x + dense(gelu(dense(_layer_norm(x, layer['output_norm'], eps), layer['intermediate'])), layer['output'])
+  np.testing.assert_allclose(out[0], _layer_norm(x, p['final_norm'], eps), atol=2e-5)
 
 
 def test_remat_fused_attention_and_vocab_padding_compute_the_same_function():

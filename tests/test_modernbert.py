@@ -243,13 +243,6 @@ def test_config_checks_and_flops():
   assert flops.config_flops_per_token(c) == pytest.approx(expected)
 
 
-def test_workdirs_written_before_the_modernbert_keys_still_resume():
-  new = tiny_config().model.to_dict()
-  old = {k: v for k, v in new.items() if k not in ('layer_types', 'local_attention', 'global_rope_theta', *BIASES)}
-  assert validation.model_changes(old, new) == {}
-  assert validation.model_changes(old, {**new, 'local_attention': 64}) == {'local_attention': (128, 64)}
-
-
 def test_a_bias_switch_that_differs_from_the_checkpoint_is_an_error(tmp_path):
   path, _, _ = _save_random(tmp_path, True)
   config = hf.model_config_from_hf({**hf.read_hf_config(path), 'attention_bias': False})

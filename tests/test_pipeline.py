@@ -3,7 +3,6 @@
 import collections
 import json
 import threading
-import time
 
 import datasets
 import jax
@@ -118,16 +117,20 @@ def test_prefetcher_order_errors_and_close():
   with pytest.raises(RuntimeError, match='bad shard'):  # stays failed
     next(p)
 
-  produced = []
+  produced, full = [], threading.Event()
   def endless():
     for i in range(10**9):
       produced.append(i)
+      if i == 3:
+        full.set()  # 1 and 2 are queued (size=2), 3 is being put: a bounded producer must wait now
       yield i
 
   p = prefetch.Prefetcher(endless(), size=2)
-  next(p)
-  time.sleep(0.2)
-  assert len(produced) <= 4  # bounded: at most `size` ahead (+ the one being put)
+  assert next(p) == 0
+  assert full.wait(timeout=60)
+  for taken in range(1, 20):  # bounded: at most `size` items queued + the one being put, ahead of the consumer
+    assert len(produced) <= taken + 3, (taken, len(produced))
+    assert next(p) == taken
   p.close()
   assert not any(t.name == 'mlm_flax-prefetch' and t.is_alive() for t in threading.enumerate())
   assert p._thread.daemon

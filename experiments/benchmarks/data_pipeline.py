@@ -26,7 +26,7 @@ os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
 
 import jax  # pylint: disable=g-import-not-at-top
 
-from configs import tiny
+from mlm_flax.configs import tiny
 from mlm_flax import data, parallel, tokenizer, train
 from mlm_flax.model import make_model
 

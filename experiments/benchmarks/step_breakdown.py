@@ -26,7 +26,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
-from configs import default  # pylint: disable=wrong-import-position
+from mlm_flax.configs import default  # pylint: disable=wrong-import-position
 from mlm_flax import flops, loss, masking, parallel, train  # pylint: disable=wrong-import-position
 from mlm_flax.model import make_model  # pylint: disable=wrong-import-position
 import common  # pylint: disable=wrong-import-position

@@ -7,7 +7,7 @@ runs share one WordPiece vocabulary trained on both training sets (run.py passes
 evaluate on the domain validation text during training, which gives the learning curves.
 """
 
-from configs import tiny
+from mlm_flax.configs import tiny
 
 # The adapted run's second half: this fraction of its training words is general text (replay), the rest
 # domain text, so continued pretraining does not overwrite what the general half learned; and its peak

@@ -73,6 +73,9 @@ def layer_types(model_cfg: Mapping[str, Any]) -> tuple[str, ...]:
 def check_config(model_cfg: Mapping[str, Any]) -> None:
   """Raises ValueError for a ModernBERT config that cannot build (before any data is read)."""
   layer_types(model_cfg)
+  if not model_cfg.get('tie_word_embeddings', True):
+    raise ValueError('model.tie_word_embeddings=False is not supported for ModernBERT (its decoder is the token '
+                     'embeddings); leave it True.')
   if model_cfg.get('local_attention', 128) < 2:
     raise ValueError(f'model.local_attention={model_cfg.get("local_attention")} must be at least 2 (the whole '
                      'window: tokens at most local_attention // 2 apart attend to each other).')

@@ -11,7 +11,7 @@ import common  # pylint: disable=g-import-not-at-top
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-from configs import default
+from mlm_flax.configs import default
 from mlm_flax import masking, parallel, train
 from mlm_flax.model import make_model
 
