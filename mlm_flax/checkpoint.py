@@ -5,10 +5,11 @@ export restore only the params. Orbax writes each step to a temporary folder and
 renames it when complete (after writing `commit_success.txt` into it), so an
 interrupted save never looks like a checkpoint.
 
-Integrity: `meta` records a fingerprint of every saved item (a position-weighted sum of
-the raw bits, modulo 2**32: exact on any mesh). A restore that fails, or whose
-fingerprint differs (a truncated, missing or flipped-bit data file, a step folder
-without its commit marker), warns and falls back to the newest older checkpoint that
+Integrity: `meta` records a CRC-32 of every saved array's bytes, per item and leaf
+(`{"checksums": {item: {leaf: "crc32:hex"}}}`; computed from the whole global array, so the
+same on any mesh; CRC-32 detects every single-bit flip and every burst of up to 32 bits). A
+restore that fails, or whose checksums differ (a truncated, missing or flipped-bit data file, a
+step folder without its commit marker), warns and falls back to the newest older checkpoint that
 restores cleanly. `train` then renames the bad folder aside to `checkpoints/corrupt-<step>-<time>`
 (so later saves and retention cannot collide with it); read-only commands leave it in place.
 """
@@ -17,17 +18,47 @@ import logging
 import os
 import shutil
 import time
-from typing import Any, Callable
+import zlib
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 COMMIT_MARKER = 'commit_success.txt'  # written by Orbax into every finalised step folder
 
 
 def _abstract(tree: Any) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)), tree)
+
+
+def _global_value(x: Any) -> Any:
+  """`x` whole on this host's devices (or in host memory), whatever its sharding; every process must call
+  it for the same leaves in the same order (arrays split over processes are all-gathered)."""
+  if isinstance(x, jax.Array):
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x = jax.random.key_data(x)
+    if not x.is_fully_addressable:
+      x = x.addressable_data(0) if x.is_fully_replicated else multihost_utils.process_allgather(x, tiled=True)
+  return x
+
+
+def checksum(x: Any) -> str:
+  """'crc32:<8 hex digits>' of an array's raw bytes (C order): any single flipped bit changes it."""
+  return f'crc32:{zlib.crc32(np.ascontiguousarray(x).reshape(-1).view(np.uint8)):08x}'
+
+
+def checksums(items: dict[str, Any]) -> dict[str, dict[str, str]]:
+  """{item: {leaf path: checksum}} of the global arrays: the meta record that `verify` checks a restore
+  against."""
+  out = {}
+  for k, tree in items.items():
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    host = jax.device_get([_global_value(x) for _, x in flat])  # one batch of transfers per item
+    out[k] = {jax.tree_util.keystr(p): checksum(x) for (p, _), x in zip(flat, host)}
+  return out
 
 
 def _leaf_bits(x: jax.Array) -> jax.Array:
@@ -38,8 +69,9 @@ def _leaf_bits(x: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def fingerprint(tree: Any) -> jax.Array:
-  """uint32 hash of a pytree's raw bits; integer arithmetic, so the same on any device layout."""
+def legacy_fingerprint(tree: Any) -> jax.Array:
+  """The uint32 hash that checkpoints recorded before checksums (a position-weighted sum of the bits;
+  misses many flips: its weights are even at even positions). Kept only to verify those checkpoints."""
   total = jnp.uint32(0)
   for i, x in enumerate(jax.tree.leaves(tree)):
     bits = _leaf_bits(jnp.asarray(x)).reshape(-1)
@@ -48,12 +80,27 @@ def fingerprint(tree: Any) -> jax.Array:
   return total
 
 
-def fingerprints(items: dict[str, Any]) -> dict[str, int]:
-  return {k: int(v) for k, v in jax.device_get({k: fingerprint(t) for k, t in items.items()}).items()}
-
-
 class CorruptCheckpointError(ValueError):
-  """A checkpoint whose files are missing, unreadable or do not match their fingerprint."""
+  """A checkpoint whose files are missing, unreadable or do not match their checksums."""
+
+
+def verify(items: dict[str, Any], meta: dict, path: str = 'the checkpoint') -> None:
+  """Checks restored `items` against the checksums in their `meta`; raises CorruptCheckpointError naming
+  each item (and its first leaves) that differs. Checkpoints saved with the older `fingerprints` are checked
+  with those, ones with neither are trusted as they are."""
+  bad = []
+  if 'checksums' in meta:
+    got = checksums({k: items[k] for k in meta['checksums'] if k in items})
+    for k, leaves in got.items():
+      diff = [leaf for leaf, c in meta['checksums'][k].items() if leaves.get(leaf) != c]
+      if diff:
+        bad.append(f"{k} ({', '.join(diff[:3])}{', ...' if len(diff) > 3 else ''})")
+  elif 'fingerprints' in meta:
+    bad = [k for k in items if k in meta['fingerprints']
+           and int(legacy_fingerprint(items[k])) != meta['fingerprints'][k]]
+  if bad:
+    raise CorruptCheckpointError(f'{path} does not match its checksums: {"; ".join(bad)}; '
+                                 'a data file changed after it was written')
 
 
 class Checkpointer:
@@ -95,7 +142,7 @@ class Checkpointer:
     """
     items = {'params': state.params, 'opt_state': state.opt_state,
              'extra': {'step': state.step, 'rng': state.rng}}
-    meta = {**meta, 'fingerprints': fingerprints(items)}
+    meta = {**meta, 'checksums': checksums(items)}
     self._saving = step
     try:
       return self.manager.save(step, force=force, args=ocp.args.Composite(
@@ -117,13 +164,7 @@ class Checkpointer:
     items, meta = {k: out[k] for k in targets}, out.meta
     if not isinstance(meta, dict) or 'step' not in meta:
       raise CorruptCheckpointError(f'{path} has no valid meta')
-    expected = meta.get('fingerprints')
-    if expected is not None:  # checkpoints from before fingerprints are trusted as they are
-      got = fingerprints(items)
-      bad = [k for k in items if k in expected and expected[k] != got[k]]
-      if bad:
-        raise CorruptCheckpointError(f'{path} does not match its fingerprint (items {bad}): '
-                                     'a data file changed after it was written')
+    verify(items, meta, path)
     return items, meta
 
   def _restore_good(self, targets: dict[str, Any], step: int | None, quarantine: bool

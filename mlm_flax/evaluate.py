@@ -1,8 +1,9 @@
 """Evaluation over a whole split: fixed masks, no dropout, nothing dropped.
 
-Masks for eval batch `i` come from `fold_in(PRNGKey(seed), EVAL_STREAM, i)`, so two
-evaluations of the same params agree exactly. The last batch is padded with empty
-rows, which have no maskable tokens and so add nothing to the sums.
+Row `r` of the split is masked with its own key `fold_in(PRNGKey(seed), EVAL_STREAM, r)`, so
+the masks, and the sums, depend only on the seed and the split: not on `eval_batch_size`,
+the device or process count. The last batch is padded with empty rows, which have no
+maskable tokens and so add nothing to the sums.
 """
 
 import functools
@@ -12,14 +13,24 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from mlm_flax import data, loss, parallel
+from mlm_flax import data, loss, masking, parallel
 
 EVAL_STREAM = 0x5EED
 
 
+def mask_rows(mask_fn: loss.MaskFn, rng: jax.Array, row_ids: jax.Array, ids: jax.Array,
+              maskable: jax.Array) -> masking.Masked:
+  """`mask_fn` applied to each row [length] of `ids` with its own key `fold_in(rng, row_id)`."""
+  def one(row_id, row, can):
+    masked = mask_fn(jax.random.fold_in(rng, row_id), row[None], maskable=can[None])
+    return jax.tree.map(lambda x: x[0], masked)
+  return jax.vmap(one)(row_ids, ids, maskable)
+
+
 def eval_step(params: Any, batch: dict[str, jax.Array], rng: jax.Array, *, model, mask_fn: loss.MaskFn,
               num_predictions: int, baseline_token: int | None = None) -> dict[str, jax.Array]:
-  masked = mask_fn(rng, batch['input_ids'], maskable=batch['segment_ids'] > 0)
+  """Summed metrics of one batch; `batch['row_ids']` (the rows' indices in the split) pick the masks."""
+  masked = mask_rows(mask_fn, rng, batch['row_ids'], batch['input_ids'], batch['segment_ids'] > 0)
   _, sums = loss.mlm_loss(params, model, batch, masked, num_predictions, baseline_token=baseline_token)
   return sums
 
@@ -40,11 +51,12 @@ class Evaluator:
   def __call__(self, params: Any, rows: dict[str, np.ndarray], batch_size: int, max_batches: int = 0) -> dict:
     """Masked-token loss, accuracy, perplexity and counts over `rows` (all of them unless `max_batches`)."""
     pending = []
+    rows = {**rows, 'row_ids': np.arange(len(rows['input_ids']), dtype=np.int32)}  # padding rows get 0: unmasked
     batches = data.eval_batches(rows, batch_size, jax.process_index(), jax.process_count())
     for i, batch in enumerate(batches):
       if max_batches and i >= max_batches:
         break
-      pending.append(self.step(params, parallel.to_global(batch, self.mesh), jax.random.fold_in(self.rng, i)))
+      pending.append(self.step(params, parallel.to_global(batch, self.mesh), self.rng))
     return loss.summarize(jax.tree.map(lambda *x: np.sum(np.asarray(x, np.float64)), *parallel.fetch(pending)))
 
 

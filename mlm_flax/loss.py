@@ -27,10 +27,11 @@ def gather_predictions(masked: Masked, num_predictions: int) -> tuple[jax.Array,
 def mlm_loss(params: Any, model: nn.Module, batch: dict[str, jax.Array], masked: Masked,
              num_predictions: int, dropout_rng: jax.Array | None = None,
              baseline_token: int | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Mean cross-entropy over masked tokens, and summed metrics. Dropout is on iff `dropout_rng`."""
+  """Mean cross-entropy over masked tokens, and summed metrics. Dropout is on iff `dropout_rng`; it draws per
+  row from `batch['row_ids']` (the rows' indices in the global batch) when the batch has them."""
   positions, targets, weights = gather_predictions(masked, num_predictions)
   logits = model.apply({'params': params}, masked.inputs, batch['segment_ids'], batch['positions'],
-                       masked_positions=positions, deterministic=dropout_rng is None,
+                       masked_positions=positions, deterministic=dropout_rng is None, row_ids=batch.get('row_ids'),
                        rngs=None if dropout_rng is None else {'dropout': dropout_rng})
   logp = jax.nn.log_softmax(logits.astype(jnp.float32))
   ce = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]

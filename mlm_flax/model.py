@@ -90,22 +90,26 @@ class Dense(nn.Module):
 
 
 class Dropout(nn.Module):
-  """Inverted dropout from 16 random bits per element, two elements per 32-bit draw.
+  """Inverted dropout from 16 random bits per element, two elements per 32-bit draw, drawn per row.
 
   `nn.Dropout` draws 32 bits per element; random bits are most of dropout's cost (XLA:CPU's threefry makes
   ~50-70 M words/s, and attention-probability dropout needs batch*heads*len^2 per layer), so this halves it.
-  The keep probability is exact to 2^-16.
+  The keep probability is exact to 2^-16. Row `i` of `x` draws from `fold_in(key, row_ids[i])` (default:
+  its index), so a row's mask does not depend on which micro-batch or device holds it: give the rows'
+  indices in the global batch and gradient accumulation gets the full batch's dropout (same threefry work).
   """
   rate: float
 
   @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, deterministic: bool, row_ids: jax.Array | None = None) -> jax.Array:
     if deterministic or self.rate == 0.0:
       return x
     if self.rate >= 1.0:
       return jnp.zeros_like(x)
-    last = x.shape[-1]
-    bits = jax.random.bits(self.make_rng('dropout'), (*x.shape[:-1], (last + 1) // 2), jnp.uint32)
+    key, last = self.make_rng('dropout'), x.shape[-1]
+    row_ids = jnp.arange(x.shape[0]) if row_ids is None else row_ids
+    shape = (*x.shape[1:-1], (last + 1) // 2)
+    bits = jax.vmap(lambda r: jax.random.bits(jax.random.fold_in(key, r), shape, jnp.uint32))(row_ids)
     halves = jnp.concatenate([bits & 0xFFFF, bits >> 16], axis=-1)[..., :last]
     keep = halves >= jnp.uint32(round(self.rate * 65536))
     return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x)).astype(x.dtype)
@@ -157,7 +161,8 @@ class Layer(nn.Module):
   config: ml_collections.ConfigDict
 
   @nn.compact
-  def __call__(self, x: jax.Array, attention_bias: jax.Array, deterministic: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, attention_bias: jax.Array, deterministic: bool,
+               row_ids: jax.Array | None = None) -> jax.Array:
     c = self.config
     dense = functools.partial(Dense, dtype=c.dtype, param_dtype=c.param_dtype,
                               init_std=c.initializer_range)
@@ -181,15 +186,15 @@ class Layer(nn.Module):
     else:
       scores = mixed_einsum('bhqd,bhkd->bhqk', q * head_dim ** -0.5, k, c.dtype) + attention_bias
       probs = jax.nn.softmax(scores, axis=-1)
-      probs = Dropout(c.attention_dropout)(probs, deterministic=deterministic)
+      probs = Dropout(c.attention_dropout)(probs, deterministic=deterministic, row_ids=row_ids)
       context = mixed_einsum('bhqk,bhkd->bhqd', probs, v, c.dtype).transpose(0, 2, 1, 3).reshape(b, l, h)
     attn = Dropout(c.hidden_dropout)(dense(h, name='attention_output')(context),
-                                     deterministic=deterministic)
+                                     deterministic=deterministic, row_ids=row_ids)
     x = inputs + attn if pre else norm(name='attention_norm')(inputs + attn)
 
     y = norm(name='output_norm')(x) if pre else x
     y = _activation(c.hidden_act)(dense(c.intermediate_size, name='intermediate')(y))
-    y = Dropout(c.hidden_dropout)(dense(h, name='output')(y), deterministic=deterministic)
+    y = Dropout(c.hidden_dropout)(dense(h, name='output')(y), deterministic=deterministic, row_ids=row_ids)
     return x + y if pre else norm(name='output_norm')(x + y)
 
 
@@ -198,7 +203,8 @@ class BertMLM(nn.Module):
 
   `__call__` returns logits [batch, P, vocab] at `masked_positions` [batch, P]
   (training computes the head only where predictions are scored), or at every
-  position when `masked_positions` is None. `encode` returns the last hidden states.
+  position when `masked_positions` is None. `encode` returns the last hidden states. `row_ids` [batch]
+  (optional) are the rows' indices in the global batch, from which dropout draws (see `Dropout`).
   """
   config: ml_collections.ConfigDict
 
@@ -229,7 +235,8 @@ class BertMLM(nn.Module):
                     else self.param('decoder', init, (c.vocab_size, c.hidden_size), c.param_dtype))
 
   def encode(self, input_ids: jax.Array, segment_ids: jax.Array, positions: jax.Array | None = None,
-             token_type_ids: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+             token_type_ids: jax.Array | None = None, deterministic: bool = True,
+             row_ids: jax.Array | None = None) -> jax.Array:
     c = self.config
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
@@ -238,18 +245,18 @@ class BertMLM(nn.Module):
     x = (self.word_embeddings(input_ids)
          + self.position_embeddings(positions + c.position_offset)
          + self.token_type_embeddings(token_type_ids))
-    x = self.embeddings_dropout(self.embeddings_norm(x), deterministic=deterministic)
+    x = self.embeddings_dropout(self.embeddings_norm(x), deterministic=deterministic, row_ids=row_ids)
     same_doc = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
     attention_bias = jnp.where(same_doc, 0.0, jnp.finfo(jnp.float32).min)[:, None]
     for layer in self.layers:
-      x = layer(x, attention_bias, deterministic)
+      x = layer(x, attention_bias, deterministic, row_ids)
     return self.final_norm(x) if self.final_norm is not None else x
 
   def __call__(self, input_ids: jax.Array, segment_ids: jax.Array, positions: jax.Array | None = None,
                token_type_ids: jax.Array | None = None, masked_positions: jax.Array | None = None,
-               deterministic: bool = True) -> jax.Array:
+               deterministic: bool = True, row_ids: jax.Array | None = None) -> jax.Array:
     c = self.config
-    x = self.encode(input_ids, segment_ids, positions, token_type_ids, deterministic)
+    x = self.encode(input_ids, segment_ids, positions, token_type_ids, deterministic, row_ids)
     if masked_positions is not None:
       x = jnp.take_along_axis(x, masked_positions[..., None], axis=1)
     x = self.head_norm(_activation(c.hidden_act)(self.head_transform(x)))

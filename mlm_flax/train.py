@@ -65,7 +65,8 @@ def _micro_batches(tree: Any, n: int) -> Any:
 
 def _loss_sum_and_grads(params, model, batch, masked: masking.Masked, num_predictions: int, dropout_rng,
                         grad_accum_steps: int):
-  """Summed metrics and the gradient of the summed loss, over `grad_accum_steps` micro-batches."""
+  """Summed metrics and the gradient of the summed loss, over `grad_accum_steps` micro-batches. Dropout draws
+  per row from `batch['row_ids']`, so the micro-batches together drop exactly what the full batch does."""
   def sum_loss(p, b, m, rng):
     _, metrics = loss.mlm_loss(p, model, b, m, num_predictions, rng)
     return metrics['loss_sum'], metrics
@@ -75,15 +76,14 @@ def _loss_sum_and_grads(params, model, batch, masked: masking.Masked, num_predic
     grads, metrics = grad_fn(params, batch, masked, dropout_rng)
     return grads, metrics
 
-  def accumulate(carry, xs):
-    j, b, m = xs
-    grads, metrics = grad_fn(params, b, m, jax.random.fold_in(dropout_rng, j))
+  def accumulate(carry, xs):  # one dropout key: rows draw by their `row_ids`, as in the full batch
+    grads, metrics = grad_fn(params, *xs, dropout_rng)
     return jax.tree.map(jnp.add, carry, (grads, metrics)), None
 
   micro = (_micro_batches(batch, grad_accum_steps), _micro_batches(masked, grad_accum_steps))
   shapes = jax.eval_shape(grad_fn, params, *jax.tree.map(lambda x: x[0], micro), dropout_rng)
   zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
-  (grads, metrics), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum_steps), *micro))
+  (grads, metrics), _ = jax.lax.scan(accumulate, zeros, micro)
   return grads, metrics
 
 
@@ -93,12 +93,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx: opt
   """One update on the global batch: mask in-graph, forward, token-weighted CE, AdamW.
 
   The loss is the mean over the masked tokens of the whole global batch, also when the batch is
-  split into `grad_accum_steps` micro-batches (summed gradients, divided by the global count).
+  split into `grad_accum_steps` micro-batches (summed gradients, divided by the global count; dropout is
+  drawn per global row, so that is the same update with dropout too).
   A step with a non-finite loss, gradient or updated param leaves params and optimizer state as they
   were (in-graph, no host sync); its metrics count only in `skipped_steps`.
   """
   mask_rng, dropout_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
   masked = mask_fn(mask_rng, batch['input_ids'], maskable=batch['segment_ids'] > 0)
+  batch = {**batch, 'row_ids': jnp.arange(batch['input_ids'].shape[0])}  # global rows: dropout draws by them
   grads, metrics = _loss_sum_and_grads(state.params, model, batch, masked, num_predictions, dropout_rng,
                                        grad_accum_steps)
   grads = jax.tree.map(lambda g: g / jnp.maximum(metrics['count'], 1.0), grads)

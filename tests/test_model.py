@@ -199,3 +199,15 @@ def test_dropout_keeps_the_right_fraction_independently_and_rescales():
   assert (np.asarray(other != 0) != kept).mean() > 0.1
   assert (drop.apply({}, x, deterministic=True) == x).all()
   assert (model_lib.Dropout(1.0).apply({}, x, deterministic=False, rngs={'dropout': jax.random.PRNGKey(0)}) == 0).all()
+
+
+def test_dropout_draws_each_row_from_its_row_id():
+  """A row's mask depends on its row id, not on its place in the batch (micro-batches, devices)."""
+  x = jnp.ones((8, 3, 33), jnp.float32)
+  drop = model_lib.Dropout(0.5)
+  apply = lambda x, row_ids=None: np.asarray(drop.apply({}, x, deterministic=False, row_ids=row_ids,
+                                                        rngs={'dropout': jax.random.PRNGKey(0)}))
+  full = apply(x)
+  np.testing.assert_array_equal(apply(x, jnp.arange(8)), full)  # the default row ids are the indices
+  np.testing.assert_array_equal(apply(x[:2], jnp.asarray([5, 2])), full[[5, 2]])  # x is all ones
+  assert (full[0] != full[1]).any() and (apply(x[:1], jnp.asarray([1]))[0] == full[1]).all()

@@ -9,6 +9,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from conftest import tiny_config
 from mlm_flax import masking, parallel, train
@@ -125,29 +126,67 @@ def test_schedule_and_weight_decay_mask():
     updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
   assert float(jnp.abs(updates['bias']).max()) == 0.0
   assert float(jnp.abs(updates['kernel']).max()) > 0.0
-  import pytest
   c.schedule = 'exponential'
   with pytest.raises(ValueError, match='linear'):
     train.make_schedule(c, 10)
 
 
-def test_gradient_accumulation_gives_the_same_update_as_the_full_batch():
+def train_two_steps(mesh, grad_accum_steps, dropout, batch_size=16):
+  """(losses, params, masked count of the last step) after two steps on `random_batch(0)`, `(1)`."""
+  model, tx, mask_fn, num_predictions, state = setup(mesh, dropout=dropout)
+  step = train.jit_train_step(model, tx, mask_fn, num_predictions, mesh, grad_accum_steps=grad_accum_steps)
+  losses = []
+  for i in range(2):
+    state, m = step(state, parallel.to_global(random_batch(i, b=batch_size), mesh))
+    losses.append(float(m['loss_sum'] / m['count']))
+  return losses, state.params, float(m['count'])
+
+
+def max_param_diff(a, b):
+  return max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize('dropout', [0.0, 0.1])
+def test_gradient_accumulation_gives_the_same_update_as_the_full_batch(dropout):
+  """Also with dropout: each row draws its dropout from its index in the global batch, not its micro-batch."""
   mesh = parallel.make_mesh(1)
-  results = {}
-  for k in (1, 2, 4):
-    model, tx, mask_fn, num_predictions, state = setup(mesh, dropout=0.0)
-    step = train.jit_train_step(model, tx, mask_fn, num_predictions, mesh, grad_accum_steps=k)
-    losses = []
-    for i in range(2):
-      state, m = step(state, parallel.to_global(random_batch(i), mesh))
-      losses.append(float(m['loss_sum'] / m['count']))
-    results[k] = (losses, state.params, float(m['count']))
+  results = {k: train_two_steps(mesh, k, dropout) for k in (1, 2, 4)}
   for k in (2, 4):
     assert results[k][2] == results[1][2]  # the same masked tokens were scored
     np.testing.assert_allclose(results[k][0], results[1][0], rtol=1e-5)
-    diff = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(results[k][1]), jax.tree.leaves(results[1][1])))
+    diff = max_param_diff(results[k][1], results[1][1])
     assert diff < 1e-5, (k, diff)
   # and the update really moved the params (the comparison above is not vacuous)
   _, _, _, _, fresh = setup(mesh, dropout=0.0)
-  moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(results[1][1]), jax.tree.leaves(fresh.params)))
-  assert moved > 1e-4
+  assert max_param_diff(results[1][1], fresh.params) > 1e-4
+  if dropout:  # dropout was on: the losses differ from a run without it
+    assert abs(results[1][0][0] - train_two_steps(mesh, 1, 0.0)[0][0]) > 1e-4
+
+
+_ACCUM_PARITY = r'''
+import json, os, sys
+os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+sys.path.insert(0, sys.argv[1])
+import jax
+from test_train import train_two_steps, max_param_diff
+from mlm_flax import parallel
+assert len(jax.devices()) == 8, jax.devices()
+ref = train_two_steps(parallel.make_mesh(1), 1, 0.1, batch_size=32)
+out = {}
+for k in (1, 2, 4):  # micro-batches of 32, 16 and 8 rows over 8 devices
+  losses, params, count = train_two_steps(parallel.make_mesh(8), k, 0.1, batch_size=32)
+  out[k] = {'loss_diff': max(abs(a - b) for a, b in zip(losses, ref[0])), 'param_diff': max_param_diff(params, ref[1]),
+            'same_count': count == ref[2]}
+print(json.dumps(out))
+'''
+
+
+def test_gradient_accumulation_with_dropout_on_eight_devices_matches_one_device():
+  here = os.path.dirname(os.path.abspath(__file__))
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+  proc = subprocess.run([sys.executable, '-c', _ACCUM_PARITY, here], capture_output=True, text=True, env=env,
+                        cwd=here, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  for k, r in out.items():
+    assert r['same_count'] and r['loss_diff'] < 1e-5 and r['param_diff'] < 1e-5, (k, r)
