@@ -1,6 +1,10 @@
 """Checkpoint checksums: every single-bit flip is caught (the old fingerprint missed many), per item and leaf,
 through the real restore path; checkpoints saved with the old fingerprints still restore."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,12 +42,27 @@ def test_checksum_catches_every_single_bit_flip_that_the_old_fingerprint_missed(
   assert checkpoint.checksum(arrays['f32']) == checkpoint.checksum(arrays['f32'].copy())  # deterministic
 
 
+_MESH = r'''
+import os, sys
+os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+import jax, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from mlm_flax import checkpoint, parallel
+x = {'w': np.random.default_rng(1).standard_normal((16, 8)).astype(np.float32), 'b': np.arange(8, dtype=np.int32)}
+mesh = parallel.make_mesh(8, fsdp=4)  # rows over data (2), columns over fsdp (4); b replicated
+split = jax.device_put(x, {'w': NamedSharding(mesh, P('data', 'fsdp')), 'b': parallel.replicated(mesh)})
+assert len(split['w'].addressable_shards) == 8 and split['w'].addressable_shards[0].data.shape == (8, 2)
+assert checkpoint.checksums({'a': split}) == checkpoint.checksums({'a': x}), 'mesh-dependent checksum'
+assert checkpoint.checksum(x['w']) != checkpoint.checksum(x['w'][::-1])  # the bytes in order, not a sum
+print('ok')
+'''
+
+
 def test_checksum_is_the_same_on_any_mesh():
-  x = np.random.default_rng(1).standard_normal((16, 8)).astype(np.float32)
-  mesh = parallel.make_mesh()
-  split = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(parallel.BATCH_AXES)))
-  assert checkpoint.checksums({'a': {'x': split}}) == checkpoint.checksums({'a': {'x': x}})
-  assert checkpoint.checksum(x) != checkpoint.checksum(x.T)  # the bytes in order, not a sum
+  """The checksum of the global array's bytes: a 2-D split over 8 devices gives the host array's."""
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+  proc = subprocess.run([sys.executable, '-c', _MESH], capture_output=True, text=True, env=env, timeout=300)
+  assert proc.returncode == 0 and proc.stdout.strip() == 'ok', proc.stderr[-3000:]
 
 
 @pytest.fixture
