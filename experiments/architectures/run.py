@@ -8,8 +8,9 @@ sequence length, masking (40% in training) and seed, in float32, through the com
 
 1. Timing probe per model: a short run measures its steady tokens/s and its start-up cost (compilation), so
    that `num_train_steps` is set for its learning-rate schedule (warmup, then linear decay to 0) to end at
-   about `--minutes` of training. Each model gets a whole schedule that fits the budget, rather than one step
-   count that the faster model finishes and the slower one is cut short of.
+   about `--minutes` of training, with the configs' warmup fraction (200 of 1400 steps). Each model gets a whole
+   schedule that fits the budget, rather than one step count that the faster model finishes and the slower one
+   is cut short of.
 2. The run, with an eval every `--eval_every` steps. Its clock is `wall_seconds` of metrics.jsonl (from the
    moment `train` has loaded the data and built the model: it includes the train step's compilation) minus
    the time spent in evaluations (the eval row's time minus the train row's at the same step). A run whose
@@ -41,6 +42,7 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 RUNS = {'bert': os.path.join(REPO, 'configs', 'tiny.py'), 'modernbert': os.path.join(REPO, 'configs', 'tiny_modern.py')}
 LABELS = {'bert': 'BERT (configs/tiny.py)', 'modernbert': 'ModernBERT-style (configs/tiny_modern.py)'}
 BATCH, SEQ = 16, 128  # both configs' (checked against config.json)
+WARMUP_FRACTION = 200 / 1400  # both configs' warmup_steps / num_train_steps (tiny.py's), kept for any length
 
 
 def cli(*args: str) -> list[str]:
@@ -167,6 +169,9 @@ def plot(results: dict, minutes: float, out: str) -> None:
     acc = [p['masked_accuracy'] for p in points]
     axes[0].plot([p['train_seconds'] / 60 for p in points], acc, marker='o', ms=3, label=LABELS[name])
     axes[1].plot([p['step'] * BATCH * SEQ / 1e6 for p in points], acc, marker='o', ms=3, label=LABELS[name])
+  for ax in axes:
+    ax.axhline(results['eval']['unigram_baseline_accuracy'], color='grey', ls=':', lw=1,
+               label='unigram baseline (most frequent token)')
   axes[0].axvline(minutes, color='grey', ls='--', lw=1)
   axes[0].set_xlabel('training wall time (minutes, evaluations excluded)')
   axes[1].set_xlabel('training tokens (millions)')
@@ -187,15 +192,21 @@ def main() -> None:
   parser.add_argument('--minutes', type=float, default=7.0, help='training wall time of each run')
   parser.add_argument('--root', default='/tmp/architectures', help='workdirs, logs and the data cache')
   parser.add_argument('--results', default=HERE, help='folder for results.json and accuracy_vs_time.png')
-  parser.add_argument('--eval_every', type=int, default=100, help='steps between evaluations (dense curves)')
+  parser.add_argument('--eval_every', type=int, default=None,
+                      help='steps between evaluations (default: about 10 per run, for dense curves)')
   parser.add_argument('--probe_steps', type=int, default=60, help='steps of each timing probe')
   parser.add_argument('--margin', type=float, default=0.97,
                       help='fraction of the estimated steps to schedule, so a run ends just inside the budget')
+  parser.add_argument('--replot', action='store_true', help='only redraw the plot from --results/results.json')
   args = parser.parse_args()
+  if args.replot:
+    with open(os.path.join(args.results, 'results.json')) as f:
+      summary = json.load(f)
+    plot(summary, summary['minutes'], os.path.join(args.results, 'accuracy_vs_time.png'))
+    return
   started = time.time()
   os.makedirs(args.root, exist_ok=True)
   limit_s = args.minutes * 60
-  log_every = args.eval_every // 2  # a train row at every eval step times the evaluation
   common = {'model.dtype': 'float32', 'data.cache_dir': os.path.join(args.root, 'cache'), 'progress_bar': False,
             'fill_mask_examples': 0, 'checkpoint_every_steps': 10**9, 'max_checkpoints_to_keep': 1}
   load_before = os.getloadavg()
@@ -213,12 +224,15 @@ def main() -> None:
   for name in RUNS:
     p = probes[name]
     steps = int(args.margin * (limit_s - p['startup_seconds']) * p['tokens_per_second'] / (BATCH * SEQ))
+    eval_every = args.eval_every or max(2, round(steps / 20) * 2)
+    log_every = eval_every // 2 if eval_every % 2 == 0 else eval_every  # a train row at every eval step
     workdir = os.path.join(args.root, name)
     shutil.rmtree(workdir, ignore_errors=True)
     log = os.path.join(args.root, f'{name}.log')
     print(f'=== {name}: {steps} steps planned ({p["tokens_per_second"]:.0f} tokens/s in the probe) ===', flush=True)
     outcome = run(train_command(name, workdir, {**common, 'num_train_steps': steps, 'log_every_steps': log_every,
-                                                'eval_every_steps': args.eval_every}),
+                                                'eval_every_steps': eval_every,
+                                                'optimizer.warmup_steps': round(WARMUP_FRACTION * steps)}),
                   log, workdir, limit_s)
     loads += outcome['load_average']
     with open(os.path.join(workdir, 'config.json')) as f:
