@@ -163,6 +163,36 @@ def _metric_rows(workdir):
   return [{k: v for k, v in r.items() if k not in ('wall_seconds', 'tokens_per_second', 'mfu')} for r in rows]
 
 
+def test_imported_workdir_resumes_with_the_same_config(tmp_path):
+  """Import, train to a checkpoint, the same config again: resumed (today's main refused it), not retrained;
+  a changed batch_size is refused naming it, the workdir untouched. The kill-and-resume CLI version of this
+  (three CLI runs) is the `slow` test below."""
+  from test_hf import _save_random  # pylint: disable=g-import-not-at-top  (needs torch)
+  from mlm_flax import hf, train  # pylint: disable=g-import-not-at-top
+  hf_path, _, _ = _save_random(tmp_path, 'bert')  # hidden 36, 3 layers, dropout 0.1, 40 positions
+  work = str(tmp_path / 'work')
+  hf.import_to_workdir(hf_path, work)
+  _corpus(tmp_path)
+  c = tiny_config(tmp_path)
+  c.data.dataset, c.data.train_files = '', str(tmp_path / 'corpus.txt')
+  c.num_train_steps, c.checkpoint_every_steps, c.eval_every_steps, c.max_eval_batches = 4, 2, 4, 2
+  c.model.hidden_dropout = 0.0
+  first = train.train_and_evaluate(c, work)
+  with open(os.path.join(work, 'config.json')) as f:
+    model = json.load(f)['model']
+  assert (model['hidden_size'], model['num_layers'], model['hidden_dropout']) == (36, 3, 0.0)
+  before = _tree_files(work)
+  again = train.train_and_evaluate(c, work)  # the same config: resumes at step 4, nothing left to train
+  assert again == first
+  c.batch_size = 16
+  with pytest.raises(ValueError, match='batch_size: 8 -> 16'):
+    train.train_and_evaluate(c, work)
+  after = _tree_files(work)
+  assert {k: v for k, v in after.items() if not k.startswith('tensorboard')} == {
+      k: v for k, v in before.items() if not k.startswith('tensorboard')}
+
+
+@pytest.mark.slow
 def test_imported_workdir_resumes_after_a_kill_to_the_uninterrupted_result(tmp_path):
   """Import, train, SIGTERM after the first checkpoint, the same command again: resumed, equal to an
   uninterrupted run. Then a changed batch_size or architecture is one `error:` line, nothing touched."""

@@ -146,7 +146,7 @@ def max_param_diff(a, b):
   return max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-@pytest.mark.parametrize('dropout', [0.0, 0.1])
+@pytest.mark.parametrize('dropout', [0.1])  # dropout on covers the dropout-off maths too (compared below)
 def test_gradient_accumulation_gives_the_same_update_as_the_full_batch(dropout):
   """Also with dropout: each row draws its dropout from its index in the global batch, not its micro-batch."""
   mesh = parallel.make_mesh(1)
@@ -181,6 +181,7 @@ print(json.dumps(out))
 '''
 
 
+@pytest.mark.slow  # ~1 min; 1 vs 8 devices with dropout is also covered by test_one_eight_and_fsdp_devices...
 def test_gradient_accumulation_with_dropout_on_eight_devices_matches_one_device():
   here = os.path.dirname(os.path.abspath(__file__))
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
