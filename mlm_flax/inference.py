@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 
 from mlm_flax import checkpoint
-from mlm_flax.model import make_model, position_offset
+from mlm_flax.models import make_model, position_offset
 
 DTYPES = ('float32', 'bfloat16', 'float16', 'auto')  # compute dtypes `load` accepts; float32 by default
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from mlm_flax import (checkpoint, data, evaluate, flops, inference, loss, masking, parallel, preemption,
                       tokenizer, validation, workdir_lock, writers)
-from mlm_flax.model import make_model
+from mlm_flax.models import make_model
 
 
 @flax.struct.dataclass

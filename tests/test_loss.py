@@ -7,7 +7,7 @@ import optax
 
 from conftest import tiny_config
 from mlm_flax import loss, masking
-from mlm_flax import model as model_lib
+from mlm_flax import models as model_lib
 
 MASK_ID, BASELINE = 4, 9
 

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import tiny_config
 from mlm_flax import masking, parallel, train
-from mlm_flax.model import make_model
+from mlm_flax.models import make_model
 
 _PARITY = r'''
 import functools, json, os, sys

@@ -13,7 +13,7 @@ import numpy as np
 
 from mlm_flax.configs import default
 from mlm_flax import masking, parallel, train
-from mlm_flax.model import make_model
+from mlm_flax.models import make_model
 
 
 def main() -> None:
