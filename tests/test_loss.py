@@ -6,7 +6,8 @@ import numpy as np
 import optax
 
 from conftest import tiny_config
-from mlm_flax import loss, masking
+from mlm_flax.objectives import masking
+from mlm_flax.objectives import mlm as loss
 from mlm_flax import models as model_lib
 
 MASK_ID, BASELINE = 4, 9

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from mlm_flax import masking, parallel, train
+from mlm_flax import parallel, train
+from mlm_flax.objectives import masking
 from mlm_flax.models import make_model
 
 _PARITY = r'''
