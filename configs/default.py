@@ -4,7 +4,11 @@ Other configs start from `get_config()` here and change values; the returned
 ConfigDict is locked, so a mistyped key is an error that lists the valid ones.
 """
 
+import dataclasses
+
 import ml_collections
+
+from mlm_flax.models import config as model_config
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -26,48 +30,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.fill_mask_examples = 3  # held-out sentences shown at the end of `train`
   c.progress_bar = True
 
+  # Every model key, its default and what it does: `mlm_flax/models/config.py` (`ModelConfig`). Keys whose default
+  # is None are FieldReferences typed by `OPTIONAL_TYPES`, so `--config.model.KEY=VALUE` can set them.
   c.model = ml_collections.ConfigDict()
-  c.model.type = 'bert'  # 'bert', 'roberta' (position offset, token types) or 'modernbert'
-  c.model.num_layers = 4
-  c.model.hidden_size = 256
-  c.model.num_heads = 4
-  c.model.intermediate_size = 1024
-  c.model.vocab_size = ml_collections.FieldReference(None, field_type=int)  # None: from the tokenizer
-  c.model.max_position_embeddings = 512
-  c.model.type_vocab_size = 2
-  c.model.hidden_dropout = 0.1
-  c.model.attention_dropout = 0.1
-  c.model.layer_norm_eps = 1e-12
-  # 'post': BERT/RoBERTa layout (Hugging Face compatible); 'pre': pre-LN layers + a final LayerNorm,
-  # which tolerates higher learning rates (Xiong et al. 2020). ModernBERT is always pre-LN.
-  c.model.norm_position = 'post'
-  c.model.hidden_act = 'gelu'  # exact erf GELU, as BERT (ModernBERT: the GeGLU's activation)
-  c.model.initializer_range = 0.02
-  c.model.pad_token_id = ml_collections.FieldReference(None, field_type=int)  # None: from the tokenizer
-  # 'bfloat16': bf16 matmul inputs, f32 accumulation, f32 master params; 'auto' picks per backend.
-  c.model.dtype = 'auto'  # see model.resolve_dtype
-  c.model.param_dtype = 'float32'
-  # 'auto': jax.nn.dot_product_attention (fused kernels) on GPU/TPU, heads-major einsums on CPU (faster
-  # there); or 'einsum' / 'dot_product_attention'. Training with attention_dropout > 0 uses the einsums.
-  c.model.attention = 'auto'
-  # The head's matmul runs on the vocabulary padded (zero rows) to a multiple of this, aligned for GPU
-  # tensor cores / TPU MXUs; logits, params and exports keep the real size. 1 turns it off.
-  c.model.vocab_multiple = 128
-  c.model.remat = False  # recompute each layer in the backward pass: less activation memory, ~1/3 more FLOPs
-  c.model.tie_word_embeddings = True  # False: the MLM decoder is its own [vocab, hidden] param (HF untied)
-  # ModernBERT (model.type='modernbert'; BERT/RoBERTa ignore these). Each layer attends to its whole document
-  # ('full_attention') or to the tokens at most local_attention // 2 away ('sliding_attention').
-  c.model.layer_types = ''  # comma-separated, one per layer; '': every global_attn_every_n_layers-th layer full
-  c.model.global_attn_every_n_layers = 3  # from layer 0 (Hugging Face's rule); the others sliding
-  c.model.local_attention = 128  # the whole sliding window, half on each side (Hugging Face's definition)
-  c.model.global_rope_theta = 160_000.0  # RoPE base of full-attention layers
-  c.model.local_rope_theta = 10_000.0  # RoPE base of sliding-window layers
-  # Biases; None: the architecture's own (BERT: all; ModernBERT: only the decoder's).
-  c.model.attention_bias = ml_collections.FieldReference(None, field_type=bool)  # QKV and attention output
-  c.model.mlp_bias = ml_collections.FieldReference(None, field_type=bool)
-  c.model.norm_bias = ml_collections.FieldReference(None, field_type=bool)  # LayerNorm shift
-  c.model.decoder_bias = ml_collections.FieldReference(None, field_type=bool)  # MLM decoder (tied embedding)
-  c.model.classifier_bias = ml_collections.FieldReference(None, field_type=bool)  # the head's dense layer
+  for key, value in dataclasses.asdict(model_config.ModelConfig()).items():
+    c.model[key] = (ml_collections.FieldReference(None, field_type=model_config.OPTIONAL_TYPES[key])
+                    if value is None else value)
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = 'builtin:stdlib_docs'  # 'builtin:NAME', a hub name, or '' with train_files

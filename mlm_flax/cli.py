@@ -81,7 +81,8 @@ def _run(command: str, args: list[str]) -> None:
     validation.validate_config(config, jax.device_count(), jax.process_count())
     if jax.process_index() == 0:
       print(f'Workdir: {workdir}', flush=True)
-  from mlm_flax import evaluate, hf, inference, parallel, train  # pylint: disable=g-import-not-at-top
+  from mlm_flax import evaluate, inference, parallel, train  # pylint: disable=g-import-not-at-top
+  from mlm_flax.interop import hf  # pylint: disable=g-import-not-at-top
   if command == 'train':
     result = train.train_and_evaluate(config, workdir)
     print(json.dumps(result))

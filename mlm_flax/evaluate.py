@@ -13,7 +13,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from mlm_flax import data, loss, masking, parallel
+from mlm_flax import data, parallel
+from mlm_flax.objectives import masking
+from mlm_flax.objectives import mlm as loss
 
 EVAL_STREAM = 0x5EED
 
@@ -66,7 +68,7 @@ def evaluate_workdir(workdir: str, split: str = 'validation', files: str | None 
   `files` (a path or glob of text / JSON-lines / CSV / Parquet files, as `data.train_files` takes) replaces
   the split: e.g. a model trained on one corpus, evaluated on another's validation text.
   """
-  from mlm_flax import inference, train  # pylint: disable=g-import-not-at-top
+  from mlm_flax import inference  # pylint: disable=g-import-not-at-top
   mlm = inference.load(workdir)
   config = mlm.config
   if files:
@@ -79,6 +81,6 @@ def evaluate_workdir(workdir: str, split: str = 'validation', files: str | None 
   rows = data.packed_rows(texts, mlm.tokenizer, config.max_seq_length, config.data.get('packing', 'documents'),
                           config.data.num_proc, data.cache_dir(config.data))
   mesh = parallel.make_mesh()
-  evaluator = Evaluator(mlm.model, *train.make_mask_fn(config, mlm.tokenizer, 'eval'), mesh, config.seed)
+  evaluator = Evaluator(mlm.model, *loss.make_mask_fn(config, mlm.tokenizer, 'eval'), mesh, config.seed)
   params = jax.device_put(mlm.params, parallel.replicated(mesh))
   return {'step': mlm.step, **evaluator(params, rows, config.eval_batch_size)}

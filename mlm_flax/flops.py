@@ -46,16 +46,13 @@ def train_flops_per_token(num_layers: int, hidden_size: int, intermediate_size: 
 
 
 def config_flops_per_token(config) -> float:
-  """`train_flops_per_token` for a resolved run config (evaluation's 15% is not what trains)."""
-  m = config.model
-  glu, attended = False, None
-  if m.type == 'modernbert':
-    from mlm_flax.models import modernbert  # pylint: disable=g-import-not-at-top
-    window = min(config.max_seq_length, 2 * (m.local_attention // 2) + 1)
-    glu = True
-    attended = tuple(config.max_seq_length if t == 'full_attention' else window for t in modernbert.layer_types(m))
+  """`train_flops_per_token` for a resolved run config (evaluation's 15% is not what trains); the architecture
+  (`mlm_flax.models`) says how its MLP and attention count (`flops_terms`)."""
+  from mlm_flax import models  # pylint: disable=g-import-not-at-top
+  m = models.ModelConfig.from_dict(config.model)
+  terms = models.architecture(m.type).flops_terms(m, config.max_seq_length)
   return train_flops_per_token(m.num_layers, m.hidden_size, m.intermediate_size, m.vocab_size,
-                               config.max_seq_length, config.masking.rate, glu, attended)
+                               config.max_seq_length, config.masking.rate, **terms)
 
 
 def measure_matmul_peak(dtype: str = 'float32', n: int = 2048, repeats: int = 5) -> float:

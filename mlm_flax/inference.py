@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 
 from mlm_flax import checkpoint
-from mlm_flax.model import make_model, position_offset
+from mlm_flax.models import make_model, position_offset
 
 DTYPES = ('float32', 'bfloat16', 'float16', 'auto')  # compute dtypes `load` accepts; float32 by default
 
@@ -67,7 +67,9 @@ def load(path: str | os.PathLike, dtype: str | None = None) -> MLM:
   dtype = _compute_dtype(dtype)
   looks_like_hub_name = not path.startswith(('/', '.', '~')) and path.count('/') <= 1
   if is_hf_folder(path) or (not os.path.exists(path) and looks_like_hub_name):
-    return load_hf(path, dtype)
+    from mlm_flax.interop import hf  # pylint: disable=g-import-not-at-top
+    config, params, tok, model = hf.load_hf(path, dtype)
+    return MLM(config=config, params=params, tokenizer=tok, model=model)
   config_path = os.path.join(path, 'config.json')
   if not os.path.isfile(config_path):
     raise FileNotFoundError(f'{path} is not an mlm_flax workdir (no config.json) nor a Hugging Face model '
@@ -87,33 +89,6 @@ def load(path: str | os.PathLike, dtype: str | None = None) -> MLM:
     ckpt.close()
   tok = tokenizer_lib.load_tokenizer(os.path.join(path, 'tokenizer'))
   return MLM(config=config, params=params, tokenizer=tok, model=model, step=step)
-
-
-def load_hf(path: str | os.PathLike, dtype: str | None = None) -> MLM:
-  """A Hugging Face BERT/RoBERTa masked LM (or encoder-only model: fresh head, with a warning), computing in
-  `dtype` (float32 unless asked, as `load`)."""
-  from mlm_flax.configs import default  # pylint: disable=g-import-not-at-top
-  from mlm_flax import hf, tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-  path = os.fspath(path)
-  if not os.path.isdir(path):  # a hub name
-    import huggingface_hub  # pylint: disable=g-import-not-at-top
-    try:
-      path = huggingface_hub.snapshot_download(path, allow_patterns=['*.json', '*.safetensors', '*.txt'])
-    except Exception as e:  # offline, unknown name, ...
-      raise FileNotFoundError(f'{path!r} is neither a local folder nor a reachable Hugging Face hub model '
-                              f'({type(e).__name__}); pass a workdir or a local model folder.') from e
-  config = default.get_config()
-  state = hf.read_state_dict(path)
-  config.model.update(hf.model_config_from_hf(hf.read_hf_config(path)), dtype=_compute_dtype(dtype))
-  config.model.tie_word_embeddings = hf.decoder_is_tied(state, config.model.to_dict())
-  config.max_seq_length = min(512, config.model.max_position_embeddings - position_offset(config.model))
-  config.data.tokenizer = os.path.abspath(path)
-  model = make_model(config.model)
-  init = model.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, 8), jnp.int32), jnp.ones((1, 8), jnp.int32))
-  params, fresh = hf.params_from_state_dict(state, config.model.to_dict(), init['params'])
-  hf.log_fresh_head(fresh, path)
-  tok = tokenizer_lib.load_tokenizer(path)
-  return MLM(config=config, params=jax.tree.map(jnp.asarray, params), tokenizer=tok, model=model)
 
 
 def max_length(mlm: MLM) -> int:

@@ -15,9 +15,12 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from mlm_flax import (checkpoint, data, evaluate, flops, inference, loss, masking, parallel, preemption,
-                      tokenizer, validation, workdir_lock, writers)
-from mlm_flax.model import make_model
+from mlm_flax import (checkpoint, data, evaluate, flops, inference, parallel, preemption, tokenizer, validation,
+                      workdir_lock, writers)
+from mlm_flax.models import make_model
+from mlm_flax.objectives import masking
+from mlm_flax.objectives import mlm as loss
+from mlm_flax.objectives.mlm import make_mask_fn
 
 
 @flax.struct.dataclass
@@ -136,22 +139,6 @@ def jit_train_step(model, tx: optax.GradientTransformation, mask_fn: loss.MaskFn
                         grad_accum_steps=grad_accum_steps),
       in_shardings=(state_sharding, parallel.data_sharding(mesh)), out_shardings=(state_sharding, repl),
       donate_argnums=0)
-
-
-def make_mask_fn(config: ml_collections.ConfigDict, tok, split: str = 'train') -> tuple[loss.MaskFn, int]:
-  """The masking function for `split` ('train' or 'eval') and its static prediction budget."""
-  rate = config.masking.rate
-  if split == 'eval' and config.masking.get('eval_rate') is not None:
-    rate = config.masking.eval_rate
-  strategy = config.masking.get('strategy', 'token')
-  word_starts = None if strategy == 'token' else jnp.asarray(tokenizer.word_start_table(tok))
-  fn = functools.partial(
-      masking.mask_tokens, vocab_size=len(tok), mask_id=tok.mask_token_id,
-      special_ids=tokenizer.special_token_ids(tok), pad_id=tok.pad_token_id, rate=rate,
-      mask_prob=config.masking.mask_prob, random_prob=config.masking.random_prob, strategy=strategy,
-      word_starts=word_starts, max_span_length=config.masking.get('max_span_length', 10),
-      span_p=config.masking.get('span_p', 0.2))
-  return fn, masking.max_predictions(config.max_seq_length, rate, strategy)
 
 
 def resolve_config(config: ml_collections.ConfigDict, tok) -> ml_collections.ConfigDict:

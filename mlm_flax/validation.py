@@ -15,8 +15,10 @@ from typing import Iterable
 
 import ml_collections
 
+from mlm_flax import models
+
 CHOICES = {
-    'model.type': ('bert', 'roberta', 'modernbert'),
+    'model.type': tuple(models.ARCHITECTURES),
     'model.norm_position': ('post', 'pre'),
     'model.hidden_act': ('gelu', 'gelu_new', 'gelu_pytorch_tanh', 'relu', 'silu'),
     'model.dtype': ('auto', 'float32', 'bfloat16', 'float16'),
@@ -96,9 +98,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, num_pro
   if config.model.hidden_size % config.model.num_heads:
     raise ValueError(f'model.hidden_size={config.model.hidden_size} is not divisible by model.num_heads='
                      f'{config.model.num_heads}; pick num_heads dividing hidden_size (e.g. hidden_size/64).')
-  if config.model.type == 'modernbert':  # layer types, window, RoPE head size
-    from mlm_flax.models import modernbert  # pylint: disable=g-import-not-at-top
-    modernbert.check_config(config.model)
+  models.architecture(config.model.type).check_config(models.ModelConfig.from_dict(config.model))
   if config.model.vocab_size is not None and config.model.vocab_size < 1:
     raise ValueError(f'--config.model.vocab_size={config.model.vocab_size} must be positive (or unset).')
   offset = 0

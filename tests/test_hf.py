@@ -13,7 +13,8 @@ import tokenizers  # pylint: disable=g-import-not-at-top
 import transformers  # pylint: disable=g-import-not-at-top
 
 from conftest import tiny_config  # pylint: disable=g-import-not-at-top
-from mlm_flax import hf, inference, tokenizer, train  # pylint: disable=g-import-not-at-top
+from mlm_flax import inference, tokenizer, train  # pylint: disable=g-import-not-at-top
+from mlm_flax.interop import hf  # pylint: disable=g-import-not-at-top
 
 TEXTS = ['Return the number of items in the list.', 'Open the file and read its contents.',
          'If the value is None, raise an error.', 'A simple class for command interpreters.'] * 20
@@ -196,7 +197,7 @@ FILL_TEXTS = {'bert': ['The capital of France is [MASK].', 'Open the [MASK] and 
 def test_fill_mask_equals_the_pipeline_where_bf16_is_fast(tmp_path, monkeypatch, kind):
   """On a CPU whose flags say bf16 is fast, 'auto' is bf16 (training's choice); fill-mask (the CLI's
   `inference.load` + `fill_mask`, no dtype given) still computes in f32 and answers as the pipeline."""
-  from mlm_flax import model as model_lib  # pylint: disable=g-import-not-at-top
+  from mlm_flax.models import layers as model_lib  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(model_lib, '_cpu_has_fast_bf16', lambda: True)
   if jax.default_backend() == 'cpu':
     assert model_lib.resolve_dtype('auto') == jnp.bfloat16

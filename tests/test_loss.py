@@ -6,8 +6,9 @@ import numpy as np
 import optax
 
 from conftest import tiny_config
-from mlm_flax import loss, masking
-from mlm_flax import model as model_lib
+from mlm_flax.objectives import masking
+from mlm_flax.objectives import mlm as loss
+from mlm_flax import models as model_lib
 
 MASK_ID, BASELINE = 4, 9
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlm_flax import masking
+from mlm_flax.objectives import masking
 
 VOCAB, MASK, PAD, CLS, SEP = 1000, 4, 0, 2, 3
 SPECIALS = (0, 1, 2, 3, 4, 500)  # an odd special id in the middle of the vocabulary too

@@ -7,13 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from conftest import tiny_config
-from mlm_flax import model as model_lib
+from mlm_flax import models
+from mlm_flax.models import layers as model_lib
 
 
 def _model(dtype='float32', **kw):
   c = tiny_config().model
   c.update(dict(vocab_size=97, pad_token_id=0, dtype=dtype, **kw))
-  m = model_lib.make_model(c)
+  m = models.make_model(c)
   ids = jnp.ones((1, 8), jnp.int32)
   return m, m.init(jax.random.PRNGKey(0), ids, ids)['params']
 
@@ -156,7 +157,7 @@ def test_remat_fused_attention_and_vocab_padding_compute_the_same_function():
   """`model.remat`, `model.attention='dot_product_attention'` and `model.vocab_multiple` change how, not
   what, is computed: same logits (real vocabulary only), same params, same gradients."""
   import pytest  # pylint: disable=g-import-not-at-top
-  make_model = model_lib.make_model
+  make_model = models.make_model
   c = tiny_config()
   c.model.vocab_size, c.model.pad_token_id = 100, 0
   c.model.hidden_dropout = c.model.attention_dropout = 0.0

@@ -14,8 +14,9 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import transformers  # pylint: disable=g-import-not-at-top
 
 from conftest import tiny_config  # pylint: disable=g-import-not-at-top
-from mlm_flax import flops, hf, inference, tokenizer, train, validation  # pylint: disable=g-import-not-at-top
-from mlm_flax.model import make_model  # pylint: disable=g-import-not-at-top
+from mlm_flax import flops, inference, tokenizer, train, validation  # pylint: disable=g-import-not-at-top
+from mlm_flax.interop import hf  # pylint: disable=g-import-not-at-top
+from mlm_flax.models import make_model  # pylint: disable=g-import-not-at-top
 
 TEXTS = ['Return the number of items in the list.', 'Open the file and read its contents.',
          'If the value is None, raise an error.', 'A simple class for command interpreters.'] * 20

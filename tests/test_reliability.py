@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from mlm_flax import checkpoint, evaluate, hf, inference, parallel, train, validation, workdir_lock, writers
+from mlm_flax import checkpoint, evaluate, inference, parallel, train, validation, workdir_lock, writers
+from mlm_flax.interop import hf
 from test_train import random_batch, setup
 
 CLI = [sys.executable, '-m', 'mlm_flax.cli']

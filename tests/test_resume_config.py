@@ -127,7 +127,8 @@ def test_imported_architecture_is_adopted_and_compute_keys_stay_the_configs(tmp_
 
 
 def test_choices_copies_equal_the_modules_definitions():
-  from mlm_flax import data, masking, tokenizer  # pylint: disable=g-import-not-at-top
+  from mlm_flax import data, tokenizer  # pylint: disable=g-import-not-at-top
+  from mlm_flax.objectives import masking  # pylint: disable=g-import-not-at-top
   assert validation.CHOICES['masking.strategy'] == masking.STRATEGIES
   assert validation.CHOICES['data.packing'] == data.PACKING_MODES
   assert validation.CHOICES['data.tokenizer_type'] == tokenizer.TOKENIZER_TYPES
@@ -197,7 +198,8 @@ def test_imported_workdir_resumes_after_a_kill_to_the_uninterrupted_result(tmp_p
   """Import, train, SIGTERM after the first checkpoint, the same command again: resumed, equal to an
   uninterrupted run. Then a changed batch_size or architecture is one `error:` line, nothing touched."""
   from test_hf import _save_random  # pylint: disable=g-import-not-at-top  (needs torch)
-  from mlm_flax import hf, inference  # pylint: disable=g-import-not-at-top
+  from mlm_flax import inference  # pylint: disable=g-import-not-at-top
+  from mlm_flax.interop import hf  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   hf_path, _, _ = _save_random(tmp_path, 'bert')  # hidden 36, 3 layers, dropout 0.1, 40 positions
   steps = 20

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from mlm_flax import masking, parallel, train
-from mlm_flax.model import make_model
+from mlm_flax import parallel, train
+from mlm_flax.objectives import masking
+from mlm_flax.models import make_model
 
 _PARITY = r'''
 import functools, json, os, sys

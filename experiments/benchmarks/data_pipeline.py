@@ -28,7 +28,7 @@ import jax  # pylint: disable=g-import-not-at-top
 
 from mlm_flax.configs import tiny
 from mlm_flax import data, parallel, tokenizer, train
-from mlm_flax.model import make_model
+from mlm_flax.models import make_model
 
 
 def _configs():

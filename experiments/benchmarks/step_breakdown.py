@@ -27,8 +27,10 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
 from mlm_flax.configs import default  # pylint: disable=wrong-import-position
-from mlm_flax import flops, loss, masking, parallel, train  # pylint: disable=wrong-import-position
-from mlm_flax.model import make_model  # pylint: disable=wrong-import-position
+from mlm_flax import flops, parallel, train  # pylint: disable=wrong-import-position
+from mlm_flax.objectives import masking  # pylint: disable=wrong-import-position
+from mlm_flax.objectives import mlm as loss  # pylint: disable=wrong-import-position
+from mlm_flax.models import make_model  # pylint: disable=wrong-import-position
 import common  # pylint: disable=wrong-import-position
 from train_step import SIZES, VOCAB  # pylint: disable=wrong-import-position
 

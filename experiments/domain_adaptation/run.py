@@ -28,7 +28,7 @@ import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-positi
 import config as experiment_config  # pylint: disable=wrong-import-position
 import debian_text  # pylint: disable=wrong-import-position
 from mlm_flax import checkpoint, corpora, evaluate, inference, plot, tokenizer, train  # pylint: disable=wrong-import-position
-from mlm_flax.model import make_model  # pylint: disable=wrong-import-position
+from mlm_flax.models import make_model  # pylint: disable=wrong-import-position
 
 GENERAL, DOMAIN = ('austen', 'bible'), ('python_docs',)
 VALIDATION_FRACTION = 0.03

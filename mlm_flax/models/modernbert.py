@@ -12,10 +12,10 @@ Differences from BERT, all as the Hugging Face reference computes them:
 - optional biases (`attention_bias`, `mlp_bias`, `norm_bias`, `decoder_bias`, `classifier_bias`), by default
   only the decoder's.
 
-Params are named as in `model.BertMLM` (`word_embeddings`, `layer_{i}/attention_norm`, ...; `qkv` is the fused
+Params are named as in `bert.BertMLM` (`word_embeddings`, `layer_{i}/attention_norm`, ...; `qkv` is the fused
 projection), so the MLM head, decoding and the Hugging Face key map read the same way. Packed rows: attention stays
 inside a document (`segment_ids`) and within the window; RoPE `positions` restart per document. Mixed precision is
-BertMLM's: matmuls through `mixed_einsum`, norms, softmax, RoPE and the residual stream in f32.
+BertMLM's (`layers.py`): matmuls through `mixed_einsum`, norms, softmax, RoPE and the residual stream in f32.
 """
 
 import functools
@@ -25,14 +25,10 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
-from mlm_flax import model as bert_model
-from mlm_flax.model import Dense, Dropout, mixed_einsum
-
-# Shared with BERT until the layers move to their own module.
-_activation = bert_model._activation  # pylint: disable=protected-access
-_use_dot_product_attention = bert_model._use_dot_product_attention  # pylint: disable=protected-access
+from mlm_flax.models import layers
+from mlm_flax.models.config import ModelConfig
+from mlm_flax.models.layers import Dense, Dropout, apply_rope, rope_tables
 
 LAYER_TYPES = ('full_attention', 'sliding_attention')
 # The architecture's own value of each bias switch (`model.<key>=None` in the config).
@@ -40,20 +36,25 @@ BIAS_DEFAULTS = {'attention_bias': False, 'mlp_bias': False, 'norm_bias': False,
                  'classifier_bias': False}
 
 
-def option(model_cfg: Mapping[str, Any], key: str) -> bool:
+def _config(model_cfg: ModelConfig | Mapping[str, Any]) -> ModelConfig:
+  return model_cfg if isinstance(model_cfg, ModelConfig) else ModelConfig.from_dict(model_cfg)
+
+
+def option(model_cfg: ModelConfig | Mapping[str, Any], key: str) -> bool:
   """A bias switch of the `model` config, None meaning ModernBERT's default."""
-  value = model_cfg.get(key)
+  value = getattr(_config(model_cfg), key)
   return BIAS_DEFAULTS[key] if value is None else bool(value)
 
 
-def layer_types(model_cfg: Mapping[str, Any]) -> tuple[str, ...]:
+def layer_types(model_cfg: ModelConfig | Mapping[str, Any]) -> tuple[str, ...]:
   """Each layer's attention, 'full_attention' or 'sliding_attention'.
 
   `model.layer_types` lists them (comma-separated); when empty, every `global_attn_every_n_layers`-th layer
   from layer 0 is full and the others slide (Hugging Face's legacy rule). Raises ValueError naming the fix.
   """
-  n = model_cfg['num_layers']
-  spec = model_cfg.get('layer_types') or ''
+  c = _config(model_cfg)
+  n = c.num_layers
+  spec = c.layer_types or ''
   if spec:
     types = tuple(t.strip() for t in spec.split(','))
     bad = [t for t in types if t not in LAYER_TYPES]
@@ -64,86 +65,78 @@ def layer_types(model_cfg: Mapping[str, Any]) -> tuple[str, ...]:
       raise ValueError(f'model.layer_types lists {len(types)} layers but model.num_layers={n}; give one entry '
                        'per layer, or set model.layer_types=\'\' to use model.global_attn_every_n_layers.')
     return types
-  every = model_cfg.get('global_attn_every_n_layers', 3)
+  every = c.global_attn_every_n_layers
   if not isinstance(every, int) or every < 1:
     raise ValueError(f'model.global_attn_every_n_layers={every!r} must be an integer >= 1 (1: all layers full).')
   return tuple('sliding_attention' if i % every else 'full_attention' for i in range(n))
 
 
-def check_config(model_cfg: Mapping[str, Any]) -> None:
+def check_config(model_cfg: ModelConfig | Mapping[str, Any]) -> None:
   """Raises ValueError for a ModernBERT config that cannot build (before any data is read)."""
-  layer_types(model_cfg)
-  if not model_cfg.get('tie_word_embeddings', True):
+  c = _config(model_cfg)
+  layer_types(c)
+  if not c.tie_word_embeddings:
     raise ValueError('model.tie_word_embeddings=False is not supported for ModernBERT (its decoder is the token '
                      'embeddings); leave it True.')
-  if model_cfg.get('local_attention', 128) < 2:
-    raise ValueError(f'model.local_attention={model_cfg.get("local_attention")} must be at least 2 (the whole '
+  if c.local_attention < 2:
+    raise ValueError(f'model.local_attention={c.local_attention} must be at least 2 (the whole '
                      'window: tokens at most local_attention // 2 apart attend to each other).')
-  head_dim = model_cfg['hidden_size'] // model_cfg['num_heads']
+  head_dim = c.hidden_size // c.num_heads
   if head_dim % 2:
     raise ValueError(f'RoPE needs an even head size; hidden_size / num_heads = {head_dim}; change num_heads.')
 
 
-def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-  """cos and sin [batch, 1, len, head_dim] of rotary embeddings at `positions` [batch, len] (f32)."""
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  freqs = positions[..., None].astype(jnp.float32) * inv_freq
-  angles = jnp.concatenate([freqs, freqs], axis=-1)[:, None]
-  return jnp.cos(angles), jnp.sin(angles)
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """Rotates [batch, heads, len, head_dim] by the tables (the 'rotate half' convention of Hugging Face)."""
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+def flops_terms(cfg: ModelConfig, seq_len: int) -> dict:
+  """How `flops.train_flops_per_token` counts ModernBERT: a GeGLU MLP (three h x f matmuls); a sliding-window
+  layer attends to at most 2 * (local_attention // 2) + 1 tokens instead of `seq_len`."""
+  window = min(seq_len, 2 * (cfg.local_attention // 2) + 1)
+  return {'glu': True, 'attended': tuple(seq_len if t == 'full_attention' else window for t in layer_types(cfg))}
 
 
 class Layer(nn.Module):
   """One pre-LN ModernBERT layer: [norm] → fused QKV → RoPE → attention → Wo; norm → GeGLU MLP."""
-  config: ml_collections.FrozenConfigDict
+  config: ModelConfig
   index: int
 
   @nn.compact
   def __call__(self, x: jax.Array, attention_bias: jax.Array, cos: jax.Array, sin: jax.Array,
-               deterministic: bool) -> jax.Array:
+               deterministic: bool, row_ids: jax.Array | None = None) -> jax.Array:
     c = self.config
     b, l, h = x.shape
     heads, head_dim = c.num_heads, h // c.num_heads
     out_std = c.initializer_range / math.sqrt(2.0 * c.num_layers)  # Hugging Face's init of output projections
-    dense = functools.partial(Dense, dtype=c.dtype, param_dtype=c.param_dtype, init_std=c.initializer_range)
+    dense = functools.partial(Dense, dtype=c.compute_dtype, param_dtype=c.param_jnp_dtype, init_std=c.initializer_range)
     norm = functools.partial(nn.LayerNorm, epsilon=c.layer_norm_eps, use_bias=option(c, 'norm_bias'),
-                             param_dtype=c.param_dtype)
+                             param_dtype=c.param_jnp_dtype)
     attn_bias, mlp_bias = option(c, 'attention_bias'), option(c, 'mlp_bias')
 
     y = x if self.index == 0 else norm(name='attention_norm')(x)
     qkv = dense(3 * h, use_bias=attn_bias, name='qkv')(y)  # features ordered (q|k|v, head, head_dim)
     q, k, v = qkv.reshape(b, l, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)  # each [b, heads, l, head_dim]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if _use_dot_product_attention(c.get('attention', 'auto'), c.attention_dropout, deterministic):
-      q, k, v = (t.transpose(0, 2, 1, 3).astype(c.dtype) for t in (q, k, v))
-      context = jax.nn.dot_product_attention(q, k, v, mask=attention_bias == 0).astype(jnp.float32)
-      context = context.reshape(b, l, h)
-    else:
-      scores = mixed_einsum('bhqd,bhkd->bhqk', q * head_dim ** -0.5, k, c.dtype) + attention_bias
-      probs = Dropout(c.attention_dropout)(jax.nn.softmax(scores, axis=-1), deterministic=deterministic)
-      context = mixed_einsum('bhqk,bhkd->bhqd', probs, v, c.dtype).transpose(0, 2, 1, 3).reshape(b, l, h)
+    # cudnn=False: XLA's attention, as before the layers were shared (cuDNN with the sliding-window mask is
+    # not yet checked against it on a GPU).
+    context = layers.attention(q, k, v, attention_bias, dtype=c.compute_dtype, dropout_rate=c.attention_dropout,
+                               deterministic=deterministic, mode=c.attention, row_ids=row_ids, cudnn=False)
     attn = dense(h, use_bias=attn_bias, init_std=out_std, name='attention_output')(context)
-    x = x + Dropout(c.attention_dropout)(attn, deterministic=deterministic)
+    x = x + Dropout(c.attention_dropout)(attn, deterministic=deterministic, row_ids=row_ids)
 
     y = norm(name='output_norm')(x)
     inputs, gate = jnp.split(dense(2 * c.intermediate_size, use_bias=mlp_bias, name='intermediate')(y), 2, axis=-1)
-    y = Dropout(c.hidden_dropout)(_activation(c.hidden_act)(inputs) * gate, deterministic=deterministic)
+    y = Dropout(c.hidden_dropout)(layers.activation(c.hidden_act)(inputs) * gate, deterministic=deterministic,
+                                  row_ids=row_ids)
     return x + dense(h, use_bias=mlp_bias, init_std=out_std, name='output')(y)
 
 
 class ModernBertMLM(nn.Module):
-  """ModernBERT encoder + MLM head tied to the token embeddings; the interface of `model.BertMLM`.
+  """ModernBERT encoder + MLM head tied to the token embeddings; the interface of `bert.BertMLM`.
 
   `__call__` returns logits [batch, P, vocab] at `masked_positions` [batch, P], or at every position when
   None; `encode` returns the last hidden states (after the final norm). `token_type_ids` is accepted and
-  ignored (ModernBERT has no token types).
+  ignored (ModernBERT has no token types). `row_ids` [batch] (optional): the rows' indices in the global batch,
+  from which dropout draws (see `layers.Dropout`).
   """
-  config: ml_collections.FrozenConfigDict
+  config: ModelConfig
 
   def setup(self):
     c = self.config
@@ -151,60 +144,55 @@ class ModernBertMLM(nn.Module):
       raise ValueError(f'model.hidden_size={c.hidden_size} is not divisible by model.num_heads={c.num_heads}')
     check_config(c)
     norm = functools.partial(nn.LayerNorm, epsilon=c.layer_norm_eps, use_bias=option(c, 'norm_bias'),
-                             param_dtype=c.param_dtype)
-    self.word_embeddings = nn.Embed(c.vocab_size, c.hidden_size, param_dtype=c.param_dtype,
+                             param_dtype=c.param_jnp_dtype)
+    self.word_embeddings = nn.Embed(c.vocab_size, c.hidden_size, param_dtype=c.param_jnp_dtype,
                                     embedding_init=nn.initializers.normal(c.initializer_range))
     self.embeddings_norm = norm()
     self.embeddings_dropout = Dropout(c.hidden_dropout)
     # remat: keep each layer's input only and recompute the rest; `deterministic` (argument 5, counting self) is static.
-    layer = nn.remat(Layer, static_argnums=(5,)) if c.get('remat', False) else Layer
+    layer = nn.remat(Layer, static_argnums=(5,)) if c.remat else Layer
     self.layers = [layer(c, i, name=f'layer_{i}') for i in range(c.num_layers)]
     self.final_norm = norm()
-    self.head_transform = Dense(c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype, use_bias=option(
+    self.head_transform = Dense(c.hidden_size, dtype=c.compute_dtype, param_dtype=c.param_jnp_dtype, use_bias=option(
         c, 'classifier_bias'), init_std=c.initializer_range / math.sqrt(2.0 * c.num_layers))
     self.head_norm = norm()
-    self.head_bias = (self.param('head_bias', nn.initializers.zeros, (c.vocab_size,), c.param_dtype)
+    self.head_bias = (self.param('head_bias', nn.initializers.zeros, (c.vocab_size,), c.param_jnp_dtype)
                       if option(c, 'decoder_bias') else None)
 
   def encode(self, input_ids: jax.Array, segment_ids: jax.Array, positions: jax.Array | None = None,
-             token_type_ids: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+             token_type_ids: jax.Array | None = None, deterministic: bool = True,
+             row_ids: jax.Array | None = None) -> jax.Array:
     del token_type_ids  # no token types in ModernBERT
     c = self.config
     length = input_ids.shape[-1]
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(length), input_ids.shape)
-    x = self.embeddings_dropout(self.embeddings_norm(self.word_embeddings(input_ids)), deterministic=deterministic)
-    same_doc = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
-    distance = jnp.abs(jnp.arange(length)[:, None] - jnp.arange(length)[None, :])
-    in_window = same_doc & (distance <= c.local_attention // 2)  # documents are contiguous: row distance
-    lowest = jnp.finfo(jnp.float32).min
-    biases = {'full_attention': jnp.where(same_doc, 0.0, lowest)[:, None],
-              'sliding_attention': jnp.where(in_window, 0.0, lowest)[:, None]}
+    x = self.embeddings_dropout(self.embeddings_norm(self.word_embeddings(input_ids)), deterministic=deterministic,
+                                row_ids=row_ids)
+    biases = {'full_attention': layers.attention_bias(segment_ids),
+              'sliding_attention': layers.attention_bias(segment_ids, window=c.local_attention)}
     head_dim = c.hidden_size // c.num_heads
     thetas = {'full_attention': c.global_rope_theta, 'sliding_attention': c.local_rope_theta}
     types = layer_types(c)
     rope = {t: rope_tables(positions, head_dim, thetas[t]) for t in set(types)}
     for layer, kind in zip(self.layers, types):
-      x = layer(x, biases[kind], *rope[kind], deterministic)
+      x = layer(x, biases[kind], *rope[kind], deterministic, row_ids)
     return self.final_norm(x)
 
   def __call__(self, input_ids: jax.Array, segment_ids: jax.Array, positions: jax.Array | None = None,
                token_type_ids: jax.Array | None = None, masked_positions: jax.Array | None = None,
-               deterministic: bool = True) -> jax.Array:
+               deterministic: bool = True, row_ids: jax.Array | None = None) -> jax.Array:
     c = self.config
-    x = self.encode(input_ids, segment_ids, positions, token_type_ids, deterministic)
-    if masked_positions is not None:
-      x = jnp.take_along_axis(x, masked_positions[..., None], axis=1)
-    x = self.head_norm(_activation(c.hidden_act)(self.head_transform(x)))
+    x = self.encode(input_ids, segment_ids, positions, token_type_ids, deterministic, row_ids)
+    x = layers.at_positions(x, masked_positions)
+    x = self.head_norm(layers.activation(c.hidden_act)(self.head_transform(x)))
     return self.decode(x)
 
   def decode(self, x: jax.Array) -> jax.Array:
-    """Vocabulary logits through the tied embeddings, padded to `vocab_multiple` rows as `BertMLM.decode`."""
+    """Vocabulary logits through the tied embeddings, padded to `vocab_multiple` rows (`layers.decode`)."""
     c = self.config
-    embedding = self.word_embeddings.embedding
-    vocab = embedding.shape[0]
-    pad = -vocab % c.get('vocab_multiple', 1)
-    if pad:
-      embedding = jnp.pad(embedding, ((0, pad), (0, 0)))
-    logits = mixed_einsum('bph,vh->bpv', x, embedding, c.dtype)[..., :vocab]
+    logits = layers.decode(x, self.word_embeddings.embedding, c.vocab_multiple, c.compute_dtype)
     return logits if self.head_bias is None else logits + self.head_bias
+
+
+MODEL = ModernBertMLM

@@ -12,8 +12,9 @@ import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from mlm_flax.configs import default
-from mlm_flax import masking, parallel, train
-from mlm_flax.model import make_model
+from mlm_flax import parallel, train
+from mlm_flax.objectives import masking
+from mlm_flax.models import make_model
 
 
 def main() -> None:

@@ -1,21 +1,20 @@
-"""Hugging Face interop: BERT / RoBERTa masked-LM checkpoints in and out of our params pytree.
+"""Hugging Face mapping of BERT and RoBERTa masked LMs (`BertForMaskedLM`, `RobertaForMaskedLM`).
 
 Our layer names follow BERT's, so the mapping is one table (`_EMBEDDINGS`, `_LAYER`, `_HEAD`) read in both
 directions. Linear weights are transposed (torch stores [out, in]). The MLM decoder is tied to the word
 embeddings (only its bias travels) unless the config says `tie_word_embeddings=False`, or the checkpoint's
 decoder weight differs from the embeddings (transformers 5 then unties too): then it is our `decoder` param.
-Keys we do not use (the pooler, an NSP head, ...) are logged, never silently dropped.
+Keys we do not use (the pooler, an NSP head, ...) are logged, never silently dropped. `hf.py` dispatches here
+on the model type.
 """
 
-import json
 import logging
-import os
 from typing import Any
 
 import ml_collections
 import numpy as np
 
-from mlm_flax import hf_modernbert
+ARCHITECTURES = {'bert': 'BertForMaskedLM', 'roberta': 'RobertaForMaskedLM'}
 
 _LAYER = {  # ours (under layer_{i}) -> HF (under {prefix}.encoder.layer.{i}.)
     ('query',): 'attention.self.query', ('key',): 'attention.self.key', ('value',): 'attention.self.value',
@@ -28,7 +27,6 @@ _HEAD = {'bert': {('head_transform',): 'cls.predictions.transform.dense',
                   ('head_norm',): 'cls.predictions.transform.LayerNorm', ('head_bias',): 'cls.predictions.bias'},
          'roberta': {('head_transform',): 'lm_head.dense', ('head_norm',): 'lm_head.layer_norm',
                      ('head_bias',): 'lm_head.bias'}}
-_ARCH = {'bert': 'BertForMaskedLM', 'roberta': 'RobertaForMaskedLM'}
 _DECODER = {'bert': 'cls.predictions.decoder', 'roberta': 'lm_head.decoder'}
 _BUFFERS = ('embeddings.position_ids', 'embeddings.token_type_ids')  # index buffers some exports carry
 
@@ -64,12 +62,8 @@ def key_map(model_type: str, num_layers: int, prefix: str | None = None,
 
 
 def model_config_from_hf(hf: dict) -> dict:
-  """Our `model` config values from a Hugging Face config.json."""
+  """Our `model` config values from a BERT/RoBERTa config.json."""
   model_type = hf.get('model_type', 'bert')
-  if model_type == 'modernbert':
-    return hf_modernbert.model_config_from_hf(hf)
-  if model_type not in _ARCH:
-    raise ValueError(f"model_type {model_type!r} is not supported; use a BERT, RoBERTa or ModernBERT checkpoint.")
   act = hf.get('hidden_act', 'gelu')
   if act not in ('gelu', 'gelu_new', 'relu'):
     raise ValueError(f'hidden_act {act!r} is not supported (gelu, gelu_new, relu).')
@@ -89,13 +83,11 @@ def model_config_from_hf(hf: dict) -> dict:
 
 
 def hf_config_from_model(model: ml_collections.ConfigDict, tok) -> dict:
-  """A Hugging Face config.json for our `model` config."""
-  if model.type == 'modernbert':
-    return hf_modernbert.hf_config_from_model(model, tok)
+  """A BERT/RoBERTa config.json for our `model` config."""
   if model.get('norm_position', 'post') != 'post':
     raise ValueError('only post-LN models (model.norm_position="post") have a Hugging Face layout.')
   max_pos = model.max_position_embeddings
-  return {'architectures': [_ARCH[model.type]], 'model_type': model.type,
+  return {'architectures': [ARCHITECTURES[model.type]], 'model_type': model.type,
           'vocab_size': model.vocab_size, 'hidden_size': model.hidden_size,
           'num_hidden_layers': model.num_layers, 'num_attention_heads': model.num_heads,
           'intermediate_size': model.intermediate_size, 'hidden_act': model.hidden_act,
@@ -137,8 +129,6 @@ def decoder_is_tied(state: dict[str, np.ndarray], model: dict) -> bool:
   """Whether the MLM decoder is the word embeddings: the config's `tie_word_embeddings`, except that a
   checkpoint holding a decoder weight different from its word embeddings is loaded untied, with a warning
   (as transformers 5 loads it: `pipeline("fill-mask")` then scores with that decoder weight)."""
-  if model['type'] == 'modernbert':
-    return hf_modernbert.decoder_is_tied(state, model)
   if not model.get('tie_word_embeddings', True):
     return False
   prefix = _prefix(state, model['type'])
@@ -159,8 +149,6 @@ def params_from_state_dict(state: dict[str, np.ndarray], model: dict, init_param
   `gamma`/`beta` names. Keys it does not use are logged: the pooler in one info line (the MLM has none), any
   other in one warning listing them. Returns the params and the list of our params that were initialised fresh.
   """
-  if model['type'] == 'modernbert':
-    return hf_modernbert.params_from_state_dict(state, model, init_params)
   state = legacy_names_renamed(state)
   prefix = _prefix(state, model['type'])
   tied = model.get('tie_word_embeddings', True)
@@ -199,8 +187,6 @@ def params_from_state_dict(state: dict[str, np.ndarray], model: dict, init_param
 
 def state_dict_from_params(params: Any, model: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
   """A HF `*ForMaskedLM` state dict in f32 (decoder weight: the word embeddings, or our untied `decoder`)."""
-  if model.type == 'modernbert':
-    return hf_modernbert.state_dict_from_params(params, model)
   state = {}
   tied = model.get('tie_word_embeddings', True)
   for ours, hf, transpose in key_map(model.type, model.num_layers, tied=tied):
@@ -211,80 +197,3 @@ def state_dict_from_params(params: Any, model: ml_collections.ConfigDict) -> dic
     state[f'{head}.weight'] = state[f'{model.type}.embeddings.word_embeddings.weight']
   state[f'{head}.bias'] = state['cls.predictions.bias' if model.type == 'bert' else 'lm_head.bias']
   return state
-
-
-def read_state_dict(path: str) -> dict[str, np.ndarray]:
-  """Weights of a HF model folder: model.safetensors, else pytorch_model.bin (needs torch)."""
-  safetensors_path = os.path.join(path, 'model.safetensors')
-  if os.path.isfile(safetensors_path):
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    return load_file(safetensors_path)
-  bin_path = os.path.join(path, 'pytorch_model.bin')
-  if os.path.isfile(bin_path):
-    import torch  # pylint: disable=g-import-not-at-top
-    return {k: v.float().numpy() for k, v in torch.load(bin_path, map_location='cpu', weights_only=True).items()}
-  raise FileNotFoundError(f'{path} has neither model.safetensors nor pytorch_model.bin.')
-
-
-def log_fresh_head(fresh: list[str], path: str) -> None:
-  if fresh:
-    logging.warning('%s has no MLM head (%s): the head is initialised fresh; fine-tune or continue '
-                    'pretraining before using fill-mask.', path, ', '.join(fresh))
-
-
-def read_hf_config(path: str) -> dict:
-  with open(os.path.join(path, 'config.json')) as f:
-    return json.load(f)
-
-
-def export(mlm, out_dir: str) -> None:
-  """Writes a Hugging Face folder (config.json, model.safetensors, tokenizer) from a loaded model.
-
-  transformers loads it with `AutoModelForMaskedLM`/`AutoTokenizer`, and `pipeline("fill-mask")`
-  uses it directly. Written to a temporary folder and renamed, so a failed export leaves nothing.
-  """
-  import shutil  # pylint: disable=g-import-not-at-top
-  import tempfile  # pylint: disable=g-import-not-at-top
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  from mlm_flax import inference  # pylint: disable=g-import-not-at-top
-  if os.path.exists(out_dir) and os.listdir(out_dir):
-    raise FileExistsError(f'{out_dir} exists and is not empty; choose a new --out folder.')
-  parent = os.path.dirname(os.path.abspath(out_dir))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix='.export-', dir=parent)
-  try:
-    config = hf_config_from_model(mlm.config.model, mlm.tokenizer)
-    state = state_dict_from_params(mlm.params, mlm.config.model)
-    if mlm.config.model.get('tie_word_embeddings', True):  # rebuilt from the embeddings and bias on load
-      state = {k: v for k, v in state.items() if '.decoder.' not in k and k != 'decoder.weight'}
-    save_file(state, os.path.join(tmp, 'model.safetensors'), metadata={'format': 'pt'})
-    with open(os.path.join(tmp, 'config.json'), 'w') as f:
-      json.dump(config, f, indent=2)
-    mlm.tokenizer.model_max_length = inference.max_length(mlm)
-    mlm.tokenizer.save_pretrained(tmp)
-    os.chmod(tmp, 0o755)
-    if os.path.isdir(out_dir):
-      os.rmdir(out_dir)
-    os.rename(tmp, out_dir)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
-def import_to_workdir(hf_path: str, workdir: str) -> dict:
-  """Starts a workdir from a Hugging Face checkpoint: config.json, tokenizer/ and imported/ params.
-
-  `mlm-flax train --workdir` on it then continues pretraining with a fresh optimizer.
-  """
-  from mlm_flax.configs import default  # pylint: disable=g-import-not-at-top
-  from mlm_flax import checkpoint, inference, tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-  if os.path.exists(os.path.join(workdir, 'config.json')):
-    raise FileExistsError(f'{workdir} already holds a run; import into a new --workdir.')
-  mlm = inference.load_hf(hf_path)
-  mlm.config.model.dtype = default.get_config().model.dtype  # training's default ('auto'), not inference's f32
-  os.makedirs(workdir, exist_ok=True)
-  tokenizer_lib.save_atomic(mlm.tokenizer, os.path.join(workdir, 'tokenizer'))
-  mlm.config.data.tokenizer = None
-  checkpoint.Checkpointer(workdir).save_imported(mlm.params)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    json.dump(mlm.config.to_dict(), f, indent=2)
-  return {'workdir': workdir, 'model': mlm.config.model.to_dict()}

@@ -1,6 +1,6 @@
 """Hugging Face interop for ModernBERT: `ModernBertForMaskedLM` checkpoints and configs in and out.
 
-`hf.py` dispatches here on model type. The key map is one list of (our param path, HF key, transpose?) read in both
+`hf.py` dispatches here on the model type. The key map is one list of (our param path, HF key, transpose?) read in both
 directions; biases appear only where the config's switches say so. The decoder weight is tied to the token
 embeddings on both sides, so only its bias travels. Configs convert both ways in the legacy Hub format
 (`global_attn_every_n_layers`, `global_rope_theta`, `local_rope_theta`) and transformers 5's (`layer_types`,

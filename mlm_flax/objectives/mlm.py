@@ -1,20 +1,41 @@
-"""The MLM objective: logits at the masked positions, token-weighted cross-entropy, accuracy.
+"""The MLM objective: the run's masking function, logits at the masked positions, token-weighted
+cross-entropy, accuracy.
 
 Metrics are returned as sums (`loss_sum`, `correct`, `count`) so they add up exactly
 across steps, batches and hosts; the loss that is differentiated is normalised by
 the number of masked tokens in the *global* batch.
 """
 
+import functools
 import math
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
-from mlm_flax.masking import Masked
+from mlm_flax import tokenizer
+from mlm_flax.objectives import masking
+from mlm_flax.objectives.masking import Masked
 
 MaskFn = Callable[..., Masked]
+
+
+def make_mask_fn(config: ml_collections.ConfigDict, tok, split: str = 'train') -> tuple[MaskFn, int]:
+  """The masking function for `split` ('train' or 'eval') and its static prediction budget."""
+  rate = config.masking.rate
+  if split == 'eval' and config.masking.get('eval_rate') is not None:
+    rate = config.masking.eval_rate
+  strategy = config.masking.get('strategy', 'token')
+  word_starts = None if strategy == 'token' else jnp.asarray(tokenizer.word_start_table(tok))
+  fn = functools.partial(
+      masking.mask_tokens, vocab_size=len(tok), mask_id=tok.mask_token_id,
+      special_ids=tokenizer.special_token_ids(tok), pad_id=tok.pad_token_id, rate=rate,
+      mask_prob=config.masking.mask_prob, random_prob=config.masking.random_prob, strategy=strategy,
+      word_starts=word_starts, max_span_length=config.masking.get('max_span_length', 10),
+      span_p=config.masking.get('span_p', 0.2))
+  return fn, masking.max_predictions(config.max_seq_length, rate, strategy)
 
 
 def gather_predictions(masked: Masked, num_predictions: int) -> tuple[jax.Array, jax.Array, jax.Array]:

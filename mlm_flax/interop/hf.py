@@ -1,0 +1,157 @@
+"""Hugging Face interop: masked-LM checkpoints and configs in and out of our params pytree.
+
+`load_hf` reads a Hugging Face folder (or hub name) into (config, params, tokenizer, module); `export` writes
+one; `import_to_workdir` starts a workdir from one. The mapping of each architecture (key map, config.json
+conversion, tied decoder) is its own module (`bert.py` for BERT and RoBERTa, `modernbert.py`), chosen by the
+model type through `MAPPINGS`.
+"""
+
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mlm_flax.interop import bert, modernbert
+from mlm_flax.models import make_model, position_offset
+
+# Hugging Face `model_type` / our `model.type` -> the module mapping that architecture (key map, configs).
+MAPPINGS = {'bert': bert, 'roberta': bert, 'modernbert': modernbert}
+
+
+def _mapping(model_type: str):
+  if model_type not in MAPPINGS:
+    raise ValueError(f"model_type {model_type!r} is not supported; use a BERT, RoBERTa or ModernBERT checkpoint.")
+  return MAPPINGS[model_type]
+
+
+def model_config_from_hf(hf: dict) -> dict:
+  """Our `model` config values from a Hugging Face config.json."""
+  return _mapping(hf.get('model_type', 'bert')).model_config_from_hf(hf)
+
+
+def hf_config_from_model(model: ml_collections.ConfigDict, tok) -> dict:
+  """A Hugging Face config.json for our `model` config."""
+  return _mapping(model['type']).hf_config_from_model(model, tok)
+
+
+def decoder_is_tied(state: dict[str, np.ndarray], model: dict) -> bool:
+  """Whether the checkpoint's MLM decoder is its word embeddings (see the architecture's mapping)."""
+  return _mapping(model['type']).decoder_is_tied(state, model)
+
+
+def params_from_state_dict(state: dict[str, np.ndarray], model: dict, init_params: Any) -> tuple[dict, list[str]]:
+  """Our params from a HF state dict, and the params initialised fresh (from `init_params`: a missing head)."""
+  return _mapping(model['type']).params_from_state_dict(state, model, init_params)
+
+
+def state_dict_from_params(params: Any, model: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  """A HF `*ForMaskedLM` state dict in f32."""
+  return _mapping(model['type']).state_dict_from_params(params, model)
+
+
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+  """Weights of a HF model folder: model.safetensors, else pytorch_model.bin (needs torch)."""
+  safetensors_path = os.path.join(path, 'model.safetensors')
+  if os.path.isfile(safetensors_path):
+    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    return load_file(safetensors_path)
+  bin_path = os.path.join(path, 'pytorch_model.bin')
+  if os.path.isfile(bin_path):
+    import torch  # pylint: disable=g-import-not-at-top
+    return {k: v.float().numpy() for k, v in torch.load(bin_path, map_location='cpu', weights_only=True).items()}
+  raise FileNotFoundError(f'{path} has neither model.safetensors nor pytorch_model.bin.')
+
+
+def log_fresh_head(fresh: list[str], path: str) -> None:
+  if fresh:
+    logging.warning('%s has no MLM head (%s): the head is initialised fresh; fine-tune or continue '
+                    'pretraining before using fill-mask.', path, ', '.join(fresh))
+
+
+def read_hf_config(path: str) -> dict:
+  with open(os.path.join(path, 'config.json')) as f:
+    return json.load(f)
+
+
+def load_hf(path: str | os.PathLike, dtype: str = 'float32') -> tuple[ml_collections.ConfigDict, Any, Any, Any]:
+  """(config, params, tokenizer, module) of a Hugging Face BERT/RoBERTa/ModernBERT masked LM (or encoder-only
+  model: fresh head, with a warning), computing in `dtype`; `inference.load` wraps them in an `MLM`."""
+  from mlm_flax.configs import default  # pylint: disable=g-import-not-at-top
+  from mlm_flax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  path = os.fspath(path)
+  if not os.path.isdir(path):  # a hub name
+    import huggingface_hub  # pylint: disable=g-import-not-at-top
+    try:
+      path = huggingface_hub.snapshot_download(path, allow_patterns=['*.json', '*.safetensors', '*.txt'])
+    except Exception as e:  # offline, unknown name, ...
+      raise FileNotFoundError(f'{path!r} is neither a local folder nor a reachable Hugging Face hub model '
+                              f'({type(e).__name__}); pass a workdir or a local model folder.') from e
+  config = default.get_config()
+  state = read_state_dict(path)
+  config.model.update(model_config_from_hf(read_hf_config(path)), dtype=dtype)
+  config.model.tie_word_embeddings = decoder_is_tied(state, config.model.to_dict())
+  config.max_seq_length = min(512, config.model.max_position_embeddings - position_offset(config.model))
+  config.data.tokenizer = os.path.abspath(path)
+  model = make_model(config.model)
+  init = model.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, 8), jnp.int32), jnp.ones((1, 8), jnp.int32))
+  params, fresh = params_from_state_dict(state, config.model.to_dict(), init['params'])
+  log_fresh_head(fresh, path)
+  tok = tokenizer_lib.load_tokenizer(path)
+  return config, jax.tree.map(jnp.asarray, params), tok, model
+
+
+def export(mlm, out_dir: str) -> None:
+  """Writes a Hugging Face folder (config.json, model.safetensors, tokenizer) from a loaded `inference.MLM`.
+
+  transformers loads it with `AutoModelForMaskedLM`/`AutoTokenizer`, and `pipeline("fill-mask")`
+  uses it directly. Written to a temporary folder and renamed, so a failed export leaves nothing.
+  """
+  import shutil  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  if os.path.exists(out_dir) and os.listdir(out_dir):
+    raise FileExistsError(f'{out_dir} exists and is not empty; choose a new --out folder.')
+  parent = os.path.dirname(os.path.abspath(out_dir))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix='.export-', dir=parent)
+  try:
+    config = hf_config_from_model(mlm.config.model, mlm.tokenizer)
+    state = state_dict_from_params(mlm.params, mlm.config.model)
+    if mlm.config.model.get('tie_word_embeddings', True):  # rebuilt from the embeddings and bias on load
+      state = {k: v for k, v in state.items() if '.decoder.' not in k and k != 'decoder.weight'}
+    save_file(state, os.path.join(tmp, 'model.safetensors'), metadata={'format': 'pt'})
+    with open(os.path.join(tmp, 'config.json'), 'w') as f:
+      json.dump(config, f, indent=2)
+    mlm.tokenizer.model_max_length = mlm.config.model.max_position_embeddings - position_offset(mlm.config.model)
+    mlm.tokenizer.save_pretrained(tmp)
+    os.chmod(tmp, 0o755)
+    if os.path.isdir(out_dir):
+      os.rmdir(out_dir)
+    os.rename(tmp, out_dir)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def import_to_workdir(hf_path: str, workdir: str) -> dict:
+  """Starts a workdir from a Hugging Face checkpoint: config.json, tokenizer/ and imported/ params.
+
+  `mlm-flax train --workdir` on it then continues pretraining with a fresh optimizer.
+  """
+  from mlm_flax.configs import default  # pylint: disable=g-import-not-at-top
+  from mlm_flax import checkpoint, tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  if os.path.exists(os.path.join(workdir, 'config.json')):
+    raise FileExistsError(f'{workdir} already holds a run; import into a new --workdir.')
+  config, params, tok, _ = load_hf(hf_path)
+  config.model.dtype = default.get_config().model.dtype  # training's default ('auto'), not inference's f32
+  os.makedirs(workdir, exist_ok=True)
+  tokenizer_lib.save_atomic(tok, os.path.join(workdir, 'tokenizer'))
+  config.data.tokenizer = None
+  checkpoint.Checkpointer(workdir).save_imported(params)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    json.dump(config.to_dict(), f, indent=2)
+  return {'workdir': workdir, 'model': config.model.to_dict()}

@@ -1,0 +1,99 @@
+"""`ModelConfig`: every `model.*` key with its default, once (as flax's lm1b `TransformerConfig`).
+
+`configs/default.py` builds its `model` ConfigDict from `dataclasses.asdict(ModelConfig())`, so a default lives
+here and nowhere else; model code takes a `ModelConfig` (attribute access, frozen, hashable: a linen module
+attribute and a static jit argument) built by `ModelConfig.from_dict` from a run's `model` config. Pure Python:
+importing it does not import JAX (configs and validation stay fast).
+"""
+
+import dataclasses
+import functools
+from typing import Any, Mapping
+
+# Keys whose default is None (filled from the tokenizer, or "the architecture's own"): the type their values
+# take, for the config's FieldReferences (a None default otherwise accepts no typed override).
+OPTIONAL_TYPES = {'vocab_size': int, 'pad_token_id': int, 'attention_bias': bool, 'mlp_bias': bool,
+                  'norm_bias': bool, 'decoder_bias': bool, 'classifier_bias': bool}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The `model` sub-config: architecture, sizes, precision and per-architecture options."""
+  type: str = 'bert'  # a key of `mlm_flax.models.ARCHITECTURES`: 'bert', 'roberta' (position offset) or 'modernbert'
+  num_layers: int = 4
+  hidden_size: int = 256
+  num_heads: int = 4
+  intermediate_size: int = 1024
+  vocab_size: int | None = None  # None: from the tokenizer
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  hidden_dropout: float = 0.1
+  attention_dropout: float = 0.1
+  layer_norm_eps: float = 1e-12
+  # 'post': BERT/RoBERTa layout (Hugging Face compatible); 'pre': pre-LN layers + a final LayerNorm,
+  # which tolerates higher learning rates (Xiong et al. 2020). ModernBERT is always pre-LN.
+  norm_position: str = 'post'
+  hidden_act: str = 'gelu'  # exact erf GELU, as BERT (ModernBERT: the GeGLU's activation)
+  initializer_range: float = 0.02
+  pad_token_id: int | None = None  # None: from the tokenizer
+  # 'bfloat16': bf16 matmul inputs, f32 accumulation, f32 master params; 'auto' picks per backend
+  # (see `layers.resolve_dtype`).
+  dtype: str = 'auto'
+  param_dtype: str = 'float32'
+  # 'auto': jax.nn.dot_product_attention (fused kernels) on GPU/TPU, heads-major einsums on CPU (faster
+  # there); or 'einsum' / 'dot_product_attention'. Training with attention_dropout > 0 uses the einsums.
+  attention: str = 'auto'
+  # The head's matmul runs on the vocabulary padded (zero rows) to a multiple of this, aligned for GPU
+  # tensor cores / TPU MXUs; logits, params and exports keep the real size. 1 turns it off.
+  vocab_multiple: int = 128
+  remat: bool = False  # recompute each layer in the backward pass: less activation memory, ~1/3 more FLOPs
+  tie_word_embeddings: bool = True  # False: the MLM decoder is its own [vocab, hidden] param (HF untied)
+  # ModernBERT (model.type='modernbert'; BERT/RoBERTa ignore these). Each layer attends to its whole document
+  # ('full_attention') or to the tokens at most local_attention // 2 away ('sliding_attention').
+  layer_types: str = ''  # comma-separated, one per layer; '': every global_attn_every_n_layers-th layer full
+  global_attn_every_n_layers: int = 3  # from layer 0 (Hugging Face's rule); the others sliding
+  local_attention: int = 128  # the whole sliding window, half on each side (Hugging Face's definition)
+  global_rope_theta: float = 160_000.0  # RoPE base of full-attention layers
+  local_rope_theta: float = 10_000.0  # RoPE base of sliding-window layers
+  # Biases; None: the architecture's own (BERT: all; ModernBERT: only the decoder's).
+  attention_bias: bool | None = None  # QKV and attention output
+  mlp_bias: bool | None = None
+  norm_bias: bool | None = None  # LayerNorm shift
+  decoder_bias: bool | None = None  # MLM decoder (tied embedding)
+  classifier_bias: bool | None = None  # the head's dense layer
+
+  @classmethod
+  def from_dict(cls, model_cfg: Mapping[str, Any]) -> 'ModelConfig':
+    """From a `model` config (ConfigDict or dict); missing keys take their defaults (an older config.json).
+
+    Raises ValueError naming an unknown key and listing the valid ones.
+    """
+    values = model_cfg.to_dict() if hasattr(model_cfg, 'to_dict') else dict(model_cfg)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+      raise ValueError(f'unknown model config key {unknown[0]!r} (model.{unknown[0]}); valid keys: '
+                       f'{", ".join(names)}.')
+    return cls(**values)
+
+  @functools.cached_property
+  def compute_dtype(self) -> Any:
+    """`dtype` as a jnp.dtype, 'auto' resolved for this backend and CPU."""
+    from mlm_flax.models import layers  # pylint: disable=g-import-not-at-top  # JAX only when a model is built
+    return layers.resolve_dtype(self.dtype)
+
+  @functools.cached_property
+  def param_jnp_dtype(self) -> Any:
+    """`param_dtype` as a jnp.dtype."""
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    return jnp.dtype(self.param_dtype)
+
+  @property
+  def position_offset(self) -> int:
+    return position_offset(self)
+
+
+def position_offset(model_cfg: Any) -> int:
+  """RoBERTa numbers positions after the padding index; BERT from 0. Takes a `ModelConfig` or a `model` config."""
+  get = (lambda k: getattr(model_cfg, k)) if isinstance(model_cfg, ModelConfig) else model_cfg.__getitem__
+  return get('pad_token_id') + 1 if get('type') == 'roberta' else 0

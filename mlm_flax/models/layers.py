@@ -1,0 +1,242 @@
+"""Layers shared by the architectures: mixed-precision einsum/Dense, dropout, attention, RoPE, the MLM decoder.
+
+Params are kept in `param_dtype` (f32); with `dtype=bfloat16` every matmul takes bf16 inputs and accumulates in
+f32 (`preferred_element_type`), forward *and* backward (`mixed_einsum`), which is what makes AMX CPUs, GPUs and
+TPUs fast. Norms, softmax and the residual stream stay f32.
+
+Packed rows carry `segment_ids` (1, 2, ... per document, 0 for padding): `attention_bias` keeps attention inside
+a document (and, optionally, within a sliding window); `positions` restart per document.
+"""
+
+import functools
+import logging
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def _transpose_specs(spec: str) -> tuple[str, str]:
+  inputs, out = spec.split('->')
+  a, b = inputs.split(',')
+  for i in set(a + b + out) - {'.'}:
+    if (i in a) + (i in b) + (i in out) < 2:
+      raise ValueError(f'mixed_einsum needs every index in at least two operands: {spec}')
+  return f'{out},{b}->{a}', f'{a},{out}->{b}'
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _bf16_einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  return jnp.einsum(spec, a.astype(jnp.bfloat16), b.astype(jnp.bfloat16),
+                    preferred_element_type=jnp.float32)
+
+
+def _bf16_einsum_fwd(spec, a, b):
+  a16, b16 = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+  out = jnp.einsum(spec, a16, b16, preferred_element_type=jnp.float32)
+  # Zero-size carriers remember the primal dtypes for the cotangents.
+  return out, (a16, b16, jnp.zeros((0,), a.dtype), jnp.zeros((0,), b.dtype))
+
+
+def _bf16_einsum_bwd(spec, res, g):
+  a16, b16, a_dtype, b_dtype = res
+  spec_a, spec_b = _transpose_specs(spec)
+  g16 = g.astype(jnp.bfloat16)  # bf16 cotangent, f32 accumulation: the fast path backward too
+  da = jnp.einsum(spec_a, g16, b16, preferred_element_type=jnp.float32)
+  db = jnp.einsum(spec_b, a16, g16, preferred_element_type=jnp.float32)
+  return da.astype(a_dtype.dtype), db.astype(b_dtype.dtype)
+
+
+_bf16_einsum.defvjp(_bf16_einsum_fwd, _bf16_einsum_bwd)
+
+
+def mixed_einsum(spec: str, a: jax.Array, b: jax.Array, dtype: Dtype) -> jax.Array:
+  """einsum in `dtype` with f32 accumulation and f32 output; bf16 has a matching fast backward."""
+  if jnp.dtype(dtype) == jnp.bfloat16:
+    _transpose_specs(spec)
+    inputs, out = spec.split('->')
+    batched = set(inputs.split(',')[0]) & set(inputs.split(',')[1]) & set(out) - {'.'}
+    if not (batched and jax.default_backend() == 'cpu'):  # XLA:CPU lacks batched bf16 x bf16 -> f32 dots
+      return _bf16_einsum(spec, a, b)
+    dtype = jnp.float32
+  return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+
+
+class Dense(nn.Module):
+  """`y = x @ kernel + bias` through `mixed_einsum` (`use_bias=False`: no bias param)."""
+  features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  init_std: float = 0.02
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param('kernel', nn.initializers.normal(self.init_std),
+                        (x.shape[-1], self.features), self.param_dtype)
+    # A 2-D dot: XLA:CPU differentiates '...k,kn->...n' on 3-D inputs ~1.8x slower.
+    y = mixed_einsum('mk,kn->mn', x.reshape(-1, x.shape[-1]), kernel, self.dtype)
+    y = y.reshape(*x.shape[:-1], self.features)
+    if not self.use_bias:
+      return y
+    return y + self.param('bias', nn.initializers.zeros, (self.features,), self.param_dtype)
+
+
+class Dropout(nn.Module):
+  """Inverted dropout from 16 random bits per element, two elements per 32-bit draw, drawn per row.
+
+  `nn.Dropout` draws 32 bits per element; random bits are most of dropout's cost (XLA:CPU's threefry makes
+  ~50-70 M words/s, and attention-probability dropout needs batch*heads*len^2 per layer), so this halves it.
+  The keep probability is exact to 2^-16. Row `i` of `x` draws from `fold_in(key, row_ids[i])` (default:
+  its index), so a row's mask does not depend on which micro-batch or device holds it: give the rows'
+  indices in the global batch and gradient accumulation gets the full batch's dropout (same threefry work).
+  """
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool, row_ids: jax.Array | None = None) -> jax.Array:
+    if deterministic or self.rate == 0.0:
+      return x
+    if self.rate >= 1.0:
+      return jnp.zeros_like(x)
+    key, last = self.make_rng('dropout'), x.shape[-1]
+    row_ids = jnp.arange(x.shape[0]) if row_ids is None else row_ids
+    shape = (*x.shape[1:-1], (last + 1) // 2)
+    bits = jax.vmap(lambda r: jax.random.bits(jax.random.fold_in(key, r), shape, jnp.uint32))(row_ids)
+    halves = jnp.concatenate([bits & 0xFFFF, bits >> 16], axis=-1)[..., :last]
+    keep = halves >= jnp.uint32(round(self.rate * 65536))
+    return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x)).astype(x.dtype)
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  """The activation `model.hidden_act` names."""
+  return {'gelu': functools.partial(jax.nn.gelu, approximate=False),
+          'gelu_new': functools.partial(jax.nn.gelu, approximate=True),
+          'gelu_pytorch_tanh': functools.partial(jax.nn.gelu, approximate=True),
+          'relu': jax.nn.relu, 'silu': jax.nn.silu}[name]
+
+
+def use_dot_product_attention(mode: str, dropout: float, deterministic: bool) -> bool:
+  """'auto': `jax.nn.dot_product_attention` on GPU/TPU; on CPU the heads-major einsums, ~3x faster there.
+
+  The fused kernel has no attention-probability dropout, so training with `attention_dropout` > 0
+  keeps the einsum path (inference never needs it).
+  """
+  if mode not in ('auto', 'einsum', 'dot_product_attention'):
+    raise ValueError(f"model.attention={mode!r}; use 'auto', 'einsum' or 'dot_product_attention'.")
+  if mode == 'einsum' or (dropout > 0 and not deterministic):
+    return False
+  return mode == 'dot_product_attention' or jax.default_backend() != 'cpu'
+
+
+def attention_implementation(backend: str, dtype: Dtype, dropout_active: bool) -> str | None:
+  """The `implementation` to ask `jax.nn.dot_product_attention` for: 'cudnn' (flash attention) on an NVIDIA
+  GPU with bf16/fp16 compute and no attention dropout, which is what cuDNN's fused kernel supports; None
+  (XLA's attention) elsewhere (CPU, TPU, ROCm, f32 compute)."""
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  return 'cudnn' if backend in ('gpu', 'cuda') and half and not dropout_active else None
+
+
+def _dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, dtype: Dtype,
+                           dropout_active: bool) -> jax.Array:
+  """`jax.nn.dot_product_attention` with cuDNN where `attention_implementation` picks it; XLA's attention
+  when cuDNN refuses these inputs at trace time (head size, cuDNN version, no cuDNN, ...)."""
+  implementation = attention_implementation(jax.default_backend(), dtype, dropout_active)
+  if implementation is not None:
+    try:
+      return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+    except (RuntimeError, ValueError, NotImplementedError) as e:
+      logging.info('cuDNN attention unavailable here (%s); using XLA attention.', e)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=None)
+
+
+def attention_bias(segment_ids: jax.Array, window: int | None = None) -> jax.Array:
+  """Additive attention bias [batch, 1, len, len]: 0 where query and key are in the same document (segment id
+  > 0) and, with `window`, at most `window // 2` positions apart (documents are contiguous: row distance);
+  the lowest f32 elsewhere."""
+  mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
+  if window is not None:
+    length = segment_ids.shape[-1]
+    distance = jnp.abs(jnp.arange(length)[:, None] - jnp.arange(length)[None, :])
+    mask = mask & (distance <= window // 2)
+  return jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)[:, None]
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, *, dtype: Dtype, dropout_rate: float,
+              deterministic: bool, mode: str = 'auto', row_ids: jax.Array | None = None,
+              cudnn: bool = True) -> jax.Array:
+  """Multi-head attention of heads-major q, k, v [batch, heads, len, head_dim] under `bias` (`attention_bias`):
+  the context [batch, len, heads * head_dim] in f32. Call it from a module's compact method (its attention
+  dropout is a `Dropout` submodule of the caller).
+
+  `mode` (`model.attention`) picks `jax.nn.dot_product_attention` (fused kernels; cuDNN flash attention where
+  `attention_implementation` says so, unless `cudnn=False`) or the heads-major einsums, with dropout `row_ids`
+  as `Dropout`'s.
+  """
+  b, heads, l, head_dim = q.shape
+  if use_dot_product_attention(mode, dropout_rate, deterministic):  # fused kernels where the backend has them
+    qkv = (t.transpose(0, 2, 1, 3).astype(dtype) for t in (q, k, v))
+    if cudnn:
+      context = _dot_product_attention(*qkv, bias == 0, dtype, dropout_active=dropout_rate > 0 and not deterministic)
+    else:
+      context = jax.nn.dot_product_attention(*qkv, mask=bias == 0)
+    return context.astype(jnp.float32).reshape(b, l, heads * head_dim)
+  # Heads-major layout: batched dots over (batch, head) run ~3x faster than 'bqhd,bkhd' on CPU.
+  scores = mixed_einsum('bhqd,bhkd->bhqk', q * head_dim ** -0.5, k, dtype) + bias
+  probs = Dropout(dropout_rate)(jax.nn.softmax(scores, axis=-1), deterministic=deterministic, row_ids=row_ids)
+  return mixed_einsum('bhqk,bhkd->bhqd', probs, v, dtype).transpose(0, 2, 1, 3).reshape(b, l, heads * head_dim)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+  """cos and sin [batch, 1, len, head_dim] of rotary embeddings at `positions` [batch, len] (f32)."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  freqs = positions[..., None].astype(jnp.float32) * inv_freq
+  angles = jnp.concatenate([freqs, freqs], axis=-1)[:, None]
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotates [batch, heads, len, head_dim] by the tables (the 'rotate half' convention of Hugging Face)."""
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def at_positions(x: jax.Array, masked_positions: jax.Array | None) -> jax.Array:
+  """Hidden states [batch, P, hidden] at `masked_positions` [batch, P] (all of `x` when None): the MLM head
+  runs only where predictions are scored."""
+  return x if masked_positions is None else jnp.take_along_axis(x, masked_positions[..., None], axis=1)
+
+
+def decode(x: jax.Array, embedding: jax.Array, vocab_multiple: int, dtype: Dtype) -> jax.Array:
+  """Vocabulary logits of `x` [batch, P, hidden] through `embedding` [vocab, hidden] (tied or untied decoder).
+
+  The matmul runs on the embedding padded with zero rows to a multiple of `vocab_multiple` (aligned tiles for
+  GPU tensor cores / TPU MXUs); the padded logits are sliced off, so params, checkpoints and Hugging Face exports
+  keep the tokenizer's vocabulary size.
+  """
+  vocab = embedding.shape[0]
+  pad = -vocab % vocab_multiple
+  if pad:
+    embedding = jnp.pad(embedding, ((0, pad), (0, 0)))
+  return mixed_einsum('bph,vh->bpv', x, embedding, dtype)[..., :vocab]
+
+
+def _cpu_has_fast_bf16() -> bool:
+  try:
+    with open('/proc/cpuinfo') as f:
+      flags = set(next((l for l in f if l.startswith('flags')), '').split())
+  except OSError:
+    return False
+  return bool(flags & {'amx_bf16', 'avx512_bf16'})
+
+
+def resolve_dtype(name: str) -> jnp.dtype:
+  """'auto' is the fastest safe compute dtype here: bf16 (f32 accumulation) on TPU, GPU and
+  CPUs with AMX/AVX512-BF16; f32 on other CPUs, where bf16 dots are emulated and slower."""
+  if name != 'auto':
+    return jnp.dtype(name)
+  fast = jax.default_backend() in ('tpu', 'gpu', 'cuda', 'rocm') or _cpu_has_fast_bf16()
+  return jnp.dtype(jnp.bfloat16 if fast else jnp.float32)
