@@ -169,7 +169,8 @@ def test_imported_workdir_resumes_with_the_same_config(tmp_path):
   a changed batch_size is refused naming it, the workdir untouched. The kill-and-resume CLI version of this
   (three CLI runs) is the `slow` test below."""
   from test_hf import _save_random  # pylint: disable=g-import-not-at-top  (needs torch)
-  from mlm_flax import hf, train  # pylint: disable=g-import-not-at-top
+  from mlm_flax import train  # pylint: disable=g-import-not-at-top
+  from mlm_flax.interop import hf  # pylint: disable=g-import-not-at-top
   hf_path, _, _ = _save_random(tmp_path, 'bert')  # hidden 36, 3 layers, dropout 0.1, 40 positions
   work = str(tmp_path / 'work')
   hf.import_to_workdir(hf_path, work)
