@@ -15,8 +15,9 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from mlm_flax import (checkpoint, data, evaluate, flops, inference, parallel, preemption, tokenizer, validation,
-                      workdir_lock, writers)
+from mlm_flax import (checkpoint, data, evaluate, flops, inference, parallel, preemption, validation, workdir_lock,
+                      writers)
+from mlm_flax.data import tokenizer
 from mlm_flax.models import make_model
 from mlm_flax.objectives import masking
 from mlm_flax.objectives import mlm as loss
