@@ -62,7 +62,7 @@ def load(path: str | os.PathLike, dtype: str | None = None) -> MLM:
   Computes in float32 unless `dtype` asks for 'bfloat16', 'float16' or 'auto' (training's choice: bf16 on
   GPU/TPU/AMX CPUs), whatever the workdir trained with; `mlm.config.model.dtype` says which is used.
   """
-  from mlm_flax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from mlm_flax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   path = os.fspath(path)
   dtype = _compute_dtype(dtype)
   looks_like_hub_name = not path.startswith(('/', '.', '~')) and path.count('/') <= 1

@@ -1,11 +1,12 @@
 """Training: TrainState, optimizer, `train_step`, and the loop `train_and_evaluate(config, workdir)`."""
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import jax
@@ -15,8 +16,9 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from mlm_flax import (checkpoint, data, evaluate, flops, inference, parallel, preemption, tokenizer, validation,
-                      workdir_lock, writers)
+from mlm_flax import (checkpoint, data, evaluate, flops, inference, parallel, preemption, validation, workdir_lock,
+                      writers)
+from mlm_flax.data import tokenizer
 from mlm_flax.models import make_model
 from mlm_flax.objectives import masking
 from mlm_flax.objectives import mlm as loss
@@ -207,8 +209,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return _train_and_evaluate(config, workdir, preempt, on_exit)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt: preemption.Watcher,
-                        on_exit: contextlib.ExitStack) -> dict:
+@dataclasses.dataclass
+class _Run:
+  """Everything the training loop needs, built by `_set_up`."""
+  config: ml_collections.ConfigDict  # resolved: vocab size and pad id from the tokenizer
+  tok: Any
+  splits: dict[str, Any]
+  eval_rows: dict[str, np.ndarray]
+  model: Any
+  state: TrainState
+  start_step: int
+  pending: list[dict]  # metrics of the steps since the last log (a resumed run's come from the checkpoint)
+  train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]  # jitted over the mesh
+  batches: Any  # (global batch, data position) per step, prepared on a background thread
+  evaluator: evaluate.Evaluator
+  writer: writers.MetricWriter
+  ckpt: checkpoint.Checkpointer
+  schedule: optax.Schedule
+  flops_per_token: float
+  peak_flops: float
+
+
+def _set_up(config: ml_collections.ConfigDict, workdir: str, on_exit: contextlib.ExitStack) -> _Run:
+  """Data, tokenizer, resolved config, model, optimizer, state (fresh, imported or resumed), jitted step,
+  evaluator, metric writer and the prefetched batches; what must be released at exit goes on `on_exit`."""
   ckpt = checkpoint.Checkpointer(workdir, config.max_checkpoints_to_keep)
   on_exit.callback(ckpt.close)  # however the run ends, in-flight saves are finalised (or fail loudly)
   if ckpt.latest_step() is None and ckpt.has_imported() and jax.process_index() == 0:
@@ -252,55 +276,85 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
                                  baseline_token=baseline)
   writer = writers.MetricWriter(workdir, resume_step=start_step)
 
-  def run_eval(step: int, log: bool = True) -> dict:
-    result = evaluator(state.params, eval_rows, config.eval_batch_size, config.max_eval_batches)
-    if log:
-      writer.write(step, 'eval', result)
-    return {'step': step, **result}
-
   batches = data.train_iterator(config, splits['train'] if train_rows is None else train_rows, tok, mesh,
                                 start_step, meta.get('data_position'))  # prepared on a background thread
   on_exit.callback(batches.close)
-  tokens_per_step = config.batch_size * config.max_seq_length
   flops_per_token = flops.config_flops_per_token(config)
   peak, peak_source = flops.peak_flops()
   if jax.process_index() == 0:
     print(f'{flops_per_token / 1e6:.1f} MFLOPs per training token; peak {peak / 1e12:.3g} TFLOP/s '
           f'({peak_source}) for MFU.')
-  schedule = make_schedule(config.optimizer, config.num_train_steps)
-  last_time, last_step, result = time.time(), start_step, None
-  bar = tqdm(total=config.num_train_steps, initial=start_step, unit='step', dynamic_ncols=True,
+  return _Run(config=config, tok=tok, splits=splits, eval_rows=eval_rows, model=model, state=state,
+              start_step=start_step, pending=pending, train_step=p_train_step, batches=batches,
+              evaluator=evaluator, writer=writer, ckpt=ckpt,
+              schedule=make_schedule(config.optimizer, config.num_train_steps), flops_per_token=flops_per_token,
+              peak_flops=peak)
+
+
+def _log_train(run: _Run, step: int, pending: list[dict], last_time: float, last_step: int, bar: tqdm) -> float:
+  """Writes the train row of the steps since `last_step` (their metrics: `pending`) up to `step`; returns the
+  time it was measured at."""
+  config = run.config
+  sums = jax.tree.map(lambda *x: np.sum(x), *parallel.fetch(pending))  # the only sync point
+  now = time.time()
+  elapsed, steps = now - last_time, step - last_step
+  summary = loss.summarize(sums)
+  _check_finite(sums, step, config.optimizer.nonfinite)
+  summary.update(grad_norm=float(sums['grad_norm']) / max(len(pending) - int(sums['skipped_steps']), 1),
+                 skipped_steps=int(sums['skipped_steps']),
+                 learning_rate=float(run.schedule(step - 1)),
+                 tokens_per_second=config.batch_size * config.max_seq_length * steps / elapsed)
+  summary['mfu'] = summary['tokens_per_second'] * run.flops_per_token / run.peak_flops
+  run.writer.write(step, 'train', summary)
+  if summary['skipped_steps'] and jax.process_index() == 0:
+    print(f"step {step}: skipped {summary['skipped_steps']} of the last {len(pending)} steps (non-finite "
+          'loss or gradient; optimizer.nonfinite=skip)', flush=True)
+  bar.set_postfix(loss=f"{summary['loss']:.3f}", acc=f"{summary['masked_accuracy']:.3f}",
+                  tok_s=f"{summary['tokens_per_second']:.0f}", mfu=f"{summary['mfu']:.0%}")
+  if bar.disable and jax.process_index() == 0:  # no bar (logs, notebooks): one line per log step
+    eta = (config.num_train_steps - step) * elapsed / steps
+    print(f"step {step}/{config.num_train_steps}: loss {summary['loss']:.4f} masked_accuracy "
+          f"{summary['masked_accuracy']:.4f} {summary['tokens_per_second']:.0f} tokens/s "
+          f"MFU {summary['mfu']:.1%} ETA {eta:.0f}s",
+          flush=True)
+  return now
+
+
+def _show_fill_mask(run: _Run, params: Any) -> None:
+  """Fill-mask on a few held-out sentences, printed (process 0)."""
+  mlm = inference.MLM(config=run.config, params=params, tokenizer=run.tok, model=run.model)
+  print('Fill-mask on held-out sentences:')
+  for text, answer in inference.held_out_examples(run.splits['validation']['text'], run.tok,
+                                                  run.config.fill_mask_examples):
+    preds = inference.fill_mask(mlm, text, top_k=5)
+    print(f'  {text}  (held-out word: {answer})\n    -> '
+          + ', '.join(f"{p['token_str']} ({p['score']:.2f})" for p in preds))
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt: preemption.Watcher,
+                        on_exit: contextlib.ExitStack) -> dict:
+  run = _set_up(config, workdir, on_exit)
+  config, state, pending, ckpt = run.config, run.state, run.pending, run.ckpt
+
+  def run_eval(step: int, log: bool = True) -> dict:
+    result = run.evaluator(state.params, run.eval_rows, config.eval_batch_size, config.max_eval_batches)
+    if log:
+      run.writer.write(step, 'eval', result)
+    return {'step': step, **result}
+
+  last_time, last_step, result = time.time(), run.start_step, None
+  bar = tqdm(total=config.num_train_steps, initial=run.start_step, unit='step', dynamic_ncols=True,
              disable=not config.progress_bar or jax.process_index() != 0)
-  for step in range(start_step + 1, config.num_train_steps + 1):
-    batch, data_position = next(batches)
-    state, metrics = p_train_step(state, batch)
+  for step in range(run.start_step + 1, config.num_train_steps + 1):
+    batch, data_position = next(run.batches)
+    state, metrics = run.train_step(state, batch)
     pending.append(metrics)
     if len(pending) > 1:  # keep one step queued, so the bar and ETA follow real progress
       jax.block_until_ready(pending[-2]['count'])
       _check_finite(pending[-2], step - 1, config.optimizer.nonfinite)
     bar.update(1)
     if step % config.log_every_steps == 0 or step == config.num_train_steps:
-      sums = jax.tree.map(lambda *x: np.sum(x), *parallel.fetch(pending))  # the only sync point
-      now = time.time()
-      summary = loss.summarize(sums)
-      _check_finite(sums, step, config.optimizer.nonfinite)
-      summary.update(grad_norm=float(sums['grad_norm']) / max(len(pending) - int(sums['skipped_steps']), 1),
-                     skipped_steps=int(sums['skipped_steps']),
-                     learning_rate=float(schedule(step - 1)),
-                     tokens_per_second=tokens_per_step * (step - last_step) / (now - last_time))
-      summary['mfu'] = summary['tokens_per_second'] * flops_per_token / peak
-      writer.write(step, 'train', summary)
-      if summary['skipped_steps'] and jax.process_index() == 0:
-        print(f"step {step}: skipped {summary['skipped_steps']} of the last {len(pending)} steps (non-finite "
-              'loss or gradient; optimizer.nonfinite=skip)', flush=True)
-      bar.set_postfix(loss=f"{summary['loss']:.3f}", acc=f"{summary['masked_accuracy']:.3f}",
-                      tok_s=f"{summary['tokens_per_second']:.0f}", mfu=f"{summary['mfu']:.0%}")
-      if bar.disable and jax.process_index() == 0:  # no bar (logs, notebooks): one line per log step
-        eta = (config.num_train_steps - step) * (now - last_time) / (step - last_step)
-        print(f"step {step}/{config.num_train_steps}: loss {summary['loss']:.4f} masked_accuracy "
-              f"{summary['masked_accuracy']:.4f} {summary['tokens_per_second']:.0f} tokens/s "
-              f"MFU {summary['mfu']:.1%} ETA {eta:.0f}s",
-              flush=True)
+      now = _log_train(run, step, pending, last_time, last_step, bar)
       pending, last_time, last_step = [], now, step
     if step % config.eval_every_steps == 0 or step == config.num_train_steps:
       result = run_eval(step)
@@ -316,22 +370,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
     if stop:
       ckpt.wait()
       ckpt.close()
-      writer.close()
+      run.writer.close()
       bar.close()
       print(f'Preempted at step {step}; checkpoint saved in {ckpt.directory}; run the same command to resume.',
             flush=True)
       return {'step': step, 'preempted': True}
   bar.close()
   if result is None:  # nothing left to train: report, but do not log the same eval twice
-    result = run_eval(start_step, log=False)
+    result = run_eval(run.start_step, log=False)
   ckpt.wait()
   ckpt.close()
-  writer.close()
+  run.writer.close()
   if config.fill_mask_examples and jax.process_index() == 0:
-    mlm = inference.MLM(config=config, params=state.params, tokenizer=tok, model=model)
-    print('Fill-mask on held-out sentences:')
-    for text, answer in inference.held_out_examples(splits['validation']['text'], tok, config.fill_mask_examples):
-      preds = inference.fill_mask(mlm, text, top_k=5)
-      print(f'  {text}  (held-out word: {answer})\n    -> '
-            + ', '.join(f"{p['token_str']} ({p['score']:.2f})" for p in preds))
+    _show_fill_mask(run, state.params)
   return result

@@ -26,7 +26,7 @@ CHOICES = {
     'optimizer.schedule': ('linear', 'cosine', 'constant'),
     'optimizer.nonfinite': ('skip', 'stop'),
     'model.attention': ('auto', 'einsum', 'dot_product_attention'),
-    # Copies of masking.STRATEGIES, data.PACKING_MODES and tokenizer.TOKENIZER_TYPES (those modules import
+    # Copies of masking.STRATEGIES, data.PACKING_MODES and data.tokenizer.TOKENIZER_TYPES (those modules import
     # JAX, datasets, transformers; tests/test_resume_config.py checks the copies are equal).
     'masking.strategy': ('token', 'whole_word', 'span'),
     'data.packing': ('documents', 'group_texts', 'line_by_line'),

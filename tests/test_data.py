@@ -14,8 +14,9 @@ import tokenizers  # noqa: E402
 import transformers  # noqa: E402
 
 from mlm_flax.configs import default  # noqa: E402
-from mlm_flax import corpora, data  # noqa: E402
-from mlm_flax import tokenizer as tok_lib  # noqa: E402
+from mlm_flax import data  # noqa: E402
+from mlm_flax.data import corpora  # noqa: E402
+from mlm_flax.data import tokenizer as tok_lib  # noqa: E402
 
 
 def _read_jsonl(path):

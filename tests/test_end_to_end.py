@@ -46,7 +46,8 @@ def test_eval_is_exact_and_covers_the_whole_split(trained):
   for k in ('loss', 'masked_accuracy', 'num_masked_tokens'):
     assert a[k] == pytest.approx(result[k], rel=1e-6), k  # same masks as the end-of-training eval
   # Every validation row is evaluated: about 15% of its maskable tokens.
-  from mlm_flax import data, tokenizer
+  from mlm_flax import data
+  from mlm_flax.data import tokenizer
   mlm = inference.load(workdir)
   splits = data.load_text_splits(mlm.config.data, mlm.config.seed)
   rows = data.pack(splits['validation'], mlm.tokenizer, mlm.config.max_seq_length)

@@ -13,7 +13,8 @@ import tokenizers  # pylint: disable=g-import-not-at-top
 import transformers  # pylint: disable=g-import-not-at-top
 
 from conftest import tiny_config  # pylint: disable=g-import-not-at-top
-from mlm_flax import inference, tokenizer, train  # pylint: disable=g-import-not-at-top
+from mlm_flax import inference, train  # pylint: disable=g-import-not-at-top
+from mlm_flax.data import tokenizer  # pylint: disable=g-import-not-at-top
 from mlm_flax.interop import hf  # pylint: disable=g-import-not-at-top
 
 TEXTS = ['Return the number of items in the list.', 'Open the file and read its contents.',

@@ -100,7 +100,7 @@ def _texts(n=64, per_text=6):
 @pytest.fixture(scope='module', params=['wordpiece', 'bpe'])
 def word_batch(request):
   """Rows of real text, the tokenizer's word-start table and the true word of each token."""
-  from mlm_flax import tokenizer as tok_lib
+  from mlm_flax.data import tokenizer as tok_lib
   texts = _texts()
   if request.param == 'wordpiece':  # small vocabularies: many words split into pieces
     tok = tok_lib.train_wordpiece(texts, vocab_size=600)
@@ -129,7 +129,7 @@ def word_batch(request):
 
 
 def _word_mask(tok, table, strategy):
-  from mlm_flax import tokenizer as tok_lib
+  from mlm_flax.data import tokenizer as tok_lib
   return jax.jit(functools.partial(
       masking.mask_tokens, vocab_size=len(tok), mask_id=tok.mask_token_id,
       special_ids=tok_lib.special_token_ids(tok), pad_id=tok.pad_token_id, strategy=strategy,

@@ -14,7 +14,8 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import transformers  # pylint: disable=g-import-not-at-top
 
 from conftest import tiny_config  # pylint: disable=g-import-not-at-top
-from mlm_flax import flops, inference, tokenizer, train, validation  # pylint: disable=g-import-not-at-top
+from mlm_flax import flops, inference, train, validation  # pylint: disable=g-import-not-at-top
+from mlm_flax.data import tokenizer  # pylint: disable=g-import-not-at-top
 from mlm_flax.interop import hf  # pylint: disable=g-import-not-at-top
 from mlm_flax.models import make_model  # pylint: disable=g-import-not-at-top
 

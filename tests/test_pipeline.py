@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from mlm_flax import data, parallel, prefetch, streaming
-from mlm_flax import tokenizer as tok_lib
+from mlm_flax import data, parallel
+from mlm_flax.data import prefetch, streaming
+from mlm_flax.data import tokenizer as tok_lib
 
 WORDS = 'alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu'.split()
 

@@ -127,7 +127,8 @@ def test_imported_architecture_is_adopted_and_compute_keys_stay_the_configs(tmp_
 
 
 def test_choices_copies_equal_the_modules_definitions():
-  from mlm_flax import data, tokenizer  # pylint: disable=g-import-not-at-top
+  from mlm_flax import data  # pylint: disable=g-import-not-at-top
+  from mlm_flax.data import tokenizer  # pylint: disable=g-import-not-at-top
   from mlm_flax.objectives import masking  # pylint: disable=g-import-not-at-top
   assert validation.CHOICES['masking.strategy'] == masking.STRATEGIES
   assert validation.CHOICES['data.packing'] == data.PACKING_MODES

@@ -27,7 +27,8 @@ os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
 import jax  # pylint: disable=g-import-not-at-top
 
 from mlm_flax.configs import tiny
-from mlm_flax import data, parallel, tokenizer, train
+from mlm_flax import data, parallel, train
+from mlm_flax.data import tokenizer
 from mlm_flax.models import make_model
 
 

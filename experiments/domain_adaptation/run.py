@@ -27,7 +27,8 @@ import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-positi
 
 import config as experiment_config  # pylint: disable=wrong-import-position
 import debian_text  # pylint: disable=wrong-import-position
-from mlm_flax import checkpoint, corpora, evaluate, inference, plot, tokenizer, train  # pylint: disable=wrong-import-position
+from mlm_flax import checkpoint, evaluate, inference, plot, train  # pylint: disable=wrong-import-position
+from mlm_flax.data import corpora, tokenizer  # pylint: disable=wrong-import-position
 from mlm_flax.models import make_model  # pylint: disable=wrong-import-position
 
 GENERAL, DOMAIN = ('austen', 'bible'), ('python_docs',)

@@ -82,7 +82,7 @@ def load_hf(path: str | os.PathLike, dtype: str = 'float32') -> tuple[ml_collect
   """(config, params, tokenizer, module) of a Hugging Face BERT/RoBERTa/ModernBERT masked LM (or encoder-only
   model: fresh head, with a warning), computing in `dtype`; `inference.load` wraps them in an `MLM`."""
   from mlm_flax.configs import default  # pylint: disable=g-import-not-at-top
-  from mlm_flax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from mlm_flax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   path = os.fspath(path)
   if not os.path.isdir(path):  # a hub name
     import huggingface_hub  # pylint: disable=g-import-not-at-top
@@ -143,7 +143,8 @@ def import_to_workdir(hf_path: str, workdir: str) -> dict:
   `mlm-flax train --workdir` on it then continues pretraining with a fresh optimizer.
   """
   from mlm_flax.configs import default  # pylint: disable=g-import-not-at-top
-  from mlm_flax import checkpoint, tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from mlm_flax import checkpoint  # pylint: disable=g-import-not-at-top
+  from mlm_flax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   if os.path.exists(os.path.join(workdir, 'config.json')):
     raise FileExistsError(f'{workdir} already holds a run; import into a new --workdir.')
   config, params, tok, _ = load_hf(hf_path)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mlm_flax import tokenizer
+from mlm_flax.data import tokenizer
 from mlm_flax.objectives import masking
 from mlm_flax.objectives.masking import Masked
 
