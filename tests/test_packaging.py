@@ -36,7 +36,9 @@ def _installed_modules() -> list[tuple[str, str, str]]:
 
 def test_install_has_no_top_level_configs_package():
   modules = _installed_modules()
-  assert {package for package, _, _ in modules} == {'mlm_flax', 'mlm_flax.configs'}
+  subpackages = {f'mlm_flax.{d}' for d in os.listdir(os.path.join(ROOT, 'mlm_flax'))
+                 if os.path.isfile(os.path.join(ROOT, 'mlm_flax', d, '__init__.py'))}
+  assert {package for package, _, _ in modules} == {'mlm_flax', 'mlm_flax.configs'} | subpackages
   configs = {module: source for package, module, source in modules if package == 'mlm_flax.configs'}
   assert {'default', 'tiny', 'bert_base', 'roberta_base'} <= set(configs)
   assert configs['tiny'] == os.path.join('configs', 'tiny.py')  # the top-level folder users pass to --config
