@@ -14,6 +14,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from mlm_flax.interop import tree_get as _get, tree_set as _set
+
 ARCHITECTURES = {'bert': 'BertForMaskedLM', 'roberta': 'RobertaForMaskedLM'}
 
 _LAYER = {  # ours (under layer_{i}) -> HF (under {prefix}.encoder.layer.{i}.)
@@ -97,17 +99,6 @@ def hf_config_from_model(model: ml_collections.ConfigDict, tok) -> dict:
           'pad_token_id': model.pad_token_id, 'bos_token_id': tok.cls_token_id, 'eos_token_id': tok.sep_token_id,
           'tie_word_embeddings': bool(model.get('tie_word_embeddings', True)), 'position_embedding_type': 'absolute'}
 
-
-def _get(tree: dict, path: tuple) -> Any:
-  for p in path:
-    tree = tree[p]
-  return tree
-
-
-def _set(tree: dict, path: tuple, value: Any) -> None:
-  for p in path[:-1]:
-    tree = tree.setdefault(p, {})
-  tree[path[-1]] = value
 
 
 def legacy_names_renamed(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from mlm_flax.interop import tree_get as _get, tree_set as _set
 from mlm_flax.models import modernbert
 
 ARCHITECTURE = 'ModernBertForMaskedLM'
@@ -118,17 +119,6 @@ def hf_config_from_model(model: Mapping[str, Any], tok) -> dict:
   config.update({key: modernbert.option(model, key) for key in modernbert.BIAS_DEFAULTS})
   return config
 
-
-def _get(tree: Mapping, path: tuple) -> Any:
-  for p in path:
-    tree = tree[p]
-  return tree
-
-
-def _set(tree: dict, path: tuple, value: Any) -> None:
-  for p in path[:-1]:
-    tree = tree.setdefault(p, {})
-  tree[path[-1]] = value
 
 
 def params_from_state_dict(state: Mapping[str, np.ndarray], model: Mapping[str, Any],
