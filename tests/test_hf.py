@@ -144,26 +144,6 @@ def test_real_minilm_weights_give_transformers_hidden_states():
   np.testing.assert_allclose(ours[mask > 0], ref[mask > 0], atol=1e-4, rtol=1e-4)
 
 
-def test_import_then_train_continues_from_the_imported_weights(tmp_path):
-  path, _, _ = _save_random(tmp_path, 'bert')
-  work = str(tmp_path / 'work')
-  hf.import_to_workdir(path, work)
-  imported = inference.load(work)
-  assert imported.step == 0 and imported.config.model.hidden_size == 36
-  with open(os.path.join(work, 'config.json')) as f:
-    assert json.load(f)['model']['dtype'] == 'auto'  # training's default, not inference's f32
-  config = tiny_config()  # its model section (hidden 32) is replaced by the imported one (hidden 36)
-  config.num_train_steps, config.eval_every_steps, config.optimizer.learning_rate = 3, 3, 1e-4
-  train.train_and_evaluate(config, work)
-  trained = inference.load(work)
-  assert trained.step == 3 and trained.config.model.hidden_size == 36
-  deltas = [float(np.abs(np.asarray(a) - np.asarray(b)).max())
-            for a, b in zip(jax.tree.leaves(imported.params), jax.tree.leaves(trained.params))]
-  assert 0 < max(deltas) < 0.01  # moved a little from the imported weights, not from a fresh init
-  with pytest.raises(FileExistsError):
-    hf.import_to_workdir(path, work)
-
-
 def _save_odd(tmp_path, kind, **config_kw):
   """A random *ForMaskedLM of odd sizes with spread logits (initializer_range 0.3), and its tokenizer:
   MiniLM's WordPiece vocabulary for BERT, a small byte-level BPE for RoBERTa."""

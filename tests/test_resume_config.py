@@ -166,11 +166,12 @@ def _metric_rows(workdir):
 
 
 def test_imported_workdir_resumes_with_the_same_config(tmp_path):
-  """Import, train to a checkpoint, the same config again: resumed (today's main refused it), not retrained;
+  """Import (params at step 0, training dtype auto), train from the imported weights to a checkpoint, the same config again: resumed (today's main refused it), not retrained;
   a changed batch_size is refused naming it, the workdir untouched. The kill-and-resume CLI version of this
   (three CLI runs) is the `slow` test below."""
   from test_hf import _save_random  # pylint: disable=g-import-not-at-top  (needs torch)
-  from mlm_flax import train  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from mlm_flax import inference, train  # pylint: disable=g-import-not-at-top
   from mlm_flax.interop import hf  # pylint: disable=g-import-not-at-top
   hf_path, _, _ = _save_random(tmp_path, 'bert')  # hidden 36, 3 layers, dropout 0.1, 40 positions
   work = str(tmp_path / 'work')
@@ -180,10 +181,20 @@ def test_imported_workdir_resumes_with_the_same_config(tmp_path):
   c.data.dataset, c.data.train_files = '', str(tmp_path / 'corpus.txt')
   c.num_train_steps, c.checkpoint_every_steps, c.eval_every_steps, c.max_eval_batches = 4, 2, 4, 2
   c.model.hidden_dropout = 0.0
+  imported = inference.load(work)
+  assert imported.step == 0 and imported.config.model.hidden_size == 36
+  with open(os.path.join(work, 'config.json')) as f:
+    assert json.load(f)['model']['dtype'] == 'auto'  # training's default, not inference's f32
   first = train.train_and_evaluate(c, work)
   with open(os.path.join(work, 'config.json')) as f:
     model = json.load(f)['model']
   assert (model['hidden_size'], model['num_layers'], model['hidden_dropout']) == (36, 3, 0.0)
+  trained = inference.load(work)
+  deltas = [float(np.abs(np.asarray(a) - np.asarray(b)).max())
+            for a, b in zip(jax.tree.leaves(imported.params), jax.tree.leaves(trained.params))]
+  assert trained.step == 4 and 0 < max(deltas) < 0.01  # moved a little from the imported weights, not a fresh init
+  with pytest.raises(FileExistsError):
+    hf.import_to_workdir(hf_path, work)
   before = _tree_files(work)
   again = train.train_and_evaluate(c, work)  # the same config: resumes at step 4, nothing left to train
   assert again == first
