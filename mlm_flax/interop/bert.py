@@ -14,7 +14,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from mlm_flax.interop import tree_get as _get, tree_set as _set
+from mlm_flax.interop import read_tensor, tree_get as _get, tree_set as _set
 
 ARCHITECTURES = {'bert': 'BertForMaskedLM', 'roberta': 'RobertaForMaskedLM'}
 
@@ -153,11 +153,7 @@ def params_from_state_dict(state: dict[str, np.ndarray], model: dict, init_param
     if ours == ('head_bias',) and decoder + '.bias' in state:
       hf = decoder + '.bias'
     if hf in state:
-      value = np.asarray(state[hf], np.float32)
-      value = value.T if transpose else value
-      expected = np.shape(_get(init_params, ours))
-      if value.shape != expected:
-        raise ValueError(f'{hf}: shape {value.shape} does not match the config ({expected}).')
+      value = read_tensor(state, hf, transpose, np.shape(_get(init_params, ours)))
       used.add(hf)
     elif ours[0].startswith('head') or ours[0] == 'decoder':
       value = np.asarray(_get(init_params, ours))

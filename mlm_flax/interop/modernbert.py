@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from mlm_flax.interop import tree_get as _get, tree_set as _set
+from mlm_flax.interop import read_tensor, tree_get as _get, tree_set as _set
 from mlm_flax.models import modernbert
 
 ARCHITECTURE = 'ModernBertForMaskedLM'
@@ -133,11 +133,7 @@ def params_from_state_dict(state: Mapping[str, np.ndarray], model: Mapping[str, 
   params, fresh, used = {}, [], set()
   for ours, hf, transpose in key_map(model, prefix):
     if hf in state:
-      value = np.asarray(state[hf], np.float32)
-      value = value.T if transpose else value
-      expected = np.shape(_get(init_params, ours))
-      if value.shape != expected:
-        raise ValueError(f'{hf}: shape {value.shape} does not match the config ({expected}).')
+      value = read_tensor(state, hf, transpose, np.shape(_get(init_params, ours)))
       used.add(hf)
     elif ours[0].startswith('head'):
       value = np.asarray(_get(init_params, ours))
