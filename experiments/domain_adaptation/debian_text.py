@@ -134,7 +134,7 @@ def read_lazyload_db(path_without_ext: str) -> dict[str, Any]:
   return out
 
 
-_AUSTEN_TITLES = {'emma': 'Emma', 'mansfieldpark': 'Mansfield Park', 'northangerabbey': 'Northanger Abbey',
+AUSTEN_TITLES = {'emma': 'Emma', 'mansfieldpark': 'Mansfield Park', 'northangerabbey': 'Northanger Abbey',
                   'persuasion': 'Persuasion', 'prideprejudice': 'Pride and Prejudice',
                   'sensesensibility': 'Sense and Sensibility'}
 _CHAPTER = re.compile(r'^\s*(CHAPTER|Chapter)\s+[0-9IVXLC]+\.?\s*$')
@@ -144,7 +144,7 @@ def austen_documents(root: str) -> list[tuple[str, str]]:
   """(source `austen:BOOK:CHAPTER`, paragraph) pairs from an unpacked `r-cran-janeaustenr`."""
   books = read_lazyload_db(os.path.join(root, 'usr/lib/R/site-library/janeaustenr/data/Rdata'))
   docs = []
-  for book in sorted(set(books) & set(_AUSTEN_TITLES)):
+  for book in sorted(set(books) & set(AUSTEN_TITLES)):
     chapter, paragraph = 0, []
     for line in books[book] + ['']:
       line = (line or '').strip()

@@ -1,0 +1,153 @@
+"""Downstream tasks for the domain-adaptation experiment, built offline from the same Debian packages.
+
+- `pydoc_chapter` (the domain): which chapter of the Python Library Reference a paragraph comes from
+  ("Text Processing Services", "Data Types", ... as `library/index.rst` groups the module pages). The label
+  comes from the documentation's own table of contents, not from the text. Split by module page: every
+  paragraph of one module lands in one split, so the test asks about modules the classifier never saw.
+- `austen_novel` (general English): which of Jane Austen's six novels a paragraph comes from. Split by
+  chapter, so test paragraphs come from chapters the classifier never saw.
+
+Each task: ROOT/tasks/NAME/{train,validation,test}.jsonl with `text` and `label` (the name), stable across
+reruns (stable hashes, a seeded cap per split). The paragraphs are the corpora's own (`debian_text.py`), so
+the pretraining runs saw these texts without their labels (task-adaptive pretraining, as in Gururangan et al.
+2020); the labels are new information only fine-tuning gets.
+"""
+
+import collections
+import hashlib
+import json
+import os
+import random
+import re
+
+import debian_text  # pylint: disable=import-error  # this folder is on sys.path (run.py)
+
+SPLITS = ('train', 'validation', 'test')
+FRACTIONS = {'validation': 0.15, 'test': 0.15}  # of each label's groups; the rest train
+MAX_ROWS = {'train': 4000, 'validation': 800, 'test': 800}  # seeded caps: fine-tuning stays minutes on a CPU
+MIN_WORDS = 8  # shorter paragraphs ("Yes," said she.) carry no label signal
+MIN_GROUPS = 5  # a label needs at least this many groups (module pages / chapters) to appear in every split
+_TOCTREE_ENTRY = re.compile(r'^\s+([\w./-]+)\.rst\s*$')
+_HEADING = re.compile(r'^[*=#]{3,}\s*$')
+
+
+def _hash(text: str) -> str:
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+def toctree(rst: str) -> list[str]:
+  """The page names a reStructuredText file's `.. toctree::` directives list, in order."""
+  names, inside = [], False
+  for line in rst.splitlines():
+    if line.startswith('.. toctree::'):
+      inside = True
+      continue
+    if inside and line and not line[0].isspace():
+      inside = False
+    match = _TOCTREE_ENTRY.match(line) if inside else None
+    if match:
+      names.append(match.group(1))
+  return names
+
+
+def title(rst: str) -> str:
+  """The first heading of a reStructuredText page (the line inside or above its over/underline)."""
+  lines = rst.splitlines()
+  for i, line in enumerate(lines[:-1]):
+    if lines[i + 1].strip() and _HEADING.match(lines[i + 1]) and line.strip() and not _HEADING.match(line):
+      return line.strip()
+  raise ValueError('no heading found')
+
+
+def library_chapters(sources: str) -> dict[str, str]:
+  """Module page (`library/re`) -> its chapter's title, from `library/index.rst` and the chapter pages."""
+  def read(name):
+    with open(os.path.join(sources, f'{name}.rst.txt'), encoding='utf-8') as f:
+      return f.read()
+  chapter_of = {}
+  for chapter in toctree(read('library/index')):
+    rst = read(f'library/{chapter}')
+    for page in toctree(rst):
+      chapter_of.setdefault(f'library/{page}', title(rst))
+  return chapter_of
+
+
+def split_groups(rows: list[tuple[str, str, str]], seed: int = 0) -> dict[str, list[dict]]:
+  """(group, label, text) rows -> splits: each label's groups in stable-hash order, the first FRACTIONS of
+  them to validation and test (at least one each), the rest to train; then a seeded cap per split."""
+  groups_of = collections.defaultdict(set)
+  for group, label, _ in rows:
+    groups_of[label].add(group)
+  split_of = {}
+  for label, groups in groups_of.items():
+    ordered = sorted(groups, key=_hash)
+    n_val = max(1, round(FRACTIONS['validation'] * len(ordered)))
+    n_test = max(1, round(FRACTIONS['test'] * len(ordered)))
+    for i, group in enumerate(ordered):
+      split_of[group] = 'validation' if i < n_val else 'test' if i < n_val + n_test else 'train'
+  out = {s: [] for s in SPLITS}
+  for group, label, text in rows:
+    out[split_of[group]].append({'text': text, 'label': label})
+  rng = random.Random(seed)
+  for split in SPLITS:
+    rng.shuffle(out[split])
+    out[split] = out[split][:MAX_ROWS[split]]
+  return out
+
+
+def pydoc_chapter_rows(root: str) -> list[tuple[str, str, str]]:
+  """(module page, chapter title, paragraph) for every library page listed in a chapter with enough pages."""
+  sources = os.path.join(root, 'usr/share/doc/python3.11/html/_sources')
+  chapter_of = library_chapters(sources)
+  pages_per_chapter = collections.Counter(chapter_of.values())
+  rows = []
+  for source, text in debian_text.python_doc_documents(root):
+    page = source.removeprefix('pydocs:')
+    chapter = chapter_of.get(page)
+    if chapter and pages_per_chapter[chapter] >= MIN_GROUPS and len(text.split()) >= MIN_WORDS:
+      rows.append((page, chapter, text))
+  return rows
+
+
+def austen_novel_rows(root: str) -> list[tuple[str, str, str]]:
+  """(book:chapter, novel title, paragraph) for every paragraph of the six novels."""
+  rows = []
+  for source, text in debian_text.austen_documents(root):
+    _, book, chapter = source.split(':')
+    if len(text.split()) >= MIN_WORDS:
+      rows.append((f'{book}:{chapter}', debian_text.AUSTEN_TITLES[book], text))
+  return rows
+
+
+TASKS = {'pydoc_chapter': ('python_docs', pydoc_chapter_rows), 'austen_novel': ('austen', austen_novel_rows)}
+
+
+def build_tasks(root: str, cache: str) -> dict[str, dict[str, str]]:
+  """ROOT/tasks/NAME/{train,validation,test}.jsonl, built once (atomically per file); returns their paths."""
+  paths = {}
+  for name, (corpus, make_rows) in TASKS.items():
+    folder = os.path.join(root, 'tasks', name)
+    paths[name] = {s: os.path.join(folder, f'{s}.jsonl') for s in SPLITS}
+    if all(os.path.isfile(p) for p in paths[name].values()):
+      continue
+    splits = split_groups(make_rows(debian_text.fetch(debian_text.PACKAGES[corpus], cache)))
+    os.makedirs(folder, exist_ok=True)
+    for split, rows in splits.items():
+      with open(paths[name][split] + '.tmp', 'w', encoding='utf-8') as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + '\n' for r in rows)
+      os.replace(paths[name][split] + '.tmp', paths[name][split])
+  return paths
+
+
+def describe(paths: dict[str, str]) -> dict:
+  """Rows and label counts per split, and the majority-class accuracy on test (the baseline to beat)."""
+  out = {}
+  for split, path in paths.items():
+    with open(path, encoding='utf-8') as f:
+      labels = [json.loads(line)['label'] for line in f]
+    out[split] = {'rows': len(labels), 'labels': dict(sorted(collections.Counter(labels).items()))}
+  majority = collections.Counter(json.loads(l)['label'] for l in open(paths['train'], encoding='utf-8'))
+  top = majority.most_common(1)[0][0]
+  test = [json.loads(l)['label'] for l in open(paths['test'], encoding='utf-8')]
+  out['majority_baseline_test_accuracy'] = sum(t == top for t in test) / len(test)
+  return out
