@@ -120,3 +120,42 @@ def test_real_packages(tmp_path):
   assert counts['austen'][0] > 250 and 650_000 < counts['austen'][1] < 750_000  # 6 novels, by chapter
   assert counts['bible'][0] > 60 and counts['bible'][1] > 800_000  # books
   assert counts['python_docs'][0] > 400 and counts['python_docs'][1] > 500_000  # source files
+
+
+# --- Downstream tasks (experiments/domain_adaptation/downstream.py). ---
+def _downstream():
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.modules.setdefault('debian_text', debian_text)  # downstream.py imports it by name, as run.py does
+  spec = importlib.util.spec_from_file_location('downstream', os.path.join(os.path.dirname(_PATH), 'downstream.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_library_chapters_follow_the_tables_of_contents(tmp_path):
+  downstream = _downstream()
+  lib = tmp_path / 'library'
+  lib.mkdir()
+  (lib / 'index.rst.txt').write_text('Title\n=====\n\n.. toctree::\n   :maxdepth: 2\n\n   text.rst\n   net.rst\n\nEnd.\n')
+  (lib / 'text.rst.txt').write_text('.. _textservices:\n\n****************\nText Processing\n****************\n\n'
+                                    'Intro.\n\n.. toctree::\n\n   string.rst\n   re.rst\n')
+  (lib / 'net.rst.txt').write_text('Networking\n==========\n\n.. toctree::\n   :maxdepth: 1\n\n   socket.rst\n'
+                                   '   re.rst\n\nNot an entry.rst\n')
+  assert downstream.library_chapters(str(tmp_path)) == {
+      'library/string': 'Text Processing', 'library/re': 'Text Processing', 'library/socket': 'Networking'}
+
+
+def test_downstream_splits_keep_groups_whole_and_every_label_in_every_split():
+  downstream = _downstream()
+  rows = [(f'{label}-g{g}', label, f'{label} group {g} paragraph {i}')
+          for label in ('a', 'b', 'c') for g in range(7) for i in range(3)]
+  splits = downstream.split_groups(rows)
+  group_split = {}
+  for split, items in splits.items():
+    assert {r['label'] for r in items} == {'a', 'b', 'c'}, split
+    for r in items:
+      group = r['text'].rsplit(' paragraph', 1)[0]
+      assert group_split.setdefault(group, split) == split, f'{group} is in two splits'
+  assert sum(len(v) for v in splits.values()) == len(rows)
+  assert {s: sorted(r['text'] for r in v) for s, v in splits.items()} == {
+      s: sorted(r['text'] for r in v) for s, v in downstream.split_groups(list(reversed(rows))).items()}
