@@ -9,8 +9,9 @@ of length `s` in a model of `n` layers, hidden `h`, FFN `f`, vocabulary `v`:
   attention  6 * n * 2 * s * h               scores (QK^T) and context (PV), full s x s
   MLM head   6 * r * (h^2 + h v)             transform + tied decoder, at the masked fraction r only
 
-ModernBERT: the GeGLU MLP has three h x f matmuls (6 * n * (4h^2 + 3hf)), and a sliding-window layer attends
-to at most 2 * (local_attention // 2) + 1 tokens instead of s.
+A gated MLP (`model.mlp` 'geglu' or 'swiglu', on any architecture; ModernBERT's own is GeGLU) has three h x f
+matmuls (6 * n * (4h^2 + 3hf)); a ModernBERT sliding-window layer attends to at most 2 * (local_attention // 2) + 1
+tokens instead of s. Each architecture says which applies (`flops_terms` of its module in `mlm_flax/models/`).
 
 Embedding lookups, norms, softmax and the optimizer are not counted. A step that computes the head
 at every position (Hugging Face) does more work than this and gets no credit for it.

@@ -16,10 +16,14 @@ from typing import Iterable
 import ml_collections
 
 from mlm_flax import models
+from mlm_flax.models import config as model_config
 
 CHOICES = {
     'model.type': tuple(models.ARCHITECTURES),
     'model.norm_position': ('post', 'pre'),
+    'model.mlp': ('gelu', 'geglu', 'swiglu'),
+    'model.norm': ('layernorm', 'rmsnorm'),
+    'model.positions': ('learned', 'rope'),
     'model.hidden_act': ('gelu', 'gelu_new', 'gelu_pytorch_tanh', 'relu', 'silu'),
     'model.dtype': ('auto', 'float32', 'bfloat16', 'float16'),
     'model.param_dtype': ('float32', 'bfloat16', 'float16'),
@@ -137,13 +141,20 @@ def _flatten(tree: dict, prefix: str = '') -> dict:
   return flat
 
 
+def _with_resolved_switches(config: dict) -> dict:
+  if not isinstance(config.get('model'), dict):
+    return config
+  return {**config, 'model': {**config['model'], **model_config.resolved_switches(config['model'])}}
+
+
 def config_changes(old: dict, new: dict) -> dict:
   """{key: (old, new)} of the (dotted) keys whose values differ, except FREE_TO_CHANGE ones.
 
   Keys absent from either config (a config.json written by an older version) are not compared, nor
-  FROM_TOKENIZER keys that `new` leaves unset (they are filled from the workdir's tokenizer).
+  FROM_TOKENIZER keys that `new` leaves unset (they are filled from the workdir's tokenizer). The architecture
+  switches compare as resolved (None is the architecture's own value: unset equals that value set).
   """
-  old, new = _flatten(old), _flatten(json.loads(json.dumps(new)))  # JSON: tuples as lists, like config.json
+  old, new = (_flatten(_with_resolved_switches(c)) for c in (old, json.loads(json.dumps(new))))  # JSON: as config.json
   return {k: (old[k], v) for k, v in new.items()
           if k in old and old[k] != v and k not in FREE_TO_CHANGE and not (v is None and k in FROM_TOKENIZER)}
 
@@ -207,7 +218,7 @@ def adopt_imported(config: ml_collections.ConfigDict, workdir: str,
   if not os.path.isdir(os.path.join(workdir, 'imported')) or not os.path.isfile(path):
     return config
   with open(path) as f:
-    imported = {k: v for k, v in json.load(f)['model'].items() if k not in IMPORT_FROM_CONFIG}
+    imported = {k: v for k, v in model_config.upgraded(json.load(f)['model']).items() if k not in IMPORT_FROM_CONFIG}
   conflicts = {k: (imported[k[6:]], _get(config, k)) for k in set_keys
                if k.startswith('model.') and k[6:] in imported and imported[k[6:]] != _get(config, k)}
   if conflicts:

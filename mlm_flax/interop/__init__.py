@@ -7,6 +7,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from mlm_flax.models import ModelConfig
+
 
 def tree_get(tree: Mapping, path: tuple) -> Any:
   """The leaf of a nested params dict at `path` (our param path, e.g. ('layer_0', 'query', 'kernel'))."""
@@ -29,3 +31,15 @@ def read_tensor(state: Mapping[str, np.ndarray], key: str, transpose: bool, expe
   if value.shape != tuple(expected):
     raise ValueError(f'{key}: shape {value.shape} does not match the config ({tuple(expected)}).')
   return value
+
+
+def check_exportable(model: Mapping[str, Any], needs: Mapping[str, Any], hf_class: str) -> None:
+  """Raises one ValueError naming every architecture switch of the `model` config whose resolved value `hf_class`
+  cannot represent (`needs`: the values it can), before anything is written. Such a model trains, evaluates and
+  fills masks like any other; it only has no Hugging Face equivalent."""
+  resolved = ModelConfig.from_dict(model).resolved
+  bad = {k: getattr(resolved, k) for k, v in needs.items() if getattr(resolved, k) != v}
+  if bad:
+    has = ', '.join(f'model.{k}={v!r}' for k, v in bad.items())
+    raise ValueError(f'cannot export to Hugging Face: {hf_class} has no equivalent of {has}. Training, eval and '
+                     f'fill-mask work with this model; export needs {", ".join(f"model.{k}={needs[k]!r}" for k in bad)}.')

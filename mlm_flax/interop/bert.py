@@ -14,9 +14,13 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from mlm_flax.interop import read_tensor, tree_get as _get, tree_set as _set
+from mlm_flax.interop import check_exportable, read_tensor, tree_get as _get, tree_set as _set
+from mlm_flax.models.config import OWN
 
 ARCHITECTURES = {'bert': 'BertForMaskedLM', 'roberta': 'RobertaForMaskedLM'}
+# The switch values the Hugging Face classes have (BERT's own: gelu MLP, LayerNorm, learned positions, post-LN,
+# every bias); a model with others trains but does not export.
+EXPORTABLE = OWN['bert']
 
 _LAYER = {  # ours (under layer_{i}) -> HF (under {prefix}.encoder.layer.{i}.)
     ('query',): 'attention.self.query', ('key',): 'attention.self.key', ('value',): 'attention.self.value',
@@ -85,9 +89,9 @@ def model_config_from_hf(hf: dict) -> dict:
 
 
 def hf_config_from_model(model: ml_collections.ConfigDict, tok) -> dict:
-  """A BERT/RoBERTa config.json for our `model` config."""
-  if model.get('norm_position', 'post') != 'post':
-    raise ValueError('only post-LN models (model.norm_position="post") have a Hugging Face layout.')
+  """A BERT/RoBERTa config.json for our `model` config; ValueError (`check_exportable`) for switches that
+  `BertForMaskedLM`/`RobertaForMaskedLM` cannot represent (pre-LN, a gated MLP, RMSNorm, RoPE, no biases)."""
+  check_exportable(model, EXPORTABLE, ARCHITECTURES[model['type']])
   max_pos = model.max_position_embeddings
   return {'architectures': [ARCHITECTURES[model.type]], 'model_type': model.type,
           'vocab_size': model.vocab_size, 'hidden_size': model.hidden_size,

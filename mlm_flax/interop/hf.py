@@ -109,18 +109,19 @@ def export(mlm, out_dir: str) -> None:
   """Writes a Hugging Face folder (config.json, model.safetensors, tokenizer) from a loaded `inference.MLM`.
 
   transformers loads it with `AutoModelForMaskedLM`/`AutoTokenizer`, and `pipeline("fill-mask")`
-  uses it directly. Written to a temporary folder and renamed, so a failed export leaves nothing.
+  uses it directly. Written to a temporary folder and renamed, so a failed export leaves nothing. A model whose
+  architecture switches the Hugging Face class cannot represent is refused (ValueError) before anything is written.
   """
   import shutil  # pylint: disable=g-import-not-at-top
   import tempfile  # pylint: disable=g-import-not-at-top
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  config = hf_config_from_model(mlm.config.model, mlm.tokenizer)
   if os.path.exists(out_dir) and os.listdir(out_dir):
     raise FileExistsError(f'{out_dir} exists and is not empty; choose a new --out folder.')
   parent = os.path.dirname(os.path.abspath(out_dir))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix='.export-', dir=parent)
   try:
-    config = hf_config_from_model(mlm.config.model, mlm.tokenizer)
     state = state_dict_from_params(mlm.params, mlm.config.model)
     if mlm.config.model.get('tie_word_embeddings', True):  # rebuilt from the embeddings and bias on load
       state = {k: v for k, v in state.items() if '.decoder.' not in k and k != 'decoder.weight'}

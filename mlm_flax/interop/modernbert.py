@@ -11,10 +11,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from mlm_flax.interop import read_tensor, tree_get as _get, tree_set as _set
+from mlm_flax.interop import check_exportable, read_tensor, tree_get as _get, tree_set as _set
 from mlm_flax.models import modernbert
 
 ARCHITECTURE = 'ModernBertForMaskedLM'
+# The switch values `ModernBertForMaskedLM` has (its biases are its own switches); others train but do not export.
+EXPORTABLE = {'mlp': 'geglu', 'norm': 'layernorm'}
 _ACTIVATIONS = ('gelu', 'gelu_new', 'gelu_pytorch_tanh', 'relu', 'silu')
 _THETAS = {'full_attention': ('global_rope_theta', 160_000.0), 'sliding_attention': ('local_rope_theta', 10_000.0)}
 
@@ -96,7 +98,9 @@ def model_config_from_hf(hf: dict) -> dict:
 
 
 def hf_config_from_model(model: Mapping[str, Any], tok) -> dict:
-  """A `ModernBertForMaskedLM` config.json for our `model` config (both the legacy and the v5 keys)."""
+  """A `ModernBertForMaskedLM` config.json for our `model` config (both the legacy and the v5 keys); ValueError
+  (`check_exportable`) for an MLP or norm it cannot represent."""
+  check_exportable(model, EXPORTABLE, ARCHITECTURE)
   types = list(modernbert.layer_types(model))
   every = model['global_attn_every_n_layers']
   config = {'architectures': [ARCHITECTURE], 'model_type': 'modernbert', 'vocab_size': model['vocab_size'],

@@ -1,4 +1,5 @@
-"""Layers shared by the architectures: mixed-precision einsum/Dense, dropout, attention, RoPE, the MLM decoder.
+"""Layers shared by the architectures: mixed-precision einsum/Dense, dropout, attention, RoPE, the MLPs and norms
+that `model.mlp` / `model.norm` name, the MLM decoder.
 
 Params are kept in `param_dtype` (f32); with `dtype=bfloat16` every matmul takes bf16 inputs and accumulates in
 f32 (`preferred_element_type`), forward *and* backward (`mixed_einsum`), which is what makes AMX CPUs, GPUs and
@@ -117,6 +118,41 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
           'gelu_new': functools.partial(jax.nn.gelu, approximate=True),
           'gelu_pytorch_tanh': functools.partial(jax.nn.gelu, approximate=True),
           'relu': jax.nn.relu, 'silu': jax.nn.silu}[name]
+
+
+def norm(kind: str, epsilon: float, use_bias: bool, param_dtype: Dtype, name: str | None = None) -> nn.Module:
+  """The normalisation `model.norm` names (statistics in f32): 'layernorm' (`scale`, and a `bias` shift when
+  `use_bias`), or 'rmsnorm' (x / sqrt(mean(x^2) + eps) * `scale`: no centring, no shift; Zhang & Sennrich 2019)."""
+  if kind == 'layernorm':
+    return nn.LayerNorm(epsilon=epsilon, use_bias=use_bias, param_dtype=param_dtype, name=name)
+  if kind == 'rmsnorm':
+    return nn.RMSNorm(epsilon=epsilon, param_dtype=param_dtype, name=name)
+  raise ValueError(f"model.norm={kind!r}; use 'layernorm' or 'rmsnorm'.")
+
+
+def mlp(x: jax.Array, kind: str, act: str, intermediate_size: int, dense: Callable[..., nn.Module], *,
+        use_bias: bool, dropout_rate: float, deterministic: bool, dropout_on: str = 'output',
+        out_std: float | None = None, row_ids: jax.Array | None = None) -> jax.Array:
+  """The feed-forward block `model.mlp` names, on `x` [..., hidden]: 'gelu' is dense → `act` → dense; the gated
+  'geglu' (`act`) and 'swiglu' (silu) are act(x W_in) * (x W_gate) → dense (Shazeer 2020), their `intermediate`
+  making 2 * intermediate_size features split into (input, gate), as ModernBERT's `Wi`.
+
+  Call it from a module's compact method: `dense` (a `Dense` partial) makes the caller's `intermediate` and
+  `output` submodules (with `use_bias`; `output`'s init std `out_std` when given), so BERT and ModernBERT keep
+  their param names. Dropout where the architecture has it: on the output (`dropout_on='output'`, BERT) or on
+  the hidden features (`'hidden'`, ModernBERT).
+  """
+  if kind == 'gelu':
+    y = activation(act)(dense(intermediate_size, use_bias=use_bias, name='intermediate')(x))
+  elif kind in ('geglu', 'swiglu'):
+    inputs, gate = jnp.split(dense(2 * intermediate_size, use_bias=use_bias, name='intermediate')(x), 2, axis=-1)
+    y = activation(act if kind == 'geglu' else 'silu')(inputs) * gate
+  else:
+    raise ValueError(f"model.mlp={kind!r}; use 'gelu', 'geglu' or 'swiglu'.")
+  output = dense(x.shape[-1], use_bias=use_bias, name='output', **({} if out_std is None else {'init_std': out_std}))
+  if dropout_on == 'hidden':
+    return output(Dropout(dropout_rate)(y, deterministic=deterministic, row_ids=row_ids))
+  return Dropout(dropout_rate)(output(y), deterministic=deterministic, row_ids=row_ids)
 
 
 def use_dot_product_attention(mode: str, dropout: float, deterministic: bool) -> bool:

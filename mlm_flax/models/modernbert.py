@@ -11,9 +11,11 @@ Differences from BERT, all as the Hugging Face reference computes them:
 - a final LayerNorm, then the head (dense, activation, LayerNorm) and the decoder tied to the embeddings;
 - optional biases (`attention_bias`, `mlp_bias`, `norm_bias`, `decoder_bias`, `classifier_bias`), by default
   only the decoder's.
+The switches `model.mlp` ('gelu', 'swiglu') and `model.norm` ('rmsnorm') replace the GeGLU and the LayerNorms
+for ablations (`layers.mlp`, `layers.norm`; not exportable); RoPE and pre-LN are ModernBERT's by definition.
 
 Params are named as in `bert.BertMLM` (`word_embeddings`, `layer_{i}/attention_norm`, ...; `qkv` is the fused
-projection), so the MLM head, decoding and the Hugging Face key map read the same way. Packed rows: attention stays
+projection), so the MLM head (`heads.MaskedLM`, shared), decoding and the Hugging Face key map read the same way. Packed rows: attention stays
 inside a document (`segment_ids`) and within the window; RoPE `positions` restart per document. Mixed precision is
 BertMLM's (`layers.py`): matmuls through `mixed_einsum`, norms, softmax, RoPE and the residual stream in f32.
 """
@@ -27,23 +29,22 @@ import jax
 import jax.numpy as jnp
 
 from mlm_flax.models import layers
-from mlm_flax.models.config import ModelConfig
+from mlm_flax.models.config import BIASES, OWN, ModelConfig
+from mlm_flax.models.heads import MaskedLM
 from mlm_flax.models.layers import Dense, Dropout, apply_rope, rope_tables
 
 LAYER_TYPES = ('full_attention', 'sliding_attention')
 # The architecture's own value of each bias switch (`model.<key>=None` in the config).
-BIAS_DEFAULTS = {'attention_bias': False, 'mlp_bias': False, 'norm_bias': False, 'decoder_bias': True,
-                 'classifier_bias': False}
+BIAS_DEFAULTS = {key: OWN['modernbert'][key] for key in BIASES}
 
 
 def _config(model_cfg: ModelConfig | Mapping[str, Any]) -> ModelConfig:
   return model_cfg if isinstance(model_cfg, ModelConfig) else ModelConfig.from_dict(model_cfg)
 
 
-def option(model_cfg: ModelConfig | Mapping[str, Any], key: str) -> bool:
-  """A bias switch of the `model` config, None meaning ModernBERT's default."""
-  value = getattr(_config(model_cfg), key)
-  return BIAS_DEFAULTS[key] if value is None else bool(value)
+def option(model_cfg: ModelConfig | Mapping[str, Any], key: str) -> Any:
+  """A switch of the `model` config (a bias: a bool), None meaning ModernBERT's own value."""
+  return getattr(_config(model_cfg).resolved, key)
 
 
 def layer_types(model_cfg: ModelConfig | Mapping[str, Any]) -> tuple[str, ...]:
@@ -75,6 +76,12 @@ def check_config(model_cfg: ModelConfig | Mapping[str, Any]) -> None:
   """Raises ValueError for a ModernBERT config that cannot build (before any data is read)."""
   c = _config(model_cfg)
   layer_types(c)
+  if c.positions not in (None, 'rope'):
+    raise ValueError(f'model.positions={c.positions!r}: ModernBERT has rotary positions by definition; leave '
+                     "model.positions unset (or 'rope'), or use model.type=bert for learned positions.")
+  if c.norm_position not in (None, 'pre'):
+    raise ValueError(f'model.norm_position={c.norm_position!r}: ModernBERT is pre-LN by definition; leave '
+                     "model.norm_position unset (or 'pre'), or use model.type=bert for a post-LN encoder.")
   if not c.tie_word_embeddings:
     raise ValueError('model.tie_word_embeddings=False is not supported for ModernBERT (its decoder is the token '
                      'embeddings); leave it True.')
@@ -87,28 +94,28 @@ def check_config(model_cfg: ModelConfig | Mapping[str, Any]) -> None:
 
 
 def flops_terms(cfg: ModelConfig, seq_len: int) -> dict:
-  """How `flops.train_flops_per_token` counts ModernBERT: a GeGLU MLP (three h x f matmuls); a sliding-window
-  layer attends to at most 2 * (local_attention // 2) + 1 tokens instead of `seq_len`."""
+  """How `flops.train_flops_per_token` counts ModernBERT: a gated MLP (GeGLU, its own, or SwiGLU: three h x f
+  matmuls; two with `model.mlp='gelu'`); a sliding-window layer attends to at most 2 * (local_attention // 2) + 1
+  tokens instead of `seq_len`."""
   window = min(seq_len, 2 * (cfg.local_attention // 2) + 1)
-  return {'glu': True, 'attended': tuple(seq_len if t == 'full_attention' else window for t in layer_types(cfg))}
+  return {'glu': cfg.resolved.mlp != 'gelu', 'attended': tuple(seq_len if t == 'full_attention' else window for t in layer_types(cfg))}
 
 
 class Layer(nn.Module):
-  """One pre-LN ModernBERT layer: [norm] → fused QKV → RoPE → attention → Wo; norm → GeGLU MLP."""
+  """One pre-LN ModernBERT layer: [norm] → fused QKV → RoPE → attention → Wo; norm → MLP (GeGLU)."""
   config: ModelConfig
   index: int
 
   @nn.compact
   def __call__(self, x: jax.Array, attention_bias: jax.Array, cos: jax.Array, sin: jax.Array,
                deterministic: bool, row_ids: jax.Array | None = None) -> jax.Array:
-    c = self.config
+    c = self.config.resolved
     b, l, h = x.shape
     heads, head_dim = c.num_heads, h // c.num_heads
     out_std = c.initializer_range / math.sqrt(2.0 * c.num_layers)  # Hugging Face's init of output projections
     dense = functools.partial(Dense, dtype=c.compute_dtype, param_dtype=c.param_jnp_dtype, init_std=c.initializer_range)
-    norm = functools.partial(nn.LayerNorm, epsilon=c.layer_norm_eps, use_bias=option(c, 'norm_bias'),
-                             param_dtype=c.param_jnp_dtype)
-    attn_bias, mlp_bias = option(c, 'attention_bias'), option(c, 'mlp_bias')
+    norm = functools.partial(layers.norm, c.norm, c.layer_norm_eps, c.norm_bias, c.param_jnp_dtype)
+    attn_bias = c.attention_bias
 
     y = x if self.index == 0 else norm(name='attention_norm')(x)
     qkv = dense(3 * h, use_bias=attn_bias, name='qkv')(y)  # features ordered (q|k|v, head, head_dim)
@@ -122,29 +129,23 @@ class Layer(nn.Module):
     x = x + Dropout(c.attention_dropout)(attn, deterministic=deterministic, row_ids=row_ids)
 
     y = norm(name='output_norm')(x)
-    inputs, gate = jnp.split(dense(2 * c.intermediate_size, use_bias=mlp_bias, name='intermediate')(y), 2, axis=-1)
-    y = Dropout(c.hidden_dropout)(layers.activation(c.hidden_act)(inputs) * gate, deterministic=deterministic,
-                                  row_ids=row_ids)
-    return x + dense(h, use_bias=mlp_bias, init_std=out_std, name='output')(y)
+    return x + layers.mlp(y, c.mlp, c.hidden_act, c.intermediate_size, dense, use_bias=c.mlp_bias,
+                          dropout_rate=c.hidden_dropout, deterministic=deterministic, dropout_on='hidden',
+                          out_std=out_std, row_ids=row_ids)
 
 
-class ModernBertMLM(nn.Module):
-  """ModernBERT encoder + MLM head tied to the token embeddings; the interface of `bert.BertMLM`.
-
-  `__call__` returns logits [batch, P, vocab] at `masked_positions` [batch, P], or at every position when
-  None; `encode` returns the last hidden states (after the final norm). `token_type_ids` is accepted and
-  ignored (ModernBERT has no token types). `row_ids` [batch] (optional): the rows' indices in the global batch,
-  from which dropout draws (see `layers.Dropout`).
+class ModernBertMLM(MaskedLM):
+  """ModernBERT encoder + the MLM head of `heads.MaskedLM` (tied to the token embeddings); the interface of
+  `bert.BertMLM`. `encode` returns the last hidden states (after the final norm). `token_type_ids` is accepted
+  and ignored (ModernBERT has no token types).
   """
-  config: ModelConfig
 
   def setup(self):
-    c = self.config
+    c = self.config.resolved
     if c.hidden_size % c.num_heads:
       raise ValueError(f'model.hidden_size={c.hidden_size} is not divisible by model.num_heads={c.num_heads}')
-    check_config(c)
-    norm = functools.partial(nn.LayerNorm, epsilon=c.layer_norm_eps, use_bias=option(c, 'norm_bias'),
-                             param_dtype=c.param_jnp_dtype)
+    check_config(self.config)
+    norm = functools.partial(layers.norm, c.norm, c.layer_norm_eps, c.norm_bias, c.param_jnp_dtype)
     self.word_embeddings = nn.Embed(c.vocab_size, c.hidden_size, param_dtype=c.param_jnp_dtype,
                                     embedding_init=nn.initializers.normal(c.initializer_range))
     self.embeddings_norm = norm()
@@ -153,17 +154,13 @@ class ModernBertMLM(nn.Module):
     layer = nn.remat(Layer, static_argnums=(5,)) if c.remat else Layer
     self.layers = [layer(c, i, name=f'layer_{i}') for i in range(c.num_layers)]
     self.final_norm = norm()
-    self.head_transform = Dense(c.hidden_size, dtype=c.compute_dtype, param_dtype=c.param_jnp_dtype, use_bias=option(
-        c, 'classifier_bias'), init_std=c.initializer_range / math.sqrt(2.0 * c.num_layers))
-    self.head_norm = norm()
-    self.head_bias = (self.param('head_bias', nn.initializers.zeros, (c.vocab_size,), c.param_jnp_dtype)
-                      if option(c, 'decoder_bias') else None)
+    self.setup_head(c.initializer_range / math.sqrt(2.0 * c.num_layers))
 
   def encode(self, input_ids: jax.Array, segment_ids: jax.Array, positions: jax.Array | None = None,
              token_type_ids: jax.Array | None = None, deterministic: bool = True,
              row_ids: jax.Array | None = None) -> jax.Array:
     del token_type_ids  # no token types in ModernBERT
-    c = self.config
+    c = self.config.resolved
     length = input_ids.shape[-1]
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(length), input_ids.shape)
@@ -178,21 +175,6 @@ class ModernBertMLM(nn.Module):
     for layer, kind in zip(self.layers, types):
       x = layer(x, biases[kind], *rope[kind], deterministic, row_ids)
     return self.final_norm(x)
-
-  def __call__(self, input_ids: jax.Array, segment_ids: jax.Array, positions: jax.Array | None = None,
-               token_type_ids: jax.Array | None = None, masked_positions: jax.Array | None = None,
-               deterministic: bool = True, row_ids: jax.Array | None = None) -> jax.Array:
-    c = self.config
-    x = self.encode(input_ids, segment_ids, positions, token_type_ids, deterministic, row_ids)
-    x = layers.at_positions(x, masked_positions)
-    x = self.head_norm(layers.activation(c.hidden_act)(self.head_transform(x)))
-    return self.decode(x)
-
-  def decode(self, x: jax.Array) -> jax.Array:
-    """Vocabulary logits through the tied embeddings, padded to `vocab_multiple` rows (`layers.decode`)."""
-    c = self.config
-    logits = layers.decode(x, self.word_embeddings.embedding, c.vocab_multiple, c.compute_dtype)
-    return logits if self.head_bias is None else logits + self.head_bias
 
 
 MODEL = ModernBertMLM
