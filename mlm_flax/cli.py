@@ -5,6 +5,7 @@
   mlm-flax fill-mask --model DIR [--top_k 5] [--targets a,b] [--dtype float32] TEXT ...
   mlm-flax export --workdir DIR --out HF_DIR
   mlm-flax import --hf HF_DIR --workdir DIR
+  mlm-flax finetune --init MODEL --workdir DIR [--config configs/finetune.py] [--config.KEY=VALUE ...]
   mlm-flax plot --workdir DIR[,DIR2,...] [--out PNG]
 """
 
@@ -23,15 +24,23 @@ from ml_collections import config_flags
 
 from mlm_flax import configs
 
-COMMANDS = ('train', 'eval', 'fill-mask', 'export', 'import', 'plot')
+COMMANDS = ('train', 'eval', 'fill-mask', 'export', 'import', 'plot', 'finetune')
 DEFAULT_CONFIG = os.path.join(list(configs.__path__)[0], 'tiny.py')  # installed with the package
+FINETUNE_CONFIG = os.path.join(list(configs.__path__)[0], 'finetune.py')  # `finetune`'s default
 
 FLAGS = flags.FLAGS
 
 
-def define_flags() -> None:
+def _default_config(argv: list[str]) -> str:
+  """The config file used without --config: configs/finetune.py for `finetune`, configs/tiny.py otherwise."""
+  return FINETUNE_CONFIG if len(argv) > 1 and argv[1] == 'finetune' else DEFAULT_CONFIG
+
+
+def define_flags(argv: list[str] = ()) -> None:
   """Defined at start-up, after `check_overrides` (config_flags reads sys.argv when defined)."""
-  config_flags.DEFINE_config_file('config', DEFAULT_CONFIG, 'Experiment config file (train).')
+  config_flags.DEFINE_config_file('config', _default_config(argv), 'Experiment config file (train, finetune).')
+  flags.DEFINE_string('init', None, 'Model to fine-tune (finetune): a workdir (DIR or DIR:STEP), a Hugging Face '
+                      'folder or hub name.')
   flags.DEFINE_string('workdir', None, 'Run folder; default: workdirs/<config name>[-<overrides>].')
   flags.DEFINE_string('split', 'validation', 'Split to evaluate (eval).')
   flags.DEFINE_string('model', None, 'Workdir to load (fill-mask).')
@@ -63,7 +72,7 @@ def default_workdir(config_file: str, overrides: dict[str, Any]) -> str:
 
 def _run(command: str, args: list[str]) -> None:
   if FLAGS.dtype is not None and command != 'fill-mask':
-    hint = 'set --config.model.dtype=... instead' if command == 'train' else 'eval and export compute in float32'
+    hint = 'set --config.model.dtype=... instead' if command in ('train', 'finetune') else 'eval and export compute in float32'
     raise ValueError(f'--dtype is a fill-mask flag; {command} does not take it ({hint}).')
   if command == 'plot':  # no JAX needed
     from mlm_flax import plot  # pylint: disable=g-import-not-at-top
@@ -81,6 +90,16 @@ def _run(command: str, args: list[str]) -> None:
     validation.validate_config(config, jax.device_count(), jax.process_count())
     if jax.process_index() == 0:
       print(f'Workdir: {workdir}', flush=True)
+  if command == 'finetune':  # a bad config fails in a second, before the model and the data are loaded
+    import jax  # pylint: disable=g-import-not-at-top
+    from mlm_flax import finetune, parallel  # pylint: disable=g-import-not-at-top
+    if not FLAGS.init or not FLAGS.workdir:
+      raise ValueError('usage: mlm-flax finetune --init MODEL --workdir DIR [--config configs/finetune.py] '
+                       '[--config.KEY=VALUE ...]')
+    parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    finetune.validate(FLAGS.config, jax.device_count(), jax.process_count())
+    print(json.dumps(finetune.finetune(FLAGS.config, FLAGS.init, FLAGS.workdir)))
+    return
   from mlm_flax import evaluate, inference, parallel, train  # pylint: disable=g-import-not-at-top
   from mlm_flax.interop import hf  # pylint: disable=g-import-not-at-top
   if command == 'train':
@@ -144,7 +163,7 @@ def check_overrides(argv: list[str]) -> None:
   overrides = [a[len('--config.'):].split('=', 1)[0] for a in argv if a.startswith('--config.')]
   if not overrides and spec is None:
     return
-  config = _load_config_file(spec or DEFAULT_CONFIG)  # a bad config file fails here, in one line
+  config = _load_config_file(spec or _default_config(argv))  # a bad config file fails here, in one line
   for key in overrides:
     node, done = config, []
     for part in key.split('.'):
@@ -174,7 +193,7 @@ def run() -> None:
   except (ValueError, AttributeError, KeyError, TypeError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  define_flags()
+  define_flags(sys.argv)
   app.run(main, flags_parser=_parse_flags)
 
 
