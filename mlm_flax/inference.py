@@ -46,6 +46,11 @@ def is_hf_folder(path: str) -> bool:
     return 'model_type' in json.load(f)
 
 
+def looks_like_hub_name(path: str) -> bool:
+  """'name' or 'org/name': what `load` tries on the Hugging Face hub when no such local path exists."""
+  return not path.startswith(('/', '.', '~')) and path.count('/') <= 1
+
+
 def _compute_dtype(dtype: str | None) -> str:
   """float32 unless asked: answers then match `transformers.pipeline("fill-mask")` on every machine, whereas
   the training default 'auto' is bf16 on GPU/TPU/AMX CPUs (a different top-1 is possible)."""
@@ -65,8 +70,7 @@ def load(path: str | os.PathLike, dtype: str | None = None) -> MLM:
   from mlm_flax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   path = os.fspath(path)
   dtype = _compute_dtype(dtype)
-  looks_like_hub_name = not path.startswith(('/', '.', '~')) and path.count('/') <= 1
-  if is_hf_folder(path) or (not os.path.exists(path) and looks_like_hub_name):
+  if is_hf_folder(path) or (not os.path.exists(path) and looks_like_hub_name(path)):
     from mlm_flax.interop import hf  # pylint: disable=g-import-not-at-top
     config, params, tok, model = hf.load_hf(path, dtype)
     return MLM(config=config, params=params, tokenizer=tok, model=model)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mlm_flax.interop import bert, modernbert
+from mlm_flax.interop import bert, modernbert, tree_get, tree_set
 from mlm_flax.models import make_model, position_offset
 
 # Hugging Face `model_type` / our `model.type` -> the module mapping that architecture (key map, configs).
@@ -78,21 +78,24 @@ def read_hf_config(path: str) -> dict:
     return json.load(f)
 
 
-def load_hf(path: str | os.PathLike, dtype: str = 'float32') -> tuple[ml_collections.ConfigDict, Any, Any, Any]:
-  """(config, params, tokenizer, module) of a Hugging Face BERT/RoBERTa/ModernBERT masked LM (or encoder-only
-  model: fresh head, with a warning), computing in `dtype`; `inference.load` wraps them in an `MLM`."""
-  from mlm_flax.configs import default  # pylint: disable=g-import-not-at-top
-  from mlm_flax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+def resolve(path: str | os.PathLike) -> str:
+  """A local folder: `path` itself, or the hub snapshot of a hub name (where the network allows)."""
   path = os.fspath(path)
-  if not os.path.isdir(path):  # a hub name
-    import huggingface_hub  # pylint: disable=g-import-not-at-top
-    try:
-      path = huggingface_hub.snapshot_download(path, allow_patterns=['*.json', '*.safetensors', '*.txt'])
-    except Exception as e:  # offline, unknown name, ...
-      raise FileNotFoundError(f'{path!r} is neither a local folder nor a reachable Hugging Face hub model '
-                              f'({type(e).__name__}); pass a workdir or a local model folder.') from e
+  if os.path.isdir(path):
+    return path
+  import huggingface_hub  # pylint: disable=g-import-not-at-top
+  try:
+    return huggingface_hub.snapshot_download(path, allow_patterns=['*.json', '*.safetensors', '*.txt'])
+  except Exception as e:  # offline, unknown name, ...
+    raise FileNotFoundError(f'{path!r} is neither a local folder nor a reachable Hugging Face hub model '
+                            f'({type(e).__name__}); pass a workdir or a local model folder.') from e
+
+
+def _config_and_params(path: str, state: dict[str, np.ndarray], dtype: str) -> tuple[ml_collections.ConfigDict, Any,
+                                                                                      list[str]]:
+  """The run config of a HF folder, our masked-LM params from `state` and the params initialised fresh."""
+  from mlm_flax.configs import default  # pylint: disable=g-import-not-at-top
   config = default.get_config()
-  state = read_state_dict(path)
   config.model.update(model_config_from_hf(read_hf_config(path)), dtype=dtype)
   config.model.tie_word_embeddings = decoder_is_tied(state, config.model.to_dict())
   config.max_seq_length = min(512, config.model.max_position_embeddings - position_offset(config.model))
@@ -100,9 +103,69 @@ def load_hf(path: str | os.PathLike, dtype: str = 'float32') -> tuple[ml_collect
   model = make_model(config.model)
   init = model.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, 8), jnp.int32), jnp.ones((1, 8), jnp.int32))
   params, fresh = params_from_state_dict(state, config.model.to_dict(), init['params'])
+  return config, params, fresh
+
+
+def load_hf(path: str | os.PathLike, dtype: str = 'float32') -> tuple[ml_collections.ConfigDict, Any, Any, Any]:
+  """(config, params, tokenizer, module) of a Hugging Face BERT/RoBERTa/ModernBERT masked LM (or encoder-only
+  model: fresh head, with a warning), computing in `dtype`; `inference.load` wraps them in an `MLM`."""
+  from mlm_flax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  path = resolve(path)
+  config, params, fresh = _config_and_params(path, read_state_dict(path), dtype)
   log_fresh_head(fresh, path)
   tok = tokenizer_lib.load_tokenizer(path)
-  return config, jax.tree.map(jnp.asarray, params), tok, model
+  return config, jax.tree.map(jnp.asarray, params), tok, make_model(config.model)
+
+
+# The Hugging Face class name's ending -> our task (a sequence head with one output and no problem_type, or
+# problem_type 'regression', is a regression).
+TASK_SUFFIXES = {'ForSequenceClassification': 'classification', 'ForTokenClassification': 'token_classification'}
+
+
+def task_info(hf: dict) -> dict:
+  """What a HF config.json says of its task head: `task` (None: no task head), `labels` (id2label in id
+  order), `problem_type`, `classifier_dropout` (None: the architecture's default) and `classifier_pooling`."""
+  arch = (hf.get('architectures') or [''])[0]
+  task = next((t for suffix, t in TASK_SUFFIXES.items() if arch.endswith(suffix)), None)
+  id2label = hf.get('id2label')
+  labels = [id2label[k] for k in sorted(id2label, key=int)] if id2label else None
+  problem_type = hf.get('problem_type')
+  if task == 'classification' and (problem_type == 'regression' or (problem_type is None and labels is not None
+                                                                     and len(labels) == 1)):
+    task = 'regression'
+  return {'task': task, 'labels': labels if task else None, 'problem_type': problem_type,
+          'classifier_dropout': hf.get('classifier_dropout'), 'classifier_pooling': hf.get('classifier_pooling', 'cls')}
+
+
+def head_key_map(model: dict, task: str, prefix: str | None = None) -> list[tuple[tuple, str, bool]]:
+  """(our path under a task model's `head`, HF key, transpose?) of `task`'s head."""
+  return _mapping(model['type']).head_key_map(model, task, prefix)
+
+
+def load_hf_task(path: str | os.PathLike, dtype: str = 'float32') -> tuple[ml_collections.ConfigDict, Any, Any,
+                                                                             dict, dict]:
+  """(config, params, tokenizer, head, info) of a HF folder for a task model: `params` the masked LM's (the MLM
+  head fresh where the checkpoint has none, unreported: a task model drops it), `head` the task-head params
+  the checkpoint has, in our head layout (a `*For...Classification`'s whole head; BERT's pooler, ModernBERT's
+  prediction head of a masked LM), `info` its `task_info`."""
+  from mlm_flax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  path = resolve(path)
+  hf = read_hf_config(path)
+  info = task_info(hf)
+  state = read_state_dict(path)
+  if hf.get('model_type', 'bert') in ('bert', 'roberta'):
+    state = bert.legacy_names_renamed(state)
+  prefix = bert.prefix_of(state, hf.get('model_type', 'bert')).rstrip('.')
+  head, used = {}, set()
+  for ours, key, transpose in head_key_map(model_config_from_hf(hf), info['task'] or 'classification', prefix):
+    if key in state:
+      value = np.asarray(state[key], np.float32)
+      tree_set(head, ours, np.ascontiguousarray(value.T if transpose else value))
+      used.add(key)
+  encoder_state = {k: v for k, v in state.items() if k not in used}
+  config, params, _ = _config_and_params(path, encoder_state, dtype)
+  tok = tokenizer_lib.load_tokenizer(path)
+  return config, jax.tree.map(jnp.asarray, params), tok, head, info
 
 
 def export(mlm, out_dir: str) -> None:

@@ -1,0 +1,7 @@
+"""Downstream tasks on a pretrained encoder: `model.py` (`TaskModel`: the architecture's encoder + a task head
+from `mlm_flax.models.heads`; loading an encoder from a pretraining workdir or a Hugging Face folder).
+
+Importing this package does not import JAX; import `mlm_flax.tasks.model` for the model.
+"""
+
+TASKS = ('classification', 'regression', 'token_classification')
