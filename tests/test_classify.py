@@ -64,16 +64,22 @@ def _ours(path, texts, tok):
                                    enc.classifier_pooling)
   params = task_lib.task_params_from_encoder(enc, task_lib.init_task_params(jax.random.PRNGKey(1), model, 8))
   batch = tok(texts, padding=True, return_tensors='np')
-  logits = model.apply({'params': params}, batch['input_ids'], batch['attention_mask'], batch.get('token_type_ids'))
+  logits = jax.jit(model.apply)({'params': params}, batch['input_ids'], batch['attention_mask'],
+                                batch.get('token_type_ids'))
   return np.asarray(logits), batch
 
 
-@pytest.mark.parametrize('kind,task', [('bert', 'classification')])
-def test_task_logits_match_transformers(tmp_path, tokenizers, kind, task):
+@pytest.mark.parametrize('kind,task,extra', [
+    ('bert', 'classification', {}), ('roberta', 'classification', {}),
+    ('modernbert', 'classification', {'classifier_pooling': 'mean'}), ('modernbert', 'token_classification', {}),
+    ('bert', 'token_classification', {})])
+def test_task_logits_match_transformers(tmp_path, tokenizers, kind, task, extra):
   tok = tokenizers['roberta' if kind == 'roberta' else 'bert']
   path = str(tmp_path / 'hf')
-  model = _save_hf(path, kind, task, tok)
+  model = _save_hf(path, kind, task, tok, **extra)
   ours, batch = _ours(path, BATCH, tok)
+  if kind == 'modernbert':
+    batch.pop('token_type_ids', None)
   with torch.no_grad():
     ref = model(**{k: torch.tensor(v) for k, v in batch.items()}).logits.numpy()
   assert batch['attention_mask'].min() == 0  # the batch really is padded

@@ -6,6 +6,7 @@ conversion, tied decoder) is its own module (`bert.py` for BERT and RoBERTa, `mo
 model type through `MAPPINGS`.
 """
 
+import functools
 import json
 import logging
 import os
@@ -91,9 +92,10 @@ def resolve(path: str | os.PathLike) -> str:
                             f'({type(e).__name__}); pass a workdir or a local model folder.') from e
 
 
-def _config_and_params(path: str, state: dict[str, np.ndarray], dtype: str) -> tuple[ml_collections.ConfigDict, Any,
-                                                                                      list[str]]:
-  """The run config of a HF folder, our masked-LM params from `state` and the params initialised fresh."""
+def _config_and_params(path: str, state: dict[str, np.ndarray], dtype: str,
+                       zero_head: bool = False) -> tuple[ml_collections.ConfigDict, Any, list[str]]:
+  """The run config of a HF folder, our masked-LM params from `state` and the params initialised fresh
+  (`zero_head`: zeros, not a random init, for callers that drop the MLM head: no init to compile)."""
   from mlm_flax.configs import default  # pylint: disable=g-import-not-at-top
   config = default.get_config()
   config.model.update(model_config_from_hf(read_hf_config(path)), dtype=dtype)
@@ -101,8 +103,11 @@ def _config_and_params(path: str, state: dict[str, np.ndarray], dtype: str) -> t
   config.max_seq_length = min(512, config.model.max_position_embeddings - position_offset(config.model))
   config.data.tokenizer = os.path.abspath(path)
   model = make_model(config.model)
-  init = model.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, 8), jnp.int32), jnp.ones((1, 8), jnp.int32))
-  params, fresh = params_from_state_dict(state, config.model.to_dict(), init['params'])
+  init = functools.partial(model.init, jax.random.PRNGKey(config.seed), jnp.zeros((1, 8), jnp.int32),
+                           jnp.ones((1, 8), jnp.int32))
+  init_params = (jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(init)) if zero_head
+                 else init())['params']
+  params, fresh = params_from_state_dict(state, config.model.to_dict(), init_params)
   return config, params, fresh
 
 
@@ -163,17 +168,61 @@ def load_hf_task(path: str | os.PathLike, dtype: str = 'float32') -> tuple[ml_co
       tree_set(head, ours, np.ascontiguousarray(value.T if transpose else value))
       used.add(key)
   encoder_state = {k: v for k, v in state.items() if k not in used}
-  config, params, _ = _config_and_params(path, encoder_state, dtype)
+  config, params, _ = _config_and_params(path, encoder_state, dtype, zero_head=True)
   tok = tokenizer_lib.load_tokenizer(path)
   return config, jax.tree.map(jnp.asarray, params), tok, head, info
 
 
-def export(mlm, out_dir: str) -> None:
-  """Writes a Hugging Face folder (config.json, model.safetensors, tokenizer) from a loaded `inference.MLM`.
+def export(model: Any, out_dir: str) -> None:
+  """Writes a Hugging Face folder (config.json, model.safetensors, tokenizer) from a loaded `inference.MLM`
+  (a `*ForMaskedLM`) or `inference.Classifier` (a `*ForSequenceClassification` / `*ForTokenClassification` with
+  `id2label`, `label2id` and `problem_type`).
 
-  transformers loads it with `AutoModelForMaskedLM`/`AutoTokenizer`, and `pipeline("fill-mask")`
-  uses it directly. Written to a temporary folder and renamed, so a failed export leaves nothing.
+  transformers loads it with `AutoModelForMaskedLM` / `AutoModelFor{Sequence,Token}Classification` and
+  `AutoTokenizer`; its pipelines use it directly. Written to a temporary folder and renamed, so a failed export
+  leaves nothing.
   """
+  if getattr(model, 'task', None) is not None:
+    config, state = task_config(model), task_state_dict(model.params, model.config.model, model.task)
+  else:
+    config = hf_config_from_model(model.config.model, model.tokenizer)
+    state = state_dict_from_params(model.params, model.config.model)
+    if model.config.model.get('tie_word_embeddings', True):  # rebuilt from the embeddings and bias on load
+      state = {k: v for k, v in state.items() if '.decoder.' not in k and k != 'decoder.weight'}
+  _write_folder(out_dir, config, state, model.tokenizer,
+                model.config.model.max_position_embeddings - position_offset(model.config.model))
+
+
+def task_config(clf: Any) -> dict:
+  """The config.json of a task model (`inference.Classifier`): the architecture's, its task class, labels,
+  problem type and head options."""
+  model = clf.config.model
+  mapping = _mapping(model['type'])
+  config = hf_config_from_model(model, clf.tokenizer)
+  problem_type = clf.problem_type or {'regression': 'regression',
+                                      'classification': 'single_label_classification'}.get(clf.task)
+  config.update(architectures=[mapping.TASK_ARCHITECTURES[model['type']][clf.task]],
+                id2label={str(i): label for i, label in enumerate(clf.labels)},
+                label2id={label: i for i, label in enumerate(clf.labels)},
+                **mapping.head_config(clf.task, clf.classifier_dropout, clf.classifier_pooling))
+  if problem_type is not None:
+    config['problem_type'] = problem_type
+  return config
+
+
+def task_state_dict(params: Any, model: Any, task: str) -> dict[str, np.ndarray]:
+  """A HF `*For{Sequence,Token}Classification` state dict in f32 from task params `{'encoder', 'head'}`."""
+  mapping, state = _mapping(model['type']), {}
+  for tree, key_map in ((params['encoder'], mapping.encoder_key_map(model)),
+                        (params['head'], mapping.head_key_map(model, task))):
+    for ours, key, transpose in key_map:
+      value = np.asarray(tree_get(tree, ours), np.float32)
+      state[key] = np.ascontiguousarray(value.T if transpose else value)
+  return state
+
+
+def _write_folder(out_dir: str, config: dict, state: dict[str, np.ndarray], tok: Any, max_length: int) -> None:
+  """config.json, model.safetensors and the tokenizer into a temporary folder, renamed to `out_dir`."""
   import shutil  # pylint: disable=g-import-not-at-top
   import tempfile  # pylint: disable=g-import-not-at-top
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
@@ -183,15 +232,11 @@ def export(mlm, out_dir: str) -> None:
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix='.export-', dir=parent)
   try:
-    config = hf_config_from_model(mlm.config.model, mlm.tokenizer)
-    state = state_dict_from_params(mlm.params, mlm.config.model)
-    if mlm.config.model.get('tie_word_embeddings', True):  # rebuilt from the embeddings and bias on load
-      state = {k: v for k, v in state.items() if '.decoder.' not in k and k != 'decoder.weight'}
     save_file(state, os.path.join(tmp, 'model.safetensors'), metadata={'format': 'pt'})
     with open(os.path.join(tmp, 'config.json'), 'w') as f:
       json.dump(config, f, indent=2)
-    mlm.tokenizer.model_max_length = mlm.config.model.max_position_embeddings - position_offset(mlm.config.model)
-    mlm.tokenizer.save_pretrained(tmp)
+    tok.model_max_length = max_length
+    tok.save_pretrained(tmp)
     os.chmod(tmp, 0o755)
     if os.path.isdir(out_dir):
       os.rmdir(out_dir)

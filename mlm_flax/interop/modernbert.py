@@ -16,9 +16,9 @@ from mlm_flax.models import modernbert
 
 ARCHITECTURE = 'ModernBertForMaskedLM'
 # Task models (`mlm_flax.models.heads`): the Hugging Face class of each head.
-TASK_ARCHITECTURES = {'classification': 'ModernBertForSequenceClassification',
-                      'regression': 'ModernBertForSequenceClassification',
-                      'token_classification': 'ModernBertForTokenClassification'}
+TASK_ARCHITECTURES = {'modernbert': {'classification': 'ModernBertForSequenceClassification',
+                                     'regression': 'ModernBertForSequenceClassification',
+                                     'token_classification': 'ModernBertForTokenClassification'}}
 _ACTIVATIONS = ('gelu', 'gelu_new', 'gelu_pytorch_tanh', 'relu', 'silu')
 _THETAS = {'full_attention': ('global_rope_theta', 160_000.0), 'sliding_attention': ('local_rope_theta', 10_000.0)}
 

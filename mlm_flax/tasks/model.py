@@ -106,7 +106,7 @@ def _encoder_keys(params: Any, model_cfg: Any) -> dict:
   return {k: params[k] for k in keys}
 
 
-def _split_step(init: str) -> tuple[str, int | None]:
+def split_step(init: str) -> tuple[str, int | None]:
   """`DIR:STEP` -> (DIR, STEP); anything else -> (init, None)."""
   base, sep, step = init.rpartition(':')
   if sep and step.isdigit() and os.path.isdir(base):
@@ -124,7 +124,7 @@ def load_encoder(init: str, dtype: str | None = None) -> Encoder:
   """
   from mlm_flax import inference  # pylint: disable=g-import-not-at-top
   from mlm_flax.configs import default  # pylint: disable=g-import-not-at-top
-  path, step = _split_step(os.fspath(init))
+  path, step = split_step(os.fspath(init))
   if inference.is_hf_folder(path) or (not os.path.exists(path) and inference.looks_like_hub_name(path)):
     from mlm_flax.interop import hf  # pylint: disable=g-import-not-at-top
     config, params, tok, head, info = hf.load_hf_task(path, dtype or default.get_config().model.dtype)
