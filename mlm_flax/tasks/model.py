@@ -9,11 +9,10 @@ names unchanged; the head is the architecture's (`mlm_flax.models.heads`), the H
 Hugging Face folder or hub name, or a fine-tuned workdir); `task_params_from_encoder` puts it into fresh params.
 """
 
-import dataclasses
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, Mapping, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -74,9 +73,8 @@ def abstract_task_params(task_model: TaskModel, seq_len: int = 8) -> Any:
   return jax.eval_shape(lambda: init_task_params(jax.random.PRNGKey(0), task_model, seq_len))
 
 
-@dataclasses.dataclass
-class Encoder:
-  """What a task model starts from (`load_encoder`).
+class Encoder(NamedTuple):
+  """What a task model starts from (`load_encoder`); a tuple `(model, params, tokenizer, head, ...)`.
 
   `model`: the `model` config; `params`: the encoder params (no MLM head); `tokenizer`; `head`: task-head params
   found in MODEL, in the head's layout (BERT's pooler, ModernBERT's prediction head, or a whole classifier:
@@ -138,7 +136,6 @@ def load_encoder(init: str, dtype: str | None = None) -> Encoder:
 
 def _load_workdir(path: str, step: int | None, dtype: str | None) -> Encoder:
   from mlm_flax import checkpoint, inference  # pylint: disable=g-import-not-at-top
-  from mlm_flax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   from mlm_flax.models import make_model  # pylint: disable=g-import-not-at-top
   config_path = os.path.join(path, 'config.json')
   if not os.path.isfile(config_path):
@@ -152,63 +149,98 @@ def _load_workdir(path: str, step: int | None, dtype: str | None) -> Encoder:
   if info is not None:
     task_model = make_task_model(config.model, info['task'], len(info['labels']), info['classifier_dropout'],
                                  info['classifier_pooling'])
-    target = abstract_task_params(task_model)
-  else:
-    target = inference.abstract_params(make_model(config.model))
-  ckpt = checkpoint.Checkpointer(path, create=False, async_save=False)
-  try:
-    if step is None and ckpt.latest_step() is None and ckpt.has_imported() and info is None:
-      params, step = ckpt.restore_imported(target), 0
-    else:
-      if step is None and info is not None:
-        step = info.get('best_step')
-      params, meta = ckpt.restore_params(target, step)
-      step = int(meta['step'])
-  finally:
-    ckpt.close()
-  tok = tokenizer_lib.load_tokenizer(os.path.join(path, 'tokenizer'))
-  if info is not None:
-    return Encoder(model=config.model, params=params['encoder'], tokenizer=tok, head=params['head'],
+    params, step = _restore_finetuned(path, abstract_task_params(task_model), step)
+    return Encoder(model=config.model, params=params['encoder'], tokenizer=_tokenizer(path), head=params['head'],
                    task=info['task'], labels=info['labels'], problem_type=info['problem_type'],
                    classifier_dropout=info['classifier_dropout'], classifier_pooling=info['classifier_pooling'],
                    config=config, step=step)
+  target = inference.abstract_params(make_model(config.model))
+  ckpt = checkpoint.Checkpointer(path, create=False, async_save=False)
+  try:
+    if step is None and ckpt.latest_step() is None and ckpt.has_imported():
+      params, step = ckpt.restore_imported(target), 0
+    else:
+      params, meta = ckpt.restore_params(target, step)
+      if step is not None and int(meta['step']) != step:
+        raise FileNotFoundError(f'{path} has no good checkpoint of step {step}; pass one of its steps, or {path} '
+                                'for the latest.')
+      step = int(meta['step'])
+  finally:
+    ckpt.close()
   mlm_head = {ours: params[theirs] for ours, theirs in HEAD_FROM_MLM.get(config.model.type, {}).items()}
-  return Encoder(model=config.model, params=_encoder_keys(params, config.model), tokenizer=tok, head=mlm_head,
-                 config=config, step=step)
+  return Encoder(model=config.model, params=_encoder_keys(params, config.model), tokenizer=_tokenizer(path),
+                 head=mlm_head, config=config, step=step)
+
+
+def _tokenizer(workdir: str) -> Any:
+  from mlm_flax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  return tokenizer_lib.load_tokenizer(os.path.join(workdir, 'tokenizer'))
+
+
+def _restore_finetuned(path: str, target: Any, step: int | None) -> tuple[Any, int]:
+  """A fine-tuned workdir's params: the best step's (`DIR/best/`, written by `mlm-flax finetune`) unless `step`
+  names another; else that (or the latest) training checkpoint's."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from mlm_flax import checkpoint  # pylint: disable=g-import-not-at-top
+  best_dir = os.path.join(os.path.abspath(path), 'best')
+  if os.path.isdir(best_dir):
+    with ocp.CheckpointManager(best_dir, options=ocp.CheckpointManagerOptions(create=False)) as best:
+      best_step = best.latest_step()
+      if best_step is not None and step in (None, best_step):
+        restored = best.restore(best_step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+        return restored['params'], best_step
+  ckpt = checkpoint.Checkpointer(path, create=False, async_save=False)
+  try:
+    params, meta = ckpt.restore_params(target, step)
+  finally:
+    ckpt.close()
+  if step is not None and int(meta['step']) != step:
+    raise FileNotFoundError(f'{path} has no good checkpoint of step {step}; pass one of its steps, or {path} for the '
+                            'best one.')
+  return params, int(meta['step'])
 
 
 def finetuned_info(path: str, config: ml_collections.ConfigDict) -> dict | None:
-  """The task of a fine-tuned workdir (config.json with a `task`, labels.json), or None for a pretraining one.
+  """The task of a fine-tuned workdir (config.json with `task.type`, labels.json), or None for a pretraining one.
 
-  Returns {'task', 'labels', 'problem_type', 'classifier_dropout', 'classifier_pooling', 'best_step'}.
+  Returns {'task', 'labels', 'problem_type', 'classifier_dropout', 'classifier_pooling'}; a regression's one
+  label is named 'LABEL_0' (Hugging Face's default). Raises naming the fix for a multi-seed parent folder.
   """
   if 'task' not in config:
     return None
   task = config.task
-  get = lambda key, default=None: task.get(key, default) if isinstance(task, ml_collections.ConfigDict) else default
-  name = get('type', get('name')) if isinstance(task, ml_collections.ConfigDict) else task
+  name = task.get('type') if isinstance(task, ml_collections.ConfigDict) else task
   labels_path = os.path.join(path, 'labels.json')
   if not os.path.isfile(labels_path):
+    seeds = sorted(d for d in os.listdir(path) if d.startswith('seed_'))
+    if seeds:
+      raise FileNotFoundError(f'{path} holds one fine-tuned model per seed; pass one of them, e.g. '
+                              f'{os.path.join(path, seeds[0])}.')
     raise FileNotFoundError(f'{path} is a fine-tuning workdir without labels.json; rerun `mlm-flax finetune` on it.')
   with open(labels_path) as f:
-    labels = list(json.load(f))
-  best_step = None
-  results_path = os.path.join(path, 'results.json')
-  if os.path.isfile(results_path):
-    with open(results_path) as f:
-      best_step = json.load(f).get('best_step')
-  dropout = get('classifier_dropout')
+    labels = json.load(f)
+  if isinstance(labels, Mapping):
+    labels = labels.get('label_names')
+  labels = ['LABEL_0'] if name == 'regression' or not labels else [str(l) for l in labels]
+  dropout = config.get('classifier_dropout')
+  pooling = task.get('classifier_pooling') if isinstance(task, ml_collections.ConfigDict) else None
   return {'task': name, 'labels': labels, 'problem_type': 'regression' if name == 'regression' else None,
           'classifier_dropout': config.model.hidden_dropout if dropout is None else float(dropout),
-          'classifier_pooling': get('classifier_pooling', 'cls') or 'cls',
-          'best_step': None if best_step is None else int(best_step)}
+          'classifier_pooling': pooling or config.get('classifier_pooling') or 'cls'}
 
 
-def task_params_from_encoder(encoder: Encoder, fresh_task_params: Any) -> Any:
-  """`fresh_task_params` (`init_task_params`) with the encoder's params and the head params `encoder` has whose
-  shapes fit (a classifier for another number of labels stays fresh, with a warning)."""
+def task_params_from_encoder(encoder: Encoder | Mapping, fresh_task_params: Any, head: Mapping | None = None) -> Any:
+  """`fresh_task_params` (`init_task_params`) with the encoder's params and the head params whose shapes fit
+  (a classifier for another number of labels stays fresh, with a warning).
+
+  `encoder`: an `Encoder` (its `params` and `head`), or its params alone, with `head` (e.g. `encoder.head`: BERT's
+  pooler) passed apart, as inside jit, where an `Encoder` (its tokenizer) cannot go. Raises ValueError when the
+  encoder does not fit the task model.
+  """
+  if isinstance(encoder, Encoder):
+    encoder, head = encoder.params, encoder.head if head is None else head
   fresh_encoder = fresh_task_params['encoder']
-  missing = sorted(set(fresh_encoder) - set(encoder.params))
+  missing = sorted(set(fresh_encoder) - set(encoder))
   if missing:
     raise ValueError(f'the encoder lacks {missing[0]!r}; its `model` config does not match the task model\'s.')
 
@@ -218,14 +250,16 @@ def task_params_from_encoder(encoder: Encoder, fresh_task_params: Any) -> Any:
                        f'{np.shape(fresh)}; build the task model from the encoder\'s `model` config.')
     return jnp.asarray(loaded, fresh.dtype)
 
-  params = jax.tree_util.tree_map_with_path(take, fresh_encoder, {k: encoder.params[k] for k in fresh_encoder})
-  head = dict(fresh_task_params['head'])
-  for name, loaded in (encoder.head or {}).items():
-    fresh = head.get(name)
-    shapes = lambda t: jax.tree.map(np.shape, t)
-    if fresh is not None and jax.tree.structure(fresh) == jax.tree.structure(loaded) and shapes(fresh) == shapes(loaded):
-      head[name] = jax.tree.map(lambda f, l: jnp.asarray(l, f.dtype), fresh, loaded)
-    elif fresh is not None:
+  params = jax.tree_util.tree_map_with_path(take, fresh_encoder, {k: encoder[k] for k in fresh_encoder})
+  shapes = lambda t: jax.tree.map(np.shape, t)
+  out_head = dict(fresh_task_params['head'])
+  for name, loaded in (head or {}).items():
+    fresh = out_head.get(name)
+    if fresh is None:  # not part of this head (BERT's pooler under a token-classification head)
+      continue
+    if jax.tree.structure(fresh) == jax.tree.structure(loaded) and shapes(fresh) == shapes(loaded):
+      out_head[name] = jax.tree.map(lambda f, l: jnp.asarray(l, f.dtype), fresh, loaded)
+    else:
       logging.warning('head param %r of the loaded model does not fit this task (shapes %s, here %s); initialised '
                       'fresh.', name, shapes(loaded), shapes(fresh))
-  return {'encoder': params, 'head': head}
+  return {'encoder': params, 'head': out_head}
