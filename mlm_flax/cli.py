@@ -1,8 +1,9 @@
-"""`mlm-flax` command line: train | eval | fill-mask.
+"""`mlm-flax` command line: train | eval | fill-mask | classify | export | import | plot.
 
   mlm-flax train [--config configs/tiny.py] [--workdir DIR] [--config.KEY=VALUE ...]
   mlm-flax eval --workdir DIR [--split validation]
   mlm-flax fill-mask --model DIR [--top_k 5] [--targets a,b] [--dtype float32] TEXT ...
+  mlm-flax classify --model DIR [--top_k K] [--dtype float32] TEXT ...
   mlm-flax export --workdir DIR --out HF_DIR
   mlm-flax import --hf HF_DIR --workdir DIR
   mlm-flax finetune --init MODEL --workdir DIR [--config configs/finetune.py] [--config.KEY=VALUE ...]
@@ -24,7 +25,7 @@ from ml_collections import config_flags
 
 from mlm_flax import configs
 
-COMMANDS = ('train', 'eval', 'fill-mask', 'export', 'import', 'plot', 'finetune')
+COMMANDS = ('train', 'eval', 'fill-mask', 'classify', 'export', 'import', 'plot', 'finetune')
 DEFAULT_CONFIG = os.path.join(list(configs.__path__)[0], 'tiny.py')  # installed with the package
 FINETUNE_CONFIG = os.path.join(list(configs.__path__)[0], 'finetune.py')  # `finetune`'s default
 
@@ -43,10 +44,11 @@ def define_flags(argv: list[str] = ()) -> None:
                       'folder or hub name.')
   flags.DEFINE_string('workdir', None, 'Run folder; default: workdirs/<config name>[-<overrides>].')
   flags.DEFINE_string('split', 'validation', 'Split to evaluate (eval).')
-  flags.DEFINE_string('model', None, 'Workdir to load (fill-mask).')
-  flags.DEFINE_integer('top_k', 5, 'Predictions per mask (fill-mask).')
+  flags.DEFINE_string('model', None, 'Workdir or Hugging Face folder to load (fill-mask, classify).')
+  flags.DEFINE_integer('top_k', 5, 'Predictions per mask (fill-mask, default 5); labels per text (classify; '
+                       'default: the best label only, as pipeline("text-classification")).')
   flags.DEFINE_list('targets', None, 'Restrict fill-mask scoring to these words (fill-mask).')
-  flags.DEFINE_string('dtype', None, 'Compute dtype (fill-mask): float32 (default; answers as transformers), '
+  flags.DEFINE_string('dtype', None, 'Compute dtype (fill-mask, classify): float32 (default; answers as transformers), '
                       'bfloat16, float16 or auto (as training: bf16 on GPU/TPU/AMX CPUs).')
   flags.DEFINE_string('out', None, 'Hugging Face folder to write (export); PNG to write (plot).')
   flags.DEFINE_string('hf', None, 'Hugging Face model folder or hub name to import (import).')
@@ -71,9 +73,10 @@ def default_workdir(config_file: str, overrides: dict[str, Any]) -> str:
 
 
 def _run(command: str, args: list[str]) -> None:
-  if FLAGS.dtype is not None and command != 'fill-mask':
-    hint = 'set --config.model.dtype=... instead' if command in ('train', 'finetune') else 'eval and export compute in float32'
-    raise ValueError(f'--dtype is a fill-mask flag; {command} does not take it ({hint}).')
+  if FLAGS.dtype is not None and command not in ('fill-mask', 'classify'):
+    hint = ('set --config.model.dtype=... instead' if command in ('train', 'finetune')
+            else 'eval and export compute in float32')
+    raise ValueError(f'--dtype is a fill-mask and classify flag; {command} does not take it ({hint}).')
   if command == 'plot':  # no JAX needed
     from mlm_flax import plot  # pylint: disable=g-import-not-at-top
     if not FLAGS.workdir:
@@ -115,10 +118,18 @@ def _run(command: str, args: list[str]) -> None:
     mlm = inference.load(FLAGS.model, dtype=FLAGS.dtype)
     print(json.dumps(inference.fill_mask(mlm, args[0] if len(args) == 1 else args, top_k=FLAGS.top_k,
                                          targets=FLAGS.targets), indent=1))
+  elif command == 'classify':
+    if not FLAGS.model or not args:
+      raise ValueError('usage: mlm-flax classify --model DIR [--top_k K] "text" ... (DIR: a fine-tuned workdir or a '
+                       'Hugging Face *ForSequenceClassification / *ForTokenClassification folder)')
+    clf = inference.load_classifier(FLAGS.model, dtype=FLAGS.dtype)
+    top_k = {'top_k': FLAGS.top_k} if FLAGS['top_k'].present else {}
+    print(json.dumps(inference.classify(clf, args[0] if len(args) == 1 else args, **top_k), indent=1))
   elif command == 'export':
     if not FLAGS.workdir or not FLAGS.out:
       raise ValueError('usage: mlm-flax export --workdir DIR --out HF_DIR')
-    hf.export(inference.load(FLAGS.workdir), FLAGS.out)
+    load = inference.load_classifier if inference.is_task_model(FLAGS.workdir) else inference.load
+    hf.export(load(FLAGS.workdir), FLAGS.out)
     print(json.dumps({'exported': FLAGS.out}))
   elif command == 'import':
     if not FLAGS.hf or not FLAGS.workdir:

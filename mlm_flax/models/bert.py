@@ -55,8 +55,10 @@ class BertMLM(nn.Module):
   (training computes the head only where predictions are scored), or at every
   position when `masked_positions` is None. `encode` returns the last hidden states. `row_ids` [batch]
   (optional) are the rows' indices in the global batch, from which dropout draws (see `Dropout`).
+  `mlm_head=False`: the encoder alone, without the MLM head's params (the task models' encoder, `tasks/model.py`).
   """
   config: ModelConfig
+  mlm_head: bool = True
 
   def setup(self):
     c = self.config
@@ -79,9 +81,10 @@ class BertMLM(nn.Module):
     self.head_transform = Dense(c.hidden_size, dtype=c.compute_dtype, param_dtype=c.param_jnp_dtype,
                                 init_std=c.initializer_range)
     self.head_norm = nn.LayerNorm(epsilon=c.layer_norm_eps, param_dtype=c.param_jnp_dtype)
-    self.head_bias = self.param('head_bias', nn.initializers.zeros, (c.vocab_size,), c.param_jnp_dtype)
+    self.head_bias = (self.param('head_bias', nn.initializers.zeros, (c.vocab_size,), c.param_jnp_dtype)
+                      if self.mlm_head else None)
     # An untied decoder [vocab, hidden] (Hugging Face `tie_word_embeddings=False`); tied by default.
-    self.decoder = (None if c.tie_word_embeddings
+    self.decoder = (None if c.tie_word_embeddings or not self.mlm_head
                     else self.param('decoder', init, (c.vocab_size, c.hidden_size), c.param_jnp_dtype))
 
   def encode(self, input_ids: jax.Array, segment_ids: jax.Array, positions: jax.Array | None = None,

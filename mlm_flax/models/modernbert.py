@@ -134,9 +134,10 @@ class ModernBertMLM(nn.Module):
   `__call__` returns logits [batch, P, vocab] at `masked_positions` [batch, P], or at every position when
   None; `encode` returns the last hidden states (after the final norm). `token_type_ids` is accepted and
   ignored (ModernBERT has no token types). `row_ids` [batch] (optional): the rows' indices in the global batch,
-  from which dropout draws (see `layers.Dropout`).
+  from which dropout draws (see `layers.Dropout`). `mlm_head=False`: the encoder alone (no `head_bias` param).
   """
   config: ModelConfig
+  mlm_head: bool = True
 
   def setup(self):
     c = self.config
@@ -157,7 +158,7 @@ class ModernBertMLM(nn.Module):
         c, 'classifier_bias'), init_std=c.initializer_range / math.sqrt(2.0 * c.num_layers))
     self.head_norm = norm()
     self.head_bias = (self.param('head_bias', nn.initializers.zeros, (c.vocab_size,), c.param_jnp_dtype)
-                      if option(c, 'decoder_bias') else None)
+                      if option(c, 'decoder_bias') and self.mlm_head else None)
 
   def encode(self, input_ids: jax.Array, segment_ids: jax.Array, positions: jax.Array | None = None,
              token_type_ids: jax.Array | None = None, deterministic: bool = True,
