@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
   # 'classification' (one text or a text pair -> one label), 'regression' (-> one number, STS-B style) or
   # 'token_classification' (a label per word, scored on the word's first sub-token, NER style).
   c.task.type = 'classification'
+  c.task.classifier_pooling = 'cls'  # sequence tasks: the first token's state, or 'mean' over real tokens (ModernBERT)
 
   c.num_epochs = 3  # used when num_train_steps is None
   c.num_train_steps = _optional(int)  # set: train this many steps instead of num_epochs epochs

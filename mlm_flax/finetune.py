@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from mlm_flax import checkpoint, parallel, preemption, train, validation, workdir_lock, writers
 from mlm_flax import data as data_lib
 from mlm_flax.data import tokenizer as tokenizer_lib
-from mlm_flax.models import ModelConfig, position_offset
+from mlm_flax.models import position_offset
 from mlm_flax.objectives import tasks as task_loss
 from mlm_flax.tasks import data as task_data
 from mlm_flax.tasks import metrics as task_metrics
@@ -151,27 +151,24 @@ def finetune_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx: 
   return state, {**sums, 'grad_norm': optax.tree.norm(grads)}
 
 
-def eval_step(params: Any, batch: dict[str, jax.Array], *, model, task: str) -> tuple[jax.Array, dict]:
-  """Predictions and summed loss of one eval batch (padding rows have weight 0)."""
+def eval_step(params: Any, batch: dict[str, jax.Array], *, model, task: str) -> tuple[jax.Array, ...]:
+  """Predictions and per-row (loss sum, count) of one eval batch, summed on the host in row order."""
   logits = model.apply({'params': params}, batch['input_ids'], batch['segment_ids'], batch['token_type_ids'])
-  return task_loss.predictions(logits, task), task_loss.task_loss(logits, batch['labels'], batch['weights'], task)
+  return (task_loss.predictions(logits, task), *task_loss.task_loss_rows(logits, batch['labels'], task))
 
 
 def evaluate(params: Any, rows: dict[str, np.ndarray], p_eval_step, config: ml_collections.ConfigDict, mesh,
              label_names: list[str] | None, pad_token_id: int) -> dict[str, float]:
   """The task's metrics and loss over every row of a split, once (the last batch padded, weight 0): the same
   numbers for any eval_batch_size and mesh."""
-  rows = {**rows, 'weights': np.ones(len(rows['input_ids']), np.float32)}
-  preds, loss_sum, count = [], 0.0, 0.0
-  for batch in data_lib.eval_batches(rows, config.eval_batch_size, jax.process_index(), jax.process_count(),
-                                     pad_token_id=pad_token_id):
-    p, sums = p_eval_step(params, parallel.to_global(batch, mesh))
-    p, sums = parallel.fetch((p, sums))
-    preds.append(p)
-    loss_sum, count = loss_sum + float(sums['loss_sum']), count + float(sums['count'])
+  outputs = [parallel.fetch(p_eval_step(params, parallel.to_global(batch, mesh)))
+             for batch in data_lib.eval_batches(rows, config.eval_batch_size, jax.process_index(),
+                                                jax.process_count(), pad_token_id=pad_token_id)]
   n = len(rows['input_ids'])
-  result = task_metrics.compute(config.task.type, rows['labels'], np.concatenate(preds)[:n], label_names)
-  return {'loss': loss_sum / max(count, 1.0), **result, 'num_examples': n}
+  preds, losses, counts = (np.concatenate(x)[:n] for x in zip(*outputs))  # padding rows dropped
+  result = task_metrics.compute(config.task.type, rows['labels'], preds, label_names)
+  loss = float(np.sum(losses, dtype=np.float64) / max(np.sum(counts, dtype=np.float64), 1.0))
+  return {'loss': loss, **result, 'num_examples': n}
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -247,21 +244,14 @@ class _Best:
     self.manager.close()
 
 
-def _load_init(config: ml_collections.ConfigDict):
-  """(model config dict, encoder params, tokenizer) of the init model."""
-  from mlm_flax.tasks import model as task_model  # pylint: disable=g-import-not-at-top
-  encoder = task_model.load_encoder(config.init, dtype=config.model.dtype)
-  model_cfg, params, tok = encoder[0], encoder[1], encoder[2]
-  model_cfg = model_cfg.model if 'model' in model_cfg else model_cfg
-  return model_cfg.to_dict() if hasattr(model_cfg, 'to_dict') else dict(model_cfg), params, tok
-
-
 def _run(config: ml_collections.ConfigDict, workdir: str, preempt: preemption.Watcher,
          on_exit: contextlib.ExitStack) -> dict:
   from mlm_flax.tasks import model as task_model  # pylint: disable=g-import-not-at-top
   task = config.task.type
-  encoder_model, encoder_params, tok = _load_init(config)
-  config = resolve_config(config, encoder_model)
+  encoder = task_model.load_encoder(config.init, dtype=config.model.dtype)
+  encoder_params, tok = (encoder.params, encoder.head), encoder.tokenizer
+  config = resolve_config(config, encoder.model.to_dict())
+  del encoder
   old = validation.saved_config(workdir)
   if old is not None:
     warning = validation.check_config_change(old, config.to_dict(), workdir)
@@ -290,13 +280,13 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preempt: preemption.Wa
   ckpt_every = config.checkpoint_every_steps or eval_every
 
   mesh = parallel.make_mesh(fsdp=config.fsdp)
-  model = task_model.TaskModel(config=ModelConfig.from_dict(config.model), task=task,
-                               num_labels=task_rows.num_labels, classifier_dropout=config.classifier_dropout)
+  model = task_model.make_task_model(config.model, task, task_rows.num_labels, config.classifier_dropout,
+                                     config.task.classifier_pooling)
 
-  def create_state(encoder_params: Any, rng: jax.Array) -> TrainState:  # jitted: no op-by-op dispatch
+  def create_state(encoder_params: tuple[Any, dict], rng: jax.Array) -> TrainState:  # jitted: no op-by-op dispatch
     init_rng, state_rng = jax.random.split(rng)
     fresh = task_model.init_task_params(init_rng, model, config.max_seq_length)
-    params = task_model.task_params_from_encoder(encoder_params, fresh)
+    params = task_model.task_params_from_encoder(encoder_params[0], fresh, head=encoder_params[1])
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng)
 
   rng = jax.random.PRNGKey(config.seed)

@@ -178,6 +178,7 @@ def test_killed_run_resumes_to_the_same_results(classification_run, tiny_bert, t
   assert strip(writers.read_metrics(killed)) == strip(writers.read_metrics(workdir))
 
 
+@pytest.mark.slow  # two fine-tuning runs
 def test_regression_learns_a_planted_score_over_two_seeds(tiny_bert, tmp_path):
   config = _config(tmp_path, 'regression', _write(tmp_path / 'train.jsonl', _score_rows(0, 256)),
                    _write(tmp_path / 'validation.jsonl', _score_rows(1, 64)), seeds=2, num_epochs=4,
@@ -194,6 +195,7 @@ def test_regression_learns_a_planted_score_over_two_seeds(tiny_bert, tmp_path):
       assert json.load(f)['per_seed'] == [per_seed[k]]
 
 
+@pytest.mark.slow
 def test_token_classification_tags_the_word_after_a_keyword(tiny_bert, tmp_path):
   config = _config(tmp_path, 'token_classification', _write(tmp_path / 'train.jsonl', _place_rows(0, 320)),
                    _write(tmp_path / 'validation.jsonl', _place_rows(1, 64)), num_epochs=6,
@@ -220,6 +222,15 @@ def test_first_sub_token_labels_and_seqeval_entities(tiny_bert):
   gold = np.array([[-100, 0, 1, 2, -100]])
   assert task_metrics.token_classification(gold, np.array([[0, 0, 1, 2, 0]]), names)['f1'] == 1.0
   assert task_metrics.token_classification(gold, np.array([[0, 0, 1, 0, 1]]), names)['f1'] == 0.0  # half an entity
+
+
+def test_seeds_report_the_mean_and_sample_std():
+  per_seed = [{'seed': 0, 'best_step': 8, 'metrics': {'pearson': 0.9, 'mse': 0.2}},
+              {'seed': 1, 'best_step': 16, 'metrics': {'pearson': 0.8, 'mse': 0.4}}]
+  results = finetune_lib.aggregate('regression', per_seed)
+  assert results['metrics'] == pytest.approx({'pearson': 0.85, 'pearson_std': np.std([0.9, 0.8], ddof=1),
+                                              'mse': 0.3, 'mse_std': np.std([0.2, 0.4], ddof=1)})
+  assert results['per_seed'] == per_seed and results['best_step'] == [8, 16] and results['task'] == 'regression'
 
 
 def test_layer_decay_scales_the_learning_rate_by_depth():
