@@ -182,7 +182,7 @@ def finetune(config: ml_collections.ConfigDict, init: str | None, workdir: str) 
   """Fine-tunes `init` (default: config.init) on config's task in `workdir`, resuming what it holds; returns
   results.json's content, or `{"step", "preempted": true}` when stopped by SIGTERM/SIGINT (rerun to resume)."""
   config = ml_collections.ConfigDict(config.to_dict())
-  config.init = init or config.init
+  config.init = os.fspath(init or config.init or '')  # a path object too
   if not config.init:
     raise ValueError('No model to fine-tune: pass --init MODEL (a pretraining workdir, a Hugging Face folder or '
                      'a hub name).')
