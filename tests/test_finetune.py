@@ -278,6 +278,15 @@ def test_data_errors_name_the_problem_and_the_fix(tiny_bert, tmp_path, case, mes
     task_data.load_task_data(data_cfg, task, tok, 16)
 
 
+def test_the_finetune_config_validates_and_a_bad_value_names_the_fix():
+  config = finetune_config.get_config()
+  finetune_lib.validate(config, num_devices=1)
+  config.metric_for_best = 'pearson'
+  with pytest.raises(ValueError, match="metric_for_best='pearson' is not a classification metric to maximise; use "
+                                       'one of accuracy, macro_f1, matthews'):
+    finetune_lib.validate(config, num_devices=1)
+
+
 def test_cli_refuses_a_bad_finetune_config_in_one_line(tmp_path):
   proc = subprocess.run([sys.executable, '-m', 'mlm_flax.cli', 'finetune', '--init', 'nowhere', '--workdir',
                          str(tmp_path / 'w'), '--config.task.type=ner'], capture_output=True, text=True)

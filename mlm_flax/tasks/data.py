@@ -17,7 +17,8 @@ import datasets
 import ml_collections
 import numpy as np
 
-TASKS = ('classification', 'regression', 'token_classification')
+from mlm_flax.tasks import TASKS
+
 IGNORE = -100  # the label of sub-tokens that are not scored (not a word's first sub-token, special, padding)
 SPLITS = ('train', 'validation', 'test')
 _BUILDERS = {'.json': 'json', '.jsonl': 'json', '.csv': 'csv', '.parquet': 'parquet'}
