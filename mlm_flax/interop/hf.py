@@ -199,8 +199,7 @@ def task_config(clf: Any) -> dict:
   model = clf.config.model
   mapping = _mapping(model['type'])
   config = hf_config_from_model(model, clf.tokenizer)
-  problem_type = clf.problem_type or {'regression': 'regression',
-                                      'classification': 'single_label_classification'}.get(clf.task)
+  problem_type = 'regression' if clf.task == 'regression' else clf.problem_type  # None stays None
   config.update(architectures=[mapping.TASK_ARCHITECTURES[model['type']][clf.task]],
                 id2label={str(i): label for i, label in enumerate(clf.labels)},
                 label2id={label: i for i, label in enumerate(clf.labels)},

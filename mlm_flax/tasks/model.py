@@ -224,7 +224,8 @@ def finetuned_info(path: str, config: ml_collections.ConfigDict) -> dict | None:
   labels = ['LABEL_0'] if name == 'regression' or not labels else [str(l) for l in labels]
   dropout = config.get('classifier_dropout')
   pooling = task.get('classifier_pooling') if isinstance(task, ml_collections.ConfigDict) else None
-  return {'task': name, 'labels': labels, 'problem_type': 'regression' if name == 'regression' else None,
+  problem_type = {'regression': 'regression', 'classification': 'single_label_classification'}.get(name)
+  return {'task': name, 'labels': labels, 'problem_type': problem_type,
           'classifier_dropout': config.model.hidden_dropout if dropout is None else float(dropout),
           'classifier_pooling': pooling or config.get('classifier_pooling') or 'cls'}
 
