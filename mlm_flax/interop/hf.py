@@ -1,7 +1,8 @@
-"""Hugging Face interop: masked-LM checkpoints and configs in and out of our params pytree.
+"""Hugging Face interop: masked-LM and task-model checkpoints and configs in and out of our params pytrees.
 
-`load_hf` reads a Hugging Face folder (or hub name) into (config, params, tokenizer, module); `export` writes
-one; `import_to_workdir` starts a workdir from one. The mapping of each architecture (key map, config.json
+`load_hf` reads a Hugging Face folder (or hub name) into (config, params, tokenizer, module); `load_hf_task` reads
+it for a task model (encoder, task head, labels); `export` writes a masked LM or a task model
+(`*For{Sequence,Token}Classification`); `import_to_workdir` starts a workdir from one. The mapping of each architecture (key map, config.json
 conversion, tied decoder) is its own module (`bert.py` for BERT and RoBERTa, `modernbert.py`), chosen by the
 model type through `MAPPINGS`.
 """
