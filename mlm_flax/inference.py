@@ -1,5 +1,6 @@
 """Inference: `load(...)` a trained model and `fill_mask(...)` like `transformers.pipeline("fill-mask")`;
-`load_classifier(...)` a task model and `classify(...)` like pipeline("text-classification") / ("token-classification")."""
+`load_classifier(...)` a task model and `classify(...)` like pipeline("text-classification") or
+pipeline("token-classification")."""
 
 import dataclasses
 import functools
@@ -15,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from mlm_flax import checkpoint
+from mlm_flax.interop.hf import is_hf_folder, looks_like_hub_name  # pylint: disable=unused-import  # re-exported
 from mlm_flax.models import make_model, position_offset
 
 DTYPES = ('float32', 'bfloat16', 'float16', 'auto')  # compute dtypes `load` accepts; float32 by default
@@ -37,19 +39,6 @@ def abstract_params(model) -> Any:
   """Shapes and dtypes of the model's params, without allocating them."""
   ids = jnp.zeros((1, 8), jnp.int32)
   return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids, ids + 1)['params'])
-
-
-def is_hf_folder(path: str) -> bool:
-  config_path = os.path.join(path, 'config.json')
-  if not os.path.isfile(config_path):
-    return False
-  with open(config_path) as f:
-    return 'model_type' in json.load(f)
-
-
-def looks_like_hub_name(path: str) -> bool:
-  """'name' or 'org/name': what `load` tries on the Hugging Face hub when no such local path exists."""
-  return not path.startswith(('/', '.', '~')) and path.count('/') <= 1
 
 
 def _compute_dtype(dtype: str | None) -> str:

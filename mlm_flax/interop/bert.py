@@ -80,7 +80,8 @@ def head_key_map(model: Any, task: str, prefix: str | None = None) -> list[tuple
     return _leaves(('classifier',), 'classifier')
   if model_type == 'bert':
     prefix = model_type if prefix is None else prefix
-    return _leaves(('pooler',), (f'{prefix}.' if prefix else '') + 'pooler.dense') + _leaves(('classifier',), 'classifier')
+    pooler = (f'{prefix}.' if prefix else '') + 'pooler.dense'
+    return _leaves(('pooler',), pooler) + _leaves(('classifier',), 'classifier')
   return _leaves(('dense',), 'classifier.dense') + _leaves(('out_proj',), 'classifier.out_proj')
 
 

@@ -1,9 +1,10 @@
-"""Hugging Face interop: masked-LM checkpoints and configs in and out of our params pytree.
+"""Hugging Face interop: masked-LM and task-model checkpoints and configs in and out of our params pytrees.
 
-`load_hf` reads a Hugging Face folder (or hub name) into (config, params, tokenizer, module); `export` writes
-one; `import_to_workdir` starts a workdir from one. The mapping of each architecture (key map, config.json
-conversion, tied decoder) is its own module (`bert.py` for BERT and RoBERTa, `modernbert.py`), chosen by the
-model type through `MAPPINGS`.
+`load_hf` reads a Hugging Face folder (or hub name) into (config, params, tokenizer, module); `load_hf_task` reads
+it for a task model (encoder, task head, labels); `export` writes a masked LM or a task model
+(`*For{Sequence,Token}Classification`); `import_to_workdir` starts a workdir from one. The mapping of each
+architecture (key map, head key map, config.json conversion, tied decoder) is its own module (`bert.py` for BERT
+and RoBERTa, `modernbert.py`), chosen by the model type through `MAPPINGS`.
 """
 
 import functools
@@ -77,6 +78,20 @@ def log_fresh_head(fresh: list[str], path: str) -> None:
 def read_hf_config(path: str) -> dict:
   with open(os.path.join(path, 'config.json')) as f:
     return json.load(f)
+
+
+def is_hf_folder(path: str) -> bool:
+  """Whether `path` is a Hugging Face model folder (a config.json with a `model_type`)."""
+  config_path = os.path.join(path, 'config.json')
+  if not os.path.isfile(config_path):
+    return False
+  with open(config_path) as f:
+    return 'model_type' in json.load(f)
+
+
+def looks_like_hub_name(path: str) -> bool:
+  """'name' or 'org/name': what loading tries on the Hugging Face hub when no such local path exists."""
+  return not path.startswith(('/', '.', '~')) and path.count('/') <= 1
 
 
 def resolve(path: str | os.PathLike) -> str:
@@ -199,8 +214,7 @@ def task_config(clf: Any) -> dict:
   model = clf.config.model
   mapping = _mapping(model['type'])
   config = hf_config_from_model(model, clf.tokenizer)
-  problem_type = clf.problem_type or {'regression': 'regression',
-                                      'classification': 'single_label_classification'}.get(clf.task)
+  problem_type = 'regression' if clf.task == 'regression' else clf.problem_type  # None stays None
   config.update(architectures=[mapping.TASK_ARCHITECTURES[model['type']][clf.task]],
                 id2label={str(i): label for i, label in enumerate(clf.labels)},
                 label2id={label: i for i, label in enumerate(clf.labels)},

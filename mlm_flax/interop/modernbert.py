@@ -70,7 +70,8 @@ def head_key_map(model: Mapping[str, Any], task: str, prefix: str | None = None)
   out.append((('norm', 'scale'), 'head.norm.weight', False))
   if modernbert.option(model, 'norm_bias'):
     out.append((('norm', 'bias'), 'head.norm.bias', False))
-  return out + [(('classifier', 'kernel'), 'classifier.weight', True), (('classifier', 'bias'), 'classifier.bias', False)]
+  return out + [(('classifier', 'kernel'), 'classifier.weight', True),
+                (('classifier', 'bias'), 'classifier.bias', False)]
 
 
 def head_config(task: str, classifier_dropout: float, classifier_pooling: str) -> dict:

@@ -92,7 +92,7 @@ class ModernBertHead(Head):
     return self.classify(x, deterministic, row_ids)
 
 
-# model.type -> its head; (types, poolings) each head supports
+# model.type -> its head; the sequence poolings of the heads that have more than [CLS]
 HEADS = {'bert': BertHead, 'roberta': RobertaHead, 'modernbert': ModernBertHead}
 POOLING_SUPPORT = {'modernbert': POOLINGS}
 

@@ -120,11 +120,10 @@ def load_encoder(init: str, dtype: str | None = None) -> Encoder:
   `dtype`: the compute dtype (`model.dtype`); None keeps the workdir's, or training's default for a Hugging
   Face model.
   """
-  from mlm_flax import inference  # pylint: disable=g-import-not-at-top
   from mlm_flax.configs import default  # pylint: disable=g-import-not-at-top
+  from mlm_flax.interop import hf  # pylint: disable=g-import-not-at-top
   path, step = split_step(os.fspath(init))
-  if inference.is_hf_folder(path) or (not os.path.exists(path) and inference.looks_like_hub_name(path)):
-    from mlm_flax.interop import hf  # pylint: disable=g-import-not-at-top
+  if hf.is_hf_folder(path) or (not os.path.exists(path) and hf.looks_like_hub_name(path)):
     config, params, tok, head, info = hf.load_hf_task(path, dtype or default.get_config().model.dtype)
     dropout = info['classifier_dropout']
     dropout = config.model.hidden_dropout if dropout is None else float(dropout)
@@ -135,7 +134,7 @@ def load_encoder(init: str, dtype: str | None = None) -> Encoder:
 
 
 def _load_workdir(path: str, step: int | None, dtype: str | None) -> Encoder:
-  from mlm_flax import checkpoint, inference  # pylint: disable=g-import-not-at-top
+  from mlm_flax import checkpoint  # pylint: disable=g-import-not-at-top
   from mlm_flax.models import make_model  # pylint: disable=g-import-not-at-top
   config_path = os.path.join(path, 'config.json')
   if not os.path.isfile(config_path):
@@ -154,7 +153,8 @@ def _load_workdir(path: str, step: int | None, dtype: str | None) -> Encoder:
                    task=info['task'], labels=info['labels'], problem_type=info['problem_type'],
                    classifier_dropout=info['classifier_dropout'], classifier_pooling=info['classifier_pooling'],
                    config=config, step=step)
-  target = inference.abstract_params(make_model(config.model))
+  mlm, ids = make_model(config.model), jnp.zeros((1, 8), jnp.int32)
+  target = jax.eval_shape(lambda: mlm.init(jax.random.PRNGKey(0), ids, ids + 1)['params'])
   ckpt = checkpoint.Checkpointer(path, create=False, async_save=False)
   try:
     if step is None and ckpt.latest_step() is None and ckpt.has_imported():
@@ -224,7 +224,8 @@ def finetuned_info(path: str, config: ml_collections.ConfigDict) -> dict | None:
   labels = ['LABEL_0'] if name == 'regression' or not labels else [str(l) for l in labels]
   dropout = config.get('classifier_dropout')
   pooling = task.get('classifier_pooling') if isinstance(task, ml_collections.ConfigDict) else None
-  return {'task': name, 'labels': labels, 'problem_type': 'regression' if name == 'regression' else None,
+  problem_type = {'regression': 'regression', 'classification': 'single_label_classification'}.get(name)
+  return {'task': name, 'labels': labels, 'problem_type': problem_type,
           'classifier_dropout': config.model.hidden_dropout if dropout is None else float(dropout),
           'classifier_pooling': pooling or config.get('classifier_pooling') or 'cls'}
 
