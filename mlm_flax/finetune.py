@@ -366,7 +366,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preempt: preemption.Wa
   if 'test' in splits and 'labels' in splits['test']:
     best_params = state.params if best_step == num_steps else best_ckpt.restore(best_step, state.params)
     test = run_eval(best_params, splits['test'])
-    writer.write(best_step, 'test', test)
+    if start_step < num_steps:  # logged once, after the last step (a rerun of a finished run adds no row)
+      writer.write(num_steps, 'test', {**test, 'best_step': best_step})
     results_metrics.update({f'test_{k}': v for k, v in test.items() if k != 'num_examples'})
   results = {'task': task, 'metrics': results_metrics,
              'per_seed': [{'seed': config.seed, 'best_step': best_step, 'metrics': results_metrics}],
