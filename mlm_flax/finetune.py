@@ -18,7 +18,6 @@ import os
 import re
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections

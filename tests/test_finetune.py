@@ -199,7 +199,8 @@ def test_regression_learns_a_planted_score_over_two_seeds(tiny_bert, tmp_path):
 def test_token_classification_tags_places_as_entities(tiny_bert, tmp_path):
   config = _config(tmp_path, 'token_classification', _write(tmp_path / 'train.jsonl', _place_rows(0, 320)),
                    _write(tmp_path / 'validation.jsonl', _place_rows(1, 64)), num_epochs=6,
-                   **{'optimizer.learning_rate': 5e-3, 'data.test_files': _write(tmp_path / 'test.jsonl', _place_rows(2, 40))})
+                   **{'optimizer.learning_rate': 5e-3,
+                      'data.test_files': _write(tmp_path / 'test.jsonl', _place_rows(2, 40))})
   results = finetune_lib.finetune(config, tiny_bert, str(tmp_path / 'run'))
   assert results['metrics']['f1'] >= 0.9 and results['metrics']['test_f1'] >= 0.9
   with open(tmp_path / 'run' / 'labels.json') as f:
@@ -254,7 +255,8 @@ def _data_config(tmp_path, train_rows, validation_rows, ext='.csv', **data):
     ('unknown_column', "no column 'sentence' (data.text_column); its columns are text, label"),
     ('unseen_label', "label 'maybe' (row 1, column 'label') that the train split never has (train labels: neg, pos)"),
     ('empty_split', 'The validation split is empty'),
-    ('text_regression', "needs a numeric label column, but column 'label' of the train split holds string values (e.g. 'pos')"),
+    ('text_regression',
+     "needs a numeric label column, but column 'label' of the train split holds string values (e.g. 'pos')"),
 ])
 def test_data_errors_name_the_problem_and_the_fix(tiny_bert, tmp_path, case, message):
   import transformers  # pylint: disable=g-import-not-at-top
