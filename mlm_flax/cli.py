@@ -1,10 +1,12 @@
-"""`mlm-flax` command line: train | eval | fill-mask.
+"""`mlm-flax` command line: train | eval | fill-mask | classify | export | import | plot.
 
   mlm-flax train [--config configs/tiny.py] [--workdir DIR] [--config.KEY=VALUE ...]
   mlm-flax eval --workdir DIR [--split validation]
   mlm-flax fill-mask --model DIR [--top_k 5] [--targets a,b] [--dtype float32] TEXT ...
+  mlm-flax classify --model DIR [--top_k K] [--dtype float32] TEXT ...
   mlm-flax export --workdir DIR --out HF_DIR
   mlm-flax import --hf HF_DIR --workdir DIR
+  mlm-flax finetune --init MODEL --workdir DIR [--config configs/finetune.py] [--config.KEY=VALUE ...]
   mlm-flax plot --workdir DIR[,DIR2,...] [--out PNG]
 """
 
@@ -23,21 +25,30 @@ from ml_collections import config_flags
 
 from mlm_flax import configs
 
-COMMANDS = ('train', 'eval', 'fill-mask', 'export', 'import', 'plot')
+COMMANDS = ('train', 'eval', 'fill-mask', 'classify', 'export', 'import', 'plot', 'finetune')
 DEFAULT_CONFIG = os.path.join(list(configs.__path__)[0], 'tiny.py')  # installed with the package
+FINETUNE_CONFIG = os.path.join(list(configs.__path__)[0], 'finetune.py')  # `finetune`'s default
 
 FLAGS = flags.FLAGS
 
 
-def define_flags() -> None:
+def _default_config(argv: list[str]) -> str:
+  """The config file used without --config: configs/finetune.py for `finetune`, configs/tiny.py otherwise."""
+  return FINETUNE_CONFIG if len(argv) > 1 and argv[1] == 'finetune' else DEFAULT_CONFIG
+
+
+def define_flags(argv: list[str] = ()) -> None:
   """Defined at start-up, after `check_overrides` (config_flags reads sys.argv when defined)."""
-  config_flags.DEFINE_config_file('config', DEFAULT_CONFIG, 'Experiment config file (train).')
+  config_flags.DEFINE_config_file('config', _default_config(argv), 'Experiment config file (train, finetune).')
+  flags.DEFINE_string('init', None, 'Model to fine-tune (finetune): a workdir (DIR or DIR:STEP), a Hugging Face '
+                      'folder or hub name.')
   flags.DEFINE_string('workdir', None, 'Run folder; default: workdirs/<config name>[-<overrides>].')
   flags.DEFINE_string('split', 'validation', 'Split to evaluate (eval).')
-  flags.DEFINE_string('model', None, 'Workdir to load (fill-mask).')
-  flags.DEFINE_integer('top_k', 5, 'Predictions per mask (fill-mask).')
+  flags.DEFINE_string('model', None, 'Workdir or Hugging Face folder to load (fill-mask, classify).')
+  flags.DEFINE_integer('top_k', 5, 'Predictions per mask (fill-mask, default 5); labels per text (classify; '
+                       'default: the best label only, as pipeline("text-classification")).')
   flags.DEFINE_list('targets', None, 'Restrict fill-mask scoring to these words (fill-mask).')
-  flags.DEFINE_string('dtype', None, 'Compute dtype (fill-mask): float32 (default; answers as transformers), '
+  flags.DEFINE_string('dtype', None, 'Compute dtype (fill-mask, classify): float32 (default; answers as transformers), '
                       'bfloat16, float16 or auto (as training: bf16 on GPU/TPU/AMX CPUs).')
   flags.DEFINE_string('out', None, 'Hugging Face folder to write (export); PNG to write (plot).')
   flags.DEFINE_string('hf', None, 'Hugging Face model folder or hub name to import (import).')
@@ -62,9 +73,10 @@ def default_workdir(config_file: str, overrides: dict[str, Any]) -> str:
 
 
 def _run(command: str, args: list[str]) -> None:
-  if FLAGS.dtype is not None and command != 'fill-mask':
-    hint = 'set --config.model.dtype=... instead' if command == 'train' else 'eval and export compute in float32'
-    raise ValueError(f'--dtype is a fill-mask flag; {command} does not take it ({hint}).')
+  if FLAGS.dtype is not None and command not in ('fill-mask', 'classify'):
+    hint = ('set --config.model.dtype=... instead' if command in ('train', 'finetune')
+            else 'eval and export compute in float32')
+    raise ValueError(f'--dtype is a fill-mask and classify flag; {command} does not take it ({hint}).')
   if command == 'plot':  # no JAX needed
     from mlm_flax import plot  # pylint: disable=g-import-not-at-top
     if not FLAGS.workdir:
@@ -81,6 +93,16 @@ def _run(command: str, args: list[str]) -> None:
     validation.validate_config(config, jax.device_count(), jax.process_count())
     if jax.process_index() == 0:
       print(f'Workdir: {workdir}', flush=True)
+  if command == 'finetune':  # a bad config fails in a second, before the model and the data are loaded
+    import jax  # pylint: disable=g-import-not-at-top
+    from mlm_flax import finetune, parallel  # pylint: disable=g-import-not-at-top
+    if not FLAGS.init or not FLAGS.workdir:
+      raise ValueError('usage: mlm-flax finetune --init MODEL --workdir DIR [--config configs/finetune.py] '
+                       '[--config.KEY=VALUE ...]')
+    parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    finetune.validate(FLAGS.config, jax.device_count(), jax.process_count())
+    print(json.dumps(finetune.finetune(FLAGS.config, FLAGS.init, FLAGS.workdir)))
+    return
   from mlm_flax import evaluate, inference, parallel, train  # pylint: disable=g-import-not-at-top
   from mlm_flax.interop import hf  # pylint: disable=g-import-not-at-top
   if command == 'train':
@@ -96,10 +118,18 @@ def _run(command: str, args: list[str]) -> None:
     mlm = inference.load(FLAGS.model, dtype=FLAGS.dtype)
     print(json.dumps(inference.fill_mask(mlm, args[0] if len(args) == 1 else args, top_k=FLAGS.top_k,
                                          targets=FLAGS.targets), indent=1))
+  elif command == 'classify':
+    if not FLAGS.model or not args:
+      raise ValueError('usage: mlm-flax classify --model DIR [--top_k K] "text" ... (DIR: a fine-tuned workdir or a '
+                       'Hugging Face *ForSequenceClassification / *ForTokenClassification folder)')
+    clf = inference.load_classifier(FLAGS.model, dtype=FLAGS.dtype)
+    top_k = {'top_k': FLAGS.top_k} if FLAGS['top_k'].present else {}
+    print(json.dumps(inference.classify(clf, args[0] if len(args) == 1 else args, **top_k), indent=1))
   elif command == 'export':
     if not FLAGS.workdir or not FLAGS.out:
       raise ValueError('usage: mlm-flax export --workdir DIR --out HF_DIR')
-    hf.export(inference.load(FLAGS.workdir), FLAGS.out)
+    load = inference.load_classifier if inference.is_task_model(FLAGS.workdir) else inference.load
+    hf.export(load(FLAGS.workdir), FLAGS.out)
     print(json.dumps({'exported': FLAGS.out}))
   elif command == 'import':
     if not FLAGS.hf or not FLAGS.workdir:
@@ -144,7 +174,7 @@ def check_overrides(argv: list[str]) -> None:
   overrides = [a[len('--config.'):].split('=', 1)[0] for a in argv if a.startswith('--config.')]
   if not overrides and spec is None:
     return
-  config = _load_config_file(spec or DEFAULT_CONFIG)  # a bad config file fails here, in one line
+  config = _load_config_file(spec or _default_config(argv))  # a bad config file fails here, in one line
   for key in overrides:
     node, done = config, []
     for part in key.split('.'):
@@ -174,7 +204,7 @@ def run() -> None:
   except (ValueError, AttributeError, KeyError, TypeError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  define_flags()
+  define_flags(sys.argv)
   app.run(main, flags_parser=_parse_flags)
 
 

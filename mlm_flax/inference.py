@@ -1,4 +1,6 @@
-"""Inference: `load(...)` a trained model and `fill_mask(...)` like `transformers.pipeline("fill-mask")`."""
+"""Inference: `load(...)` a trained model and `fill_mask(...)` like `transformers.pipeline("fill-mask")`;
+`load_classifier(...)` a task model and `classify(...)` like pipeline("text-classification") or
+pipeline("token-classification")."""
 
 import dataclasses
 import functools
@@ -14,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from mlm_flax import checkpoint
+from mlm_flax.interop.hf import is_hf_folder, looks_like_hub_name  # pylint: disable=unused-import  # re-exported
 from mlm_flax.models import make_model, position_offset
 
 DTYPES = ('float32', 'bfloat16', 'float16', 'auto')  # compute dtypes `load` accepts; float32 by default
@@ -38,14 +41,6 @@ def abstract_params(model) -> Any:
   return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids, ids + 1)['params'])
 
 
-def is_hf_folder(path: str) -> bool:
-  config_path = os.path.join(path, 'config.json')
-  if not os.path.isfile(config_path):
-    return False
-  with open(config_path) as f:
-    return 'model_type' in json.load(f)
-
-
 def _compute_dtype(dtype: str | None) -> str:
   """float32 unless asked: answers then match `transformers.pipeline("fill-mask")` on every machine, whereas
   the training default 'auto' is bf16 on GPU/TPU/AMX CPUs (a different top-1 is possible)."""
@@ -65,8 +60,7 @@ def load(path: str | os.PathLike, dtype: str | None = None) -> MLM:
   from mlm_flax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   path = os.fspath(path)
   dtype = _compute_dtype(dtype)
-  looks_like_hub_name = not path.startswith(('/', '.', '~')) and path.count('/') <= 1
-  if is_hf_folder(path) or (not os.path.exists(path) and looks_like_hub_name):
+  if is_hf_folder(path) or (not os.path.exists(path) and looks_like_hub_name(path)):
     from mlm_flax.interop import hf  # pylint: disable=g-import-not-at-top
     config, params, tok, model = hf.load_hf(path, dtype)
     return MLM(config=config, params=params, tokenizer=tok, model=model)
@@ -223,3 +217,193 @@ def held_out_examples(texts: Sequence[str], tok, n: int) -> list[tuple[str, str]
     if len(examples) == n:
       break
   return examples
+
+
+# Classification: `load_classifier(...)` a task model and `classify(...)` like pipeline("text-classification") /
+# pipeline("token-classification").
+
+@dataclasses.dataclass
+class Classifier:
+  """Everything classify and export need: the run config (`config.model`), params `{'encoder', 'head'}`, the
+  tokenizer, the `TaskModel`, its task, label names (id order), Hugging Face `problem_type` (None: from the
+  number of labels), head options and the checkpoint step."""
+  config: ml_collections.ConfigDict
+  params: Any
+  tokenizer: Any
+  model: Any
+  task: str
+  labels: list[str]
+  problem_type: str | None = None
+  classifier_dropout: float = 0.0
+  classifier_pooling: str = 'cls'
+  step: int = 0
+
+
+def is_task_model(path: str | os.PathLike) -> bool:
+  """Whether `path` (`DIR` or `DIR:STEP`) holds a task model: a fine-tuned workdir (its config.json has a `task`)
+  or a Hugging Face `*For{Sequence,Token}Classification` folder."""
+  from mlm_flax.tasks import model as task_lib  # pylint: disable=g-import-not-at-top
+  config_path = os.path.join(task_lib.split_step(os.fspath(path))[0], 'config.json')
+  if not os.path.isfile(config_path):
+    return False
+  with open(config_path) as f:
+    config = json.load(f)
+  if 'model_type' in config:
+    from mlm_flax.interop import hf  # pylint: disable=g-import-not-at-top
+    return hf.task_info(config)['task'] is not None
+  return 'task' in config
+
+
+def load_classifier(path: str | os.PathLike, dtype: str | None = None) -> Classifier:
+  """Loads a task model: a workdir written by `mlm-flax finetune` (`DIR` or `DIR:STEP`), or a Hugging Face
+  `*ForSequenceClassification` / `*ForTokenClassification` folder (or hub name). Float32 unless `dtype` asks
+  otherwise (see `load`)."""
+  from mlm_flax.tasks import model as task_lib  # pylint: disable=g-import-not-at-top
+  enc = task_lib.load_encoder(os.fspath(path), _compute_dtype(dtype))
+  if enc.task is None:
+    raise ValueError(f'{os.fspath(path)} has no classification head (a masked LM or an encoder); fine-tune it first '
+                     '(`mlm-flax finetune --init MODEL`) or pass a fine-tuned workdir or *ForSequenceClassification '
+                     'folder.')
+  model = task_lib.make_task_model(enc.model, enc.task, len(enc.labels), enc.classifier_dropout,
+                                   enc.classifier_pooling)
+  params = {'encoder': enc.params, 'head': enc.head}
+  expected = task_lib.abstract_task_params(model)
+  shapes = lambda t: jax.tree.map(np.shape, t)
+  if shapes(jax.tree.map(np.asarray, params)) != shapes(expected):
+    raise ValueError(f'{os.fspath(path)}: its task head does not match its config (labels: {len(enc.labels)}, '
+                     f'head params: {sorted(enc.head)}); re-export or re-train it.')
+  config = enc.config if enc.config is not None else ml_collections.ConfigDict({'model': enc.model})
+  return Classifier(config=config, params=jax.tree.map(jnp.asarray, params), tokenizer=enc.tokenizer, model=model,
+                    task=enc.task, labels=list(enc.labels), problem_type=enc.problem_type,
+                    classifier_dropout=enc.classifier_dropout, classifier_pooling=enc.classifier_pooling,
+                    step=enc.step)
+
+
+@functools.partial(jax.jit, static_argnames=('model',))
+def _task_logits(params, model, ids, segment_ids, token_type_ids):
+  return model.apply({'params': params}, ids, segment_ids, token_type_ids).astype(jnp.float32)
+
+
+def _batched_logits(clf: Classifier, encoded: list[dict], batch_size: int) -> list[np.ndarray]:
+  """Logits per encoded input ([labels], or [length, labels] for token tasks), in bucketed padded batches."""
+  tok, limit = clf.tokenizer, max_length(clf)
+  out = [None] * len(encoded)
+  order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]['input_ids']))
+  for start in range(0, len(encoded), batch_size):
+    chunk = order[start:start + batch_size]
+    length = _bucket(max(len(encoded[i]['input_ids']) for i in chunk), limit)
+    rows = _bucket(len(chunk), batch_size)
+    ids = np.full((rows, length), tok.pad_token_id, np.int32)
+    segments, types = np.zeros((rows, length), np.int32), np.zeros((rows, length), np.int32)
+    for r, i in enumerate(chunk):
+      n = len(encoded[i]['input_ids'])
+      ids[r, :n], segments[r, :n] = encoded[i]['input_ids'], 1
+      types[r, :n] = encoded[i].get('token_type_ids') or [0] * n
+    logits = np.asarray(jax.device_get(_task_logits(clf.params, clf.model, ids, segments, types)))
+    for r, i in enumerate(chunk):
+      out[i] = logits[r, :len(encoded[i]['input_ids'])] if clf.task == 'token_classification' else logits[r]
+  return out
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+  e = np.exp(x - x.max(axis=-1, keepdims=True))
+  return e / e.sum(axis=-1, keepdims=True)
+
+
+FUNCTIONS = ('softmax', 'sigmoid', 'none')
+_LEGACY = ''  # `top_k` not given: the pipeline's legacy output (the top label only)
+
+
+def _scores(clf: Classifier, logits: np.ndarray, function_to_apply: str | None) -> np.ndarray:
+  """The pipeline's scores: by default none for regression, sigmoid for multi-label or one label, else softmax."""
+  if function_to_apply is None:
+    if clf.problem_type == 'regression':
+      function_to_apply = 'none'
+    elif clf.problem_type == 'multi_label_classification' or len(clf.labels) == 1:
+      function_to_apply = 'sigmoid'
+    else:
+      function_to_apply = 'softmax'
+  function_to_apply = function_to_apply.lower()
+  if function_to_apply not in FUNCTIONS:
+    raise ValueError(f'function_to_apply={function_to_apply!r}; use one of {", ".join(FUNCTIONS)}.')
+  if function_to_apply == 'sigmoid':
+    return 1.0 / (1.0 + np.exp(-logits))
+  return _softmax(logits) if function_to_apply == 'softmax' else logits
+
+
+def classify(clf: Classifier, inputs: Any, top_k: int | None | str = _LEGACY, function_to_apply: str | None = None,
+             batch_size: int = 64) -> Any:
+  """Labels of each input, shaped exactly like `transformers.pipeline("text-classification")` (sequence tasks)
+  or `pipeline("token-classification")` with aggregation_strategy none (token tasks).
+
+  Sequence tasks: an input is a text or a pair `{"text", "text_pair"}`. Without `top_k`, each gives its best
+  `{"label", "score"}` (one text: a list of one; a pair: the dict); with `top_k` (None: all), a list of that many
+  sorted by score. Scores follow `function_to_apply` (default: as the pipeline, see `_scores`). Token tasks: per
+  text, a list of `{"entity", "score", "index", "word", "start", "end"}` for every non-special token whose
+  label is not "O" (softmax scores). Several inputs give a list, one result each.
+
+  Bad input raises ValueError before any compute, naming the index of the first bad input.
+  """
+  tok = clf.tokenizer
+  single = isinstance(inputs, (str, dict))
+  items = [inputs] if single else list(inputs)
+  where = lambda i: 'the input' if single else f'input {i}'
+  if top_k != _LEGACY and top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+    raise ValueError(f'top_k={top_k!r}; ask for at least 1 label (or None: all).')
+  encoded, limit = [], max_length(clf)
+  for i, item in enumerate(items):
+    if isinstance(item, dict) and clf.task != 'token_classification':
+      if set(item) - {'text', 'text_pair'} or not isinstance(item.get('text'), str):
+        raise ValueError(f'{where(i)} is a dict with keys {sorted(item)}; a text pair is {{"text": ..., '
+                         '"text_pair": ...}.')
+      enc = tok(text=item['text'], text_pair=item.get('text_pair'))
+    elif isinstance(item, str):
+      enc = tok(item, return_offsets_mapping=clf.task == 'token_classification' and tok.is_fast,
+                return_special_tokens_mask=True)
+    else:
+      kind = 'text' if clf.task == 'token_classification' else 'text or {"text", "text_pair"} dict'
+      raise ValueError(f'{where(i)} is a {type(item).__name__}, not a {kind}.')
+    if len(enc['input_ids']) > limit:
+      raise ValueError(f'{where(i)} is {len(enc["input_ids"])} tokens, more than the model\'s {limit} positions; '
+                       'shorten it.')
+    encoded.append(enc)
+  if not items:
+    return []
+  logits = _batched_logits(clf, encoded, batch_size)
+  if clf.task == 'token_classification':
+    results = [_entities(clf, item, enc, l) for item, enc, l in zip(items, encoded, logits)]
+    return results[0] if single else results
+  results = []
+  for item, l in zip(items, logits):
+    scores = _scores(clf, l, function_to_apply)
+    if top_k == _LEGACY:
+      best = int(scores.argmax())
+      result = {'label': clf.labels[best], 'score': float(scores[best])}
+      results.append([result] if isinstance(item, str) and single else result)
+    else:
+      ranked = sorted(({'label': clf.labels[j], 'score': float(s)} for j, s in enumerate(scores)),
+                      key=lambda r: r['score'], reverse=True)
+      results.append(ranked if top_k is None else ranked[:top_k])
+  return results[0] if single else results
+
+
+def _entities(clf: Classifier, text: str, enc: Any, logits: np.ndarray, ignore_labels=('O',)) -> list[dict]:
+  """pipeline("token-classification")'s entities (aggregation none) of one text."""
+  tok, scores = clf.tokenizer, _softmax(logits)
+  offsets = enc.get('offset_mapping')
+  out = []
+  for idx, (token, special) in enumerate(zip(enc['input_ids'], enc['special_tokens_mask'])):
+    if special:
+      continue
+    word = tok.convert_ids_to_tokens(int(token))
+    start = end = None
+    if offsets is not None:
+      start, end = (int(x) for x in offsets[idx])
+      if int(token) == tok.unk_token_id:
+        word = text[start:end]
+    best = int(scores[idx].argmax())
+    if clf.labels[best] in ignore_labels:
+      continue
+    out.append({'entity': clf.labels[best], 'score': float(scores[idx, best]), 'index': idx, 'word': word,
+                'start': start, 'end': end})
+  return out

@@ -22,6 +22,11 @@ ARCHITECTURES = {'bert': 'BertForMaskedLM', 'roberta': 'RobertaForMaskedLM'}
 # every bias); a model with others trains but does not export.
 EXPORTABLE = OWN['bert']
 
+# Task models (`mlm_flax.models.heads`): the Hugging Face class of each head.
+TASK_ARCHITECTURES = {t: {'classification': f'{t.title()}ForSequenceClassification',
+                          'regression': f'{t.title()}ForSequenceClassification',
+                          'token_classification': f'{t.title()}ForTokenClassification'} for t in ('bert', 'roberta')}
+
 _LAYER = {  # ours (under layer_{i}) -> HF (under {prefix}.encoder.layer.{i}.)
     ('query',): 'attention.self.query', ('key',): 'attention.self.key', ('value',): 'attention.self.value',
     ('attention_output',): 'attention.output.dense', ('attention_norm',): 'attention.output.LayerNorm',
@@ -65,6 +70,30 @@ def key_map(model_type: str, num_layers: int, prefix: str | None = None,
   if not tied:
     out += _leaves(('decoder',), _DECODER[model_type] + '.weight')
   return out
+
+
+def encoder_key_map(model: Any) -> list[tuple[tuple, str, bool]]:
+  """`key_map` of the encoder alone (a task model's `encoder` params; HF keys with the `bert.`/`roberta.` prefix)."""
+  return [e for e in key_map(model['type'], model['num_layers']) if not e[0][0].startswith('head')]
+
+
+def head_key_map(model: Any, task: str, prefix: str | None = None) -> list[tuple[tuple, str, bool]]:
+  """(our path under the task head, HF key, transpose?) of a `*ForSequenceClassification` /
+  `*ForTokenClassification` head; BERT's sequence head includes the encoder's pooler (under `prefix`)."""
+  model_type = model['type']
+  if task == 'token_classification':
+    return _leaves(('classifier',), 'classifier')
+  if model_type == 'bert':
+    prefix = model_type if prefix is None else prefix
+    pooler = (f'{prefix}.' if prefix else '') + 'pooler.dense'
+    return _leaves(('pooler',), pooler) + _leaves(('classifier',), 'classifier')
+  return _leaves(('dense',), 'classifier.dense') + _leaves(('out_proj',), 'classifier.out_proj')
+
+
+def head_config(task: str, classifier_dropout: float, classifier_pooling: str) -> dict:
+  """The head's keys of a task model's config.json."""
+  del task, classifier_pooling  # cls only
+  return {'classifier_dropout': classifier_dropout}
 
 
 def model_config_from_hf(hf: dict) -> dict:
@@ -115,7 +144,7 @@ def legacy_names_renamed(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return renamed
 
 
-def _prefix(state: dict, model_type: str) -> str:
+def prefix_of(state: dict, model_type: str) -> str:
   """'bert.' / 'roberta.' when the encoder keys carry it (a *ForMaskedLM), else '' (an encoder-only export)."""
   return model_type + '.' if any(k.startswith(model_type + '.') for k in state) else ''
 
@@ -126,7 +155,7 @@ def decoder_is_tied(state: dict[str, np.ndarray], model: dict) -> bool:
   (as transformers 5 loads it: `pipeline("fill-mask")` then scores with that decoder weight)."""
   if not model.get('tie_word_embeddings', True):
     return False
-  prefix = _prefix(state, model['type'])
+  prefix = prefix_of(state, model['type'])
   embeddings = state.get(f'{prefix}embeddings.word_embeddings.weight')
   decoder = state.get(_DECODER[model['type']] + '.weight')
   if embeddings is None or decoder is None or np.array_equal(np.asarray(embeddings), np.asarray(decoder)):
@@ -145,7 +174,7 @@ def params_from_state_dict(state: dict[str, np.ndarray], model: dict, init_param
   other in one warning listing them. Returns the params and the list of our params that were initialised fresh.
   """
   state = legacy_names_renamed(state)
-  prefix = _prefix(state, model['type'])
+  prefix = prefix_of(state, model['type'])
   tied = model.get('tie_word_embeddings', True)
   decoder = _DECODER[model['type']]
   # The head bias is the decoder's bias, which transformers computes with (tied: the same tensor as

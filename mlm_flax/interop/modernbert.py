@@ -17,6 +17,11 @@ from mlm_flax.models import modernbert
 ARCHITECTURE = 'ModernBertForMaskedLM'
 # The switch values `ModernBertForMaskedLM` has (its biases are its own switches); others train but do not export.
 EXPORTABLE = {'mlp': 'geglu', 'norm': 'layernorm'}
+
+# Task models (`mlm_flax.models.heads`): the Hugging Face class of each head.
+TASK_ARCHITECTURES = {'modernbert': {'classification': 'ModernBertForSequenceClassification',
+                                     'regression': 'ModernBertForSequenceClassification',
+                                     'token_classification': 'ModernBertForTokenClassification'}}
 _ACTIVATIONS = ('gelu', 'gelu_new', 'gelu_pytorch_tanh', 'relu', 'silu')
 _THETAS = {'full_attention': ('global_rope_theta', 160_000.0), 'sliding_attention': ('local_rope_theta', 10_000.0)}
 
@@ -51,6 +56,31 @@ def key_map(model: Mapping[str, Any], prefix: str = 'model') -> list[tuple[tuple
   if modernbert.option(model, 'decoder_bias'):
     out.append((('head_bias',), 'decoder.bias', False))
   return out
+
+
+def encoder_key_map(model: Mapping[str, Any]) -> list[tuple[tuple, str, bool]]:
+  """`key_map` of the encoder alone (a task model's `encoder` params; HF keys with the `model.` prefix)."""
+  return [e for e in key_map(model) if not e[0][0].startswith('head')]
+
+
+def head_key_map(model: Mapping[str, Any], task: str, prefix: str | None = None) -> list[tuple[tuple, str, bool]]:
+  """(our path under the task head, HF key, transpose?) of a `ModernBertFor{Sequence,Token}Classification` head:
+  `head.dense`, `head.norm` (the MLM checkpoint's prediction head has the same keys) and `classifier`."""
+  del task, prefix  # the same head for both tasks, outside the encoder's prefix
+  out = [(('dense', 'kernel'), 'head.dense.weight', True)]
+  if modernbert.option(model, 'classifier_bias'):
+    out.append((('dense', 'bias'), 'head.dense.bias', False))
+  out.append((('norm', 'scale'), 'head.norm.weight', False))
+  if modernbert.option(model, 'norm_bias'):
+    out.append((('norm', 'bias'), 'head.norm.bias', False))
+  return out + [(('classifier', 'kernel'), 'classifier.weight', True),
+                (('classifier', 'bias'), 'classifier.bias', False)]
+
+
+def head_config(task: str, classifier_dropout: float, classifier_pooling: str) -> dict:
+  """The head's keys of a task model's config.json."""
+  del task
+  return {'classifier_dropout': classifier_dropout, 'classifier_pooling': classifier_pooling}
 
 
 def _periodic(num_layers: int, every: int) -> list[str]:

@@ -1,9 +1,9 @@
 """Model architectures: the registry (`model.type` -> module), `make_model`, and the typed `ModelConfig`.
 
 Adding an architecture: one module in this folder exposing `MODEL` (a linen module taking a `ModelConfig`, with
-the `__call__`/`encode` interface of `bert.BertMLM`), `check_config(cfg)` (ValueError naming the fix) and
-`flops_terms(cfg, seq_len)` (how `flops.py` counts it); one entry in `ARCHITECTURES`; and its Hugging Face mapping in
-`mlm_flax/interop/`. Shared layers (attention, dropout, RoPE, the tied decoder) are in `layers.py`.
+the `__call__`/`encode` interface of `bert.BertMLM` and its `mlm_head` switch), `check_config(cfg)` (ValueError
+naming the fix) and `flops_terms(cfg, seq_len)` (how `flops.py` counts it); one entry in `ARCHITECTURES`; its task
+head in `heads.HEADS` (classification, token classification); and its Hugging Face mapping in `mlm_flax/interop/`. Shared layers (attention, dropout, RoPE, the tied decoder) are in `layers.py`.
 
 Architecture modules are imported on first use, so this package (and `validation`, which takes its list of
 types from here) does not import JAX.

@@ -1,0 +1,41 @@
+"""Fine-tuning losses: softmax cross-entropy (classification), squared error (regression) and cross-entropy over
+the scored tokens (token classification: labels other than -100), as the Hugging Face `*For*Classification`
+models compute them.
+
+`task_loss` returns summed values and the count they are summed over, like `mlm.mlm_loss`, so a batch split
+over devices and an evaluation batch with padding rows (weight 0) give exact means; `task_loss_rows` gives them
+per row, for an evaluation whose sums do not depend on the batch size.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+IGNORE = -100  # token labels that are not scored (== mlm_flax.tasks.data.IGNORE)
+
+
+def task_loss_rows(logits: jax.Array, labels: jax.Array, task: str) -> tuple[jax.Array, jax.Array]:
+  """Per-row (loss sum, count) [b]: `logits` [b, num_labels] or [b, l, num_labels] (token task), `labels` [b]
+  (class index or float score) or [b, l] (-100: not scored)."""
+  logits = logits.astype(jnp.float32)
+  if task == 'regression':
+    return jnp.square(logits[:, 0] - labels.astype(jnp.float32)), jnp.ones(labels.shape, jnp.float32)
+  if task == 'token_classification':
+    scored = (labels != IGNORE).astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(labels == IGNORE, 0, labels))
+    return jnp.sum(ce * scored, axis=-1), jnp.sum(scored, axis=-1)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels), jnp.ones(labels.shape, jnp.float32)
+
+
+def task_loss(logits: jax.Array, labels: jax.Array, weights: jax.Array, task: str) -> dict[str, jax.Array]:
+  """{'loss_sum', 'count'} over the batch (rows weighted by `weights` [b]: 0 for padding rows); the mean loss is
+  loss_sum / count: over examples, or over scored tokens for token classification."""
+  loss, count = task_loss_rows(logits, labels, task)
+  return {'loss_sum': jnp.sum(loss * weights), 'count': jnp.sum(count * weights)}
+
+
+def predictions(logits: jax.Array, task: str) -> jax.Array:
+  """Predicted class indices ([b] or [b, l]), or the scores for regression ([b], f32)."""
+  if task == 'regression':
+    return logits[:, 0].astype(jnp.float32)
+  return jnp.argmax(logits, axis=-1).astype(jnp.int32)
