@@ -100,10 +100,9 @@ def pretrain_workdir(tmp_path_factory, tokenizers):
     json.dump(config.to_dict(), f)
   model = make_model(config.model)
   ckpt = checkpoint.Checkpointer(work, async_save=False)
-  saved = {}
+  saved, init = {}, jax.jit(model.init)  # one compile for both steps
   for step in (2, 4):
-    params = jax.jit(model.init)(jax.random.PRNGKey(step), jnp.zeros((1, 8), jnp.int32),
-                                 jnp.ones((1, 8), jnp.int32))['params']
+    params = init(jax.random.PRNGKey(step), jnp.zeros((1, 8), jnp.int32), jnp.ones((1, 8), jnp.int32))['params']
     state = types.SimpleNamespace(params=params, opt_state={'mu': jnp.zeros(())}, step=jnp.int32(step),
                                   rng=jax.random.PRNGKey(0))
     ckpt.save(step, state, {'step': step})
