@@ -2,8 +2,9 @@
 vocabulary logits through the word embeddings (tied) or an own `decoder` [vocab, hidden], plus `head_bias`.
 
 `MaskedLM` is the base of `bert.BertMLM` and `modernbert.ModernBertMLM`: a subclass builds its encoder in
-`setup` (its token embedding named `word_embeddings`, then `setup_head`) and defines `encode`; `__call__` and `decode` are this class's, and so are the
-head's param names (`head_transform`, `head_norm`, `head_bias`, `decoder`) that the Hugging Face mappings read.
+`setup` (its token embedding named `word_embeddings`, then `setup_head`) and defines `encode`; `__call__` and
+`decode` are this class's, and so are the head's param names (`head_transform`, `head_norm`, `head_bias`,
+`decoder`) that the Hugging Face mappings read.
 """
 
 import flax.linen as nn
