@@ -53,7 +53,7 @@ class MaskedLM(nn.Module):
   def decode(self, x: jax.Array) -> jax.Array:
     """Vocabulary logits through the tied embeddings (or the untied `decoder`, same layout), padded to
     `vocab_multiple` rows for the matmul (`layers.decode`), plus `head_bias` when there is one."""
-    c = self.config
+    c = self.config.resolved
     embedding = self.word_embeddings.embedding if self.decoder is None else self.decoder
     logits = layers.decode(x, embedding, c.vocab_multiple, c.compute_dtype)
     return logits if self.head_bias is None else logits + self.head_bias
