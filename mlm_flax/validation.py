@@ -156,8 +156,8 @@ def config_changes(old: dict, new: dict) -> dict:
   from before a switch existed had its own value), and are reported as written.
   """
   new = json.loads(json.dumps(new))  # JSON: tuples as lists, like config.json
-  (old_raw, new_raw), (old, new) = ((_flatten(c) for c in configs) for configs in (
-      (old, new), (_with_resolved_switches(old), _with_resolved_switches(new))))
+  old_raw, new_raw = _flatten(old), _flatten(new)
+  old, new = _flatten(_with_resolved_switches(old)), _flatten(_with_resolved_switches(new))
   return {k: (old_raw.get(k, old[k]), new_raw.get(k, v)) for k, v in new.items()
           if k in old and old[k] != v and k not in FREE_TO_CHANGE and not (v is None and k in FROM_TOKENIZER)}
 
