@@ -152,10 +152,13 @@ def config_changes(old: dict, new: dict) -> dict:
 
   Keys absent from either config (a config.json written by an older version) are not compared, nor
   FROM_TOKENIZER keys that `new` leaves unset (they are filled from the workdir's tokenizer). The architecture
-  switches compare as resolved (None is the architecture's own value: unset equals that value set).
+  switches compare as resolved (None is the architecture's own value: unset equals that value set; a config
+  from before a switch existed had its own value), and are reported as written.
   """
-  old, new = (_flatten(_with_resolved_switches(c)) for c in (old, json.loads(json.dumps(new))))  # JSON: as config.json
-  return {k: (old[k], v) for k, v in new.items()
+  new = json.loads(json.dumps(new))  # JSON: tuples as lists, like config.json
+  old_raw, new_raw = _flatten(old), _flatten(new)
+  old, new = _flatten(_with_resolved_switches(old)), _flatten(_with_resolved_switches(new))
+  return {k: (old_raw.get(k, old[k]), new_raw.get(k, v)) for k, v in new.items()
           if k in old and old[k] != v and k not in FREE_TO_CHANGE and not (v is None and k in FROM_TOKENIZER)}
 
 

@@ -233,8 +233,8 @@ def test_export_refuses_switches_without_a_hugging_face_equivalent(modern_run, t
                                        r"model.norm_position='post'\.$"):
     hf.hf_config_from_model(pre_ln, modern_run['mlm'].tokenizer)
   modern = _config(type='modernbert', mlp='swiglu', norm='rmsnorm', norm_bias=True).model
-  with pytest.raises(ValueError, match=r"ModernBertForMaskedLM has no equivalent of model.mlp='swiglu', "
-                                       r"model.norm='rmsnorm'\. .* export needs model.mlp='geglu', model.norm='layernorm'"):
+  with pytest.raises(ValueError, match=r"ModernBertForMaskedLM has no equivalent of model.mlp='swiglu', model.norm="
+                                       r"'rmsnorm'\. .* export needs model.mlp='geglu', model.norm='layernorm'"):
     hf.hf_config_from_model(modern, modern_run['mlm'].tokenizer)
 
 
@@ -271,7 +271,7 @@ def test_older_configs_mean_what_they_meant():
 
 def test_flops_count_a_gated_mlp_on_any_architecture():
   h, f, v, s, n = 32, 64, 97, 32, 2
-  expected = lambda mlp_matmuls: 6 * n * (4 * h * h + mlp_matmuls * h * f) + 6 * 2 * h * n * s + 6 * 0.15 * (h * h + h * v)
+  expected = lambda matmuls: 6 * n * (4 * h * h + matmuls * h * f) + 6 * 2 * h * n * s + 6 * 0.15 * (h * h + h * v)
   assert flops.config_flops_per_token(_config()) == pytest.approx(expected(2))
   assert flops.config_flops_per_token(_config(mlp='swiglu', positions='rope')) == pytest.approx(expected(3))
   c = _config(type='modernbert', mlp='gelu', global_attn_every_n_layers=1)

@@ -1,8 +1,17 @@
-"""BERT vs ModernBERT-style at equal wall-clock time on CPU: configs/tiny.py vs configs/tiny_modern.py.
+"""BERT, BERT with ModernBERT's parts, and a ModernBERT-style model at equal wall-clock time on CPU.
 
-  python experiments/architectures/run.py [--minutes 7] [--root /tmp/architectures]
+  python experiments/architectures/run.py [--minutes 7] [--root /tmp/architectures] [--arms bert,bert-modern]
+  python experiments/architectures/run.py --dry_run    # validate and print each arm's config, train nothing
 
-Both train on the built-in corpus with the same tokenizer (trained once, then passed to every run), batch,
+Four arms, each a config file plus architecture switches (`model.*`, see README "Architecture switches"):
+- `bert`: configs/tiny.py (post-LN BERT, as the quick start);
+- `bert-preln`: the same with `model.norm_position=pre` only (the control: how much is pre-LN alone);
+- `bert-modern`: configs/tiny.py with ModernBERT's parts switched on, on model.type=bert: pre-LN, GeGLU MLP,
+  RoPE (no position embeddings), ModernBERT's biases (the decoder's only); LayerNorm, tiny.py's sizes (the
+  GeGLU's MLP has 1.5x the MLP FLOPs: the equal wall time charges for them);
+- `modernbert`: configs/tiny_modern.py (ModernBERT itself: also its sliding-window layers, depth and widths).
+
+All train on the built-in corpus with the same tokenizer (trained once, then passed to every run), batch,
 sequence length, masking (40% in training) and seed, in float32, through the command line only
 (`python -m mlm_flax.cli train` / `eval`), one run at a time:
 
@@ -18,7 +27,7 @@ sequence length, masking (40% in training) and seed, in float32, through the com
    exits).
 3. `python -m mlm_flax.cli eval` on the final checkpoint: the accuracy at equal wall time. Evaluation masks
    depend only on the seed, the tokenizer and the validation rows (15%, BERT's rate), not on the model; the
-   script checks that every evaluation of both runs counts the same masked tokens and the same unigram
+   script checks that every evaluation of every run counts the same masked tokens and the same unigram
    baseline.
 
 Writes results.json and accuracy_vs_time.png next to this file (or `--results`); workdirs and caches stay
@@ -39,10 +48,18 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-RUNS = {'bert': os.path.join(REPO, 'configs', 'tiny.py'), 'modernbert': os.path.join(REPO, 'configs', 'tiny_modern.py')}
-LABELS = {'bert': 'BERT (configs/tiny.py)', 'modernbert': 'ModernBERT-style (configs/tiny_modern.py)'}
-BATCH, SEQ = 16, 128  # both configs' (checked against config.json)
-WARMUP_FRACTION = 200 / 1400  # both configs' warmup_steps / num_train_steps (tiny.py's), kept for any length
+TINY, TINY_MODERN = os.path.join(REPO, 'configs', 'tiny.py'), os.path.join(REPO, 'configs', 'tiny_modern.py')
+MODERN_PARTS = {'model.norm_position': 'pre', 'model.mlp': 'geglu', 'model.positions': 'rope',
+                'model.attention_bias': False, 'model.mlp_bias': False, 'model.norm_bias': False,
+                'model.classifier_bias': False, 'model.decoder_bias': True}
+# Each arm: its config file and the switches set on it (command-line overrides).
+RUNS = {'bert': (TINY, {}), 'bert-preln': (TINY, {'model.norm_position': 'pre'}), 'bert-modern': (TINY, MODERN_PARTS),
+        'modernbert': (TINY_MODERN, {})}
+LABELS = {'bert': 'BERT (configs/tiny.py)', 'bert-preln': 'BERT pre-LN (tiny.py, norm_position=pre)',
+          'bert-modern': "BERT with ModernBERT's parts (tiny.py, switches)",
+          'modernbert': 'ModernBERT-style (configs/tiny_modern.py)'}
+BATCH, SEQ = 16, 128  # the configs' (checked against config.json)
+WARMUP_FRACTION = 200 / 1400  # the configs' warmup_steps / num_train_steps (tiny.py's), kept for any length
 
 
 def cli(*args: str) -> list[str]:
@@ -50,8 +67,27 @@ def cli(*args: str) -> list[str]:
 
 
 def train_command(name: str, workdir: str, overrides: dict) -> list[str]:
-  return cli('train', '--config', RUNS[name], '--workdir', workdir,
-             *(f'--config.{k}={v}' for k, v in overrides.items()))
+  config, switches = RUNS[name]
+  return cli('train', '--config', config, '--workdir', workdir,
+             *(f'--config.{k}={v}' for k, v in {**switches, **overrides}.items()))
+
+
+def arm_config(name: str, overrides: dict):
+  """The config `train_command` runs (its file, switches and `overrides` applied), validated as `train` does
+  before reading any data; for --dry_run."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, REPO)
+  from mlm_flax import validation  # pylint: disable=g-import-not-at-top
+  path, switches = RUNS[name]
+  spec = importlib.util.spec_from_file_location(f'_arm_{name.replace("-", "_")}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for key, value in {**switches, **overrides}.items():
+    node, _, leaf = key.rpartition('.')
+    (config[node] if node else config)[leaf] = value
+  validation.validate_config(config, 1)
+  return config
 
 
 def read_rows(workdir: str) -> list[dict]:
@@ -198,7 +234,22 @@ def main() -> None:
   parser.add_argument('--margin', type=float, default=0.97,
                       help='fraction of the estimated steps to schedule, so a run ends just inside the budget')
   parser.add_argument('--replot', action='store_true', help='only redraw the plot from --results/results.json')
+  parser.add_argument('--arms', default=','.join(RUNS), help=f'comma-separated arms to run, of {", ".join(RUNS)}')
+  parser.add_argument('--dry_run', action='store_true', help='validate and print each arm\'s config; train nothing')
   args = parser.parse_args()
+  arms = args.arms.split(',')
+  unknown = [a for a in arms if a not in RUNS]
+  if unknown:
+    parser.error(f'--arms: {", ".join(unknown)} not among {", ".join(RUNS)}')
+  if args.dry_run:
+    common = {'model.dtype': 'float32', 'data.cache_dir': os.path.join(args.root, 'cache')}
+    for name in arms:
+      config = arm_config(name, common)
+      from mlm_flax.models import config as model_config  # pylint: disable=g-import-not-at-top
+      print(json.dumps({'arm': name, 'config': os.path.relpath(RUNS[name][0], REPO), 'switches': RUNS[name][1],
+                        'resolved': model_config.resolved_switches(config.model.to_dict()),
+                        'model': config.model.to_dict()}))
+    return
   if args.replot:
     with open(os.path.join(args.results, 'results.json')) as f:
       summary = json.load(f)
@@ -211,17 +262,18 @@ def main() -> None:
             'fill_mask_examples': 0, 'checkpoint_every_steps': 10**9, 'max_checkpoints_to_keep': 1}
   load_before = os.getloadavg()
 
-  # The tokenizer: trained by the first probe, then given to every run, so both see the same token ids.
-  probes = {'bert': probe('bert', args.root, common, args.probe_steps)}
+  # The tokenizer: trained by the first probe, then given to every run, so all see the same token ids.
+  probes = {arms[0]: probe(arms[0], args.root, common, args.probe_steps)}
   tok = os.path.join(args.root, 'tokenizer')
   shutil.rmtree(tok, ignore_errors=True)
-  shutil.copytree(os.path.join(probes['bert']['workdir'], 'tokenizer'), tok)
+  shutil.copytree(os.path.join(probes[arms[0]]['workdir'], 'tokenizer'), tok)
   common['data.tokenizer'] = tok
-  probes['modernbert'] = probe('modernbert', args.root, common, args.probe_steps)
+  for name in arms[1:]:
+    probes[name] = probe(name, args.root, common, args.probe_steps)
   print('probes:', json.dumps(probes), flush=True)
 
   results, loads = {}, []
-  for name in RUNS:
+  for name in arms:
     p = probes[name]
     steps = int(args.margin * (limit_s - p['startup_seconds']) * p['tokens_per_second'] / (BATCH * SEQ))
     eval_every = args.eval_every or max(2, round(steps / 20) * 2)
@@ -248,22 +300,24 @@ def main() -> None:
       train_s = last['wall_seconds'] - sum(s for step, s in eval_seconds(rows).items() if step < last['step'])
     rates = train_rates(rows)
     results[name] = {
-        'config': os.path.relpath(RUNS[name], REPO), 'steps_planned': steps, 'steps_done': final['step'],
+        'config': os.path.relpath(RUNS[name][0], REPO), 'switches': RUNS[name][1], 'steps_planned': steps,
+        'steps_done': final['step'],
         'stopped_by': 'time limit (SIGTERM)' if outcome['stopped_at'] is not None else 'end of schedule',
         'train_seconds': round(train_s, 1), 'tokens': final['step'] * BATCH * SEQ,
         'tokens_per_second_median': round(statistics.median(rates), 1),
         'flops_per_token': flops_per_token(log), 'mfu_median': round(statistics.median(
             r['mfu'] for r in rows if r['split'] == 'train'), 3),
         'learning_rate': config['optimizer']['learning_rate'], 'warmup_steps': config['optimizer']['warmup_steps'],
-        'model': {k: config['model'][k] for k in ('type', 'num_layers', 'hidden_size', 'num_heads',
-                                                  'intermediate_size', 'vocab_size')},
+        'model': {k: config['model'].get(k) for k in ('type', 'num_layers', 'hidden_size', 'num_heads',
+                                                      'intermediate_size', 'vocab_size', 'mlp', 'norm', 'positions',
+                                                      'norm_position')},
         'probe': {k: v for k, v in p.items() if k != 'workdir'},
         'final_eval': final, 'curve': points, 'total_seconds': round(outcome['seconds'], 1),
         'process_cpu_seconds': round(outcome['cpu_seconds'], 1),  # the whole train command, evals included
         'load_average_during_run': round(statistics.mean(outcome['load_average']), 2)}
     print(name, json.dumps({k: v for k, v in results[name].items() if k != 'curve'}), flush=True)
 
-  # Same evaluation masks: every eval of both runs counts the same masked tokens and unigram baseline.
+  # Same evaluation masks: every eval of every run counts the same masked tokens and unigram baseline.
   counts = {p['num_masked_tokens'] for r in results.values() for p in r['curve']}
   counts |= {r['final_eval']['num_masked_tokens'] for r in results.values()}
   baselines = {p['unigram_baseline_accuracy'] for r in results.values() for p in r['curve']}

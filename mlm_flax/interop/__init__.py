@@ -41,5 +41,6 @@ def check_exportable(model: Mapping[str, Any], needs: Mapping[str, Any], hf_clas
   bad = {k: getattr(resolved, k) for k, v in needs.items() if getattr(resolved, k) != v}
   if bad:
     has = ', '.join(f'model.{k}={v!r}' for k, v in bad.items())
+    fix = ', '.join(f'model.{k}={needs[k]!r}' for k in bad)
     raise ValueError(f'cannot export to Hugging Face: {hf_class} has no equivalent of {has}. Training, eval and '
-                     f'fill-mask work with this model; export needs {", ".join(f"model.{k}={needs[k]!r}" for k in bad)}.')
+                     f'fill-mask work with this model; export needs {fix}.')

@@ -2,8 +2,11 @@
 
 Adding an architecture: one module in this folder exposing `MODEL` (a linen module taking a `ModelConfig`, with
 the `__call__`/`encode` interface of `bert.BertMLM` and its `mlm_head` switch), `check_config(cfg)` (ValueError
-naming the fix) and `flops_terms(cfg, seq_len)` (how `flops.py` counts it); one entry in `ARCHITECTURES`; its task
-head in `heads.HEADS` (classification, token classification); and its Hugging Face mapping in `mlm_flax/interop/`. Shared layers (attention, dropout, RoPE, the tied decoder) are in `layers.py`.
+naming the fix) and `flops_terms(cfg, seq_len)` (how `flops.py` counts it); one entry in `ARCHITECTURES` and one in
+`config.OWN` (its own value of each architecture switch: `model.mlp`, `norm`, `positions`, `norm_position`, the
+biases); its task head in `heads.HEADS` (classification, token classification); and its Hugging Face mapping in
+`mlm_flax/interop/`. Shared layers (attention, dropout, RoPE, MLPs, norms, the tied decoder) are in `layers.py`,
+the MLM and task heads in `heads.py`.
 
 Architecture modules are imported on first use, so this package (and `validation`, which takes its list of
 types from here) does not import JAX.
@@ -32,7 +35,7 @@ def make_model(model_cfg: ModelConfig | Mapping[str, Any]) -> Any:
   """Builds the linen module of `model.type` from the `model` config (a ConfigDict, dict or `ModelConfig`)."""
   cfg = model_cfg if isinstance(model_cfg, ModelConfig) else ModelConfig.from_dict(model_cfg)
   module = architecture(cfg.type).MODEL
-  cfg.compute_dtype  # pylint: disable=pointless-statement  # resolve 'auto' now, as the module is built
+  cfg.resolved.compute_dtype  # pylint: disable=pointless-statement  # resolve 'auto' now, as the module is built
   return module(cfg)
 
 

@@ -2,7 +2,8 @@
 
 `configs/default.py` builds its `model` ConfigDict from `dataclasses.asdict(ModelConfig())`, so a default lives
 here and nowhere else; model code takes a `ModelConfig` (attribute access, frozen, hashable: a linen module
-attribute and a static jit argument) built by `ModelConfig.from_dict` from a run's `model` config. Pure Python:
+attribute and a static jit argument) built by `ModelConfig.from_dict` from a run's `model` config, and reads the
+architecture switches from `.resolved` (None replaced by the type's own value, `OWN`). Pure Python:
 importing it does not import JAX (configs and validation stay fast).
 """
 

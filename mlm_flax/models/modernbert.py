@@ -15,9 +15,10 @@ The switches `model.mlp` ('gelu', 'swiglu') and `model.norm` ('rmsnorm') replace
 for ablations (`layers.mlp`, `layers.norm`; not exportable); RoPE and pre-LN are ModernBERT's by definition.
 
 Params are named as in `bert.BertMLM` (`word_embeddings`, `layer_{i}/attention_norm`, ...; `qkv` is the fused
-projection), so the MLM head (`heads.MaskedLM`, shared), decoding and the Hugging Face key map read the same way. Packed rows: attention stays
-inside a document (`segment_ids`) and within the window; RoPE `positions` restart per document. Mixed precision is
-BertMLM's (`layers.py`): matmuls through `mixed_einsum`, norms, softmax, RoPE and the residual stream in f32.
+projection), so the MLM head (`heads.MaskedLM`, shared), decoding and the Hugging Face key map read the same
+way. Packed rows: attention stays inside a document (`segment_ids`) and within the window; RoPE `positions` restart
+per document. Mixed precision is BertMLM's (`layers.py`): matmuls through `mixed_einsum`, norms, softmax, RoPE and
+the residual stream in f32.
 """
 
 import functools
@@ -98,7 +99,8 @@ def flops_terms(cfg: ModelConfig, seq_len: int) -> dict:
   matmuls; two with `model.mlp='gelu'`); a sliding-window layer attends to at most 2 * (local_attention // 2) + 1
   tokens instead of `seq_len`."""
   window = min(seq_len, 2 * (cfg.local_attention // 2) + 1)
-  return {'glu': cfg.resolved.mlp != 'gelu', 'attended': tuple(seq_len if t == 'full_attention' else window for t in layer_types(cfg))}
+  attended = tuple(seq_len if t == 'full_attention' else window for t in layer_types(cfg))
+  return {'glu': cfg.resolved.mlp != 'gelu', 'attended': attended}
 
 
 class Layer(nn.Module):
