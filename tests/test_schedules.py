@@ -1,6 +1,7 @@
 """Schedules over training: the masking rate (`masking.rate_schedule`), sequence-length and batch-size warm-ups
 (`seq_len_warmup`, `batch_size_warmup`): what each step sees, exact resume across phases, config errors."""
 
+import functools
 import json
 import os
 import shutil
@@ -30,7 +31,7 @@ def tok():
   return tok_lib.train_wordpiece(_texts(), vocab_size=200)
 
 
-def _ids(tok, batch=64, length=128):
+def _ids(tok, batch=32, length=128):
   rng = np.random.default_rng(1)
   normal = [i for i in range(len(tok)) if i not in tok_lib.special_token_ids(tok)]
   return jnp.asarray(rng.choice(normal, (batch, length)).astype(np.int32))
@@ -132,13 +133,44 @@ def warm_run(tmp_path_factory):
   return c, workdir, train.train_and_evaluate(c, workdir)
 
 
+def test_train_step_masks_at_the_scheduled_rate_with_a_budget_per_length(tok):
+  """The jitted train step takes the rate from its step and the prediction budget from the batch's length."""
+  from mlm_flax import parallel  # pylint: disable=g-import-not-at-top
+  from mlm_flax.models import make_model  # pylint: disable=g-import-not-at-top
+  c = tiny_config()
+  c.model.vocab_size, c.model.pad_token_id = len(tok), tok.pad_token_id
+  c.masking.rate, c.masking.rate_schedule, c.masking.final_rate, c.masking.schedule_steps = 0.6, 'step', 0.15, 1
+  mesh, model, tx = parallel.make_mesh(1), make_model(c.model), train.make_optimizer(c.optimizer, 10)
+  mask_fn, _ = mlm.make_mask_fn(c, tok)
+  state = train.create_train_state(jax.random.PRNGKey(0), model, tx, 32)
+  step = train.jit_train_step(model, tx, mask_fn, functools.partial(mlm.prediction_budget, c), mesh)
+  counts = []
+  for batch, length in ((4, 16), (8, 32)):  # a warm-up phase of 4 x 16, then 8 x 32
+    ids = np.asarray(_ids(tok, batch, length))
+    state, metrics = step(state, {'input_ids': ids, 'segment_ids': np.ones_like(ids), 'positions':
+                                  np.broadcast_to(np.arange(length, dtype=np.int32), ids.shape).copy()})
+    counts.append(float(metrics['count']))
+  assert counts == [4 * round(0.6 * 16), 8 * round(0.15 * 32)]  # exact counts per row
+
+
+@pytest.mark.slow
 def test_rate_schedule_and_warmups_reach_the_train_step(warm_run):
-  _, workdir, _ = warm_run
+  """Each step's masked-token count equals the one planned from the real rows of its shape and its rate."""
+  c, workdir, _ = warm_run
   counts = [r['num_masked_tokens'] for r in _metric_rows(workdir) if r['split'] == 'train']
-  # Masked tokens per step: 4 rows of 16 (~14 maskable each) at 60%, then 15% from step 2, 8 rows of 32 from 3.
-  assert len(counts) == 6 and counts[0] == pytest.approx(4 * round(0.6 * 14), rel=0.3)
-  assert counts[0] > 3 * counts[2]  # same shape, the rate down from 60% to 15%
-  assert counts[3] > 2 * counts[2] and counts[3] == pytest.approx(counts[5], rel=0.3)  # longer rows, more rows
+  tok = tok_lib.load_tokenizer(os.path.join(workdir, 'tokenizer'))
+  train_split = data.load_text_splits(c.data, c.seed)['train']
+  rows_at = {n: data.packed_rows(train_split, tok, n, cache=c.data.cache_dir) for n in (16, 32)}
+  batches = data.pipeline.phased_train_batches(rows_at, data.shape_phases(c), c.seed)
+  rate = masking.rate_schedule('step', 0.6, 0.15, 2)
+  specials = np.asarray(tok_lib.special_token_ids(tok))
+  planned = []
+  for step in range(6):
+    batch, _ = next(batches)
+    n = ((batch['segment_ids'] > 0) & ~np.isin(batch['input_ids'], specials)).sum(-1)
+    planned.append(int(np.maximum(1, np.floor(np.float32(rate(step)) * n.astype(np.float32) + 0.5)).sum()))
+  assert counts == planned, (counts, planned)
+  assert planned[0] > 3 * planned[2] and planned[3] > 2 * planned[2]  # 60% -> 15%; 4 x 16 -> 8 x 32 tokens
 
 
 @pytest.mark.slow
@@ -186,3 +218,29 @@ def test_config_errors_name_the_key_and_the_fix(overrides, message):
   with pytest.raises(ValueError) as e:
     validation.validate_config(c, num_devices=2)
   assert message in str(e.value) and '\n' not in str(e.value), str(e.value)
+
+
+@pytest.mark.slow
+def test_time_to_accuracy_race_runs_end_to_end(tmp_path):
+  """experiments/time_to_accuracy/run.py at a tiny budget on a small local corpus: every output written, the peer
+  scored through `mlm-flax import` + `mlm-flax eval` on the same masks as ours."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  pytest.importorskip('accelerate')  # the Trainer's dependency
+  corpus = tmp_path / 'corpus.txt'
+  corpus.write_text(''.join(t + '\n' for t in _texts(600)))
+  script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments',
+                        'time_to_accuracy', 'run.py')
+  out = subprocess.run([sys.executable, script, '--budget_minutes', '0.1', '--peer_lrs', '1e-3', '--sweep_fraction',
+                        '0.2', '--arms', 'ours,ours-seq-warmup', '--probe_steps', '6', '--peer_probe_steps', '4',
+                        '--root', str(tmp_path / 'root'), '--results', str(tmp_path / 'results'),
+                        '--train_files', str(corpus)], capture_output=True, text=True, timeout=3000)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  with open(tmp_path / 'results' / 'results.json') as f:
+    results = json.load(f)
+  assert set(results['runs']) == {'peer', 'ours', 'ours-seq-warmup'} and results['peer_sweep'].keys() == {'0.001'}
+  assert len(results['runs']['peer']['curve']) >= 1 and results['eval']['num_masked_tokens'] > 0
+  assert {'model_name', 'avx512_bf16', 'amx_bf16'} <= set(results['machine']['cpu'])
+  assert results['runs']['ours-seq-warmup']['overrides']['seq_len_warmup'].startswith('32:')
+  assert (tmp_path / 'results' / 'accuracy_vs_time.png').stat().st_size > 0
+  assert 'speed-up' in (tmp_path / 'results' / 'results.md').read_text()

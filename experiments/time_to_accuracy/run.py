@@ -118,8 +118,9 @@ def peer_main(args) -> None:
   class Clock(transformers.TrainerCallback):
     """Training seconds (saving excluded); saves every `save_s` and stops at the budget."""
 
-    def __init__(self, budget_s, save_s):
+    def __init__(self, budget_s, save_s, save=True):
       self.budget_s, self.save_s, self.saved, self.start, self.paused = budget_s, save_s, [], None, 0.0
+      self.save_at_end, self.step_ends = save, []
 
     def seconds(self):
       return time.time() - self.start - self.paused
@@ -137,20 +138,25 @@ def peer_main(args) -> None:
 
     def on_step_end(self, targs, state, control, model=None, **kw):
       seconds = self.seconds()
+      self.step_ends.append(seconds)
       if seconds >= self.budget_s or state.global_step >= state.max_steps:
         control.should_training_stop = True
-        self.save(state.global_step, model)
+        if self.save_at_end:
+          self.save(state.global_step, model)
       elif self.save_s and seconds >= self.save_s * (len(self.saved) + 1):
         self.save(state.global_step, model)
 
   probe_steps = args.probe_steps
-  clock = Clock(10**9, 0)
+  clock = Clock(10**9, 0, save=False)
   trainer(probe_steps, [clock]).train()
-  rate = probe_steps / clock.seconds()  # steps/s, including the first step's start-up
-  max_steps = max(10, int(args.margin * args.budget_s * rate))
+  ends = clock.step_ends
+  rate = (len(ends) - 1) / (ends[-1] - ends[0])  # steady steps/s (after the first step's start-up)
+  startup = max(ends[0] - 1 / rate, 0.0)
+  max_steps = max(10, int(args.margin * (args.budget_s - startup) * rate))
   clock = Clock(args.budget_s, args.save_seconds)
   trainer(max_steps, [clock]).train()
   result = {'learning_rate': args.lr, 'bf16_autocast': bool(bf16), 'probe_steps_per_second': round(rate, 3),
+            'probe_startup_seconds': round(startup, 2),
             'max_steps': max_steps, 'checkpoints': clock.saved, 'torch_threads': torch.get_num_threads(),
             'train_rows': len(rows), 'torch': torch.__version__, 'transformers': transformers.__version__}
   with open(os.path.join(args.out, 'peer.json'), 'w') as f:
@@ -289,7 +295,7 @@ def markdown(summary: dict) -> str:
            f"{', '.join(f'{k}: {v:.4f}' for k, v in summary['peer_sweep'].items())}), "
            f"{'bf16 autocast' if summary['peer']['bf16_autocast'] else 'f32'}. Target: the peer's final accuracy "
            f"{summary['peer_final_accuracy']:.4f}. Eval: {summary['eval']['num_masked_tokens']} masked tokens, the "
-           'same masks for every row.', '',
+           'same masks for every run.', '',
            '| arm | masked acc. at budget | steps | time to the peer\'s final acc. (s) | speed-up vs the peer |',
            '|---|---:|---:|---:|---:|']
   for name, r in summary['runs'].items():
