@@ -22,6 +22,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.grad_accum_steps = 1  # micro-batches per update: the same update as one batch_size batch, less memory
   c.eval_batch_size = 64  # global; the last eval batch is padded, never dropped
   c.max_seq_length = 128
+  # Warm-ups, as 'VALUE:STEPS,...' phases before the full value ('': none): e.g. seq_len_warmup='32:200,64:200'
+  # trains 200 steps on rows of 32 tokens, 200 on rows of 64, then max_seq_length (each length its own packing
+  # of the corpus and one compiled step); batch_size_warmup='4:100,8:100' likewise in sequences per step. The
+  # learning rate stays a function of the step. Short rows / small batches first: more updates per second early.
+  c.seq_len_warmup = ''
+  c.batch_size_warmup = ''
   c.log_every_steps = 50
   c.eval_every_steps = 500
   c.checkpoint_every_steps = 500
@@ -70,6 +76,13 @@ def get_config() -> ml_collections.ConfigDict:
   # Masking rate of evaluation (and of the fill-mask examples' metrics); None: same as `rate`. Training at
   # a higher rate gives more predictions per forward pass (Wettig et al. 2023) while eval stays at 15%.
   c.masking.eval_rate = ml_collections.FieldReference(None, field_type=float)
+  # Training rate over the steps: 'constant' (`rate` throughout), or 'linear' / 'cosine' from `rate` to
+  # `final_rate` over `schedule_steps` (0: the whole run), or 'step' (`rate`, then `final_rate` after
+  # `schedule_steps`), e.g. rate=0.3, final_rate=0.15 as mmBERT. Traced in the step (no recompiles); the
+  # prediction budget is the highest rate's. Eval keeps `eval_rate`.
+  c.masking.rate_schedule = 'constant'
+  c.masking.final_rate = ml_collections.FieldReference(None, field_type=float)
+  c.masking.schedule_steps = 0
   c.masking.mask_prob = 0.8
   c.masking.random_prob = 0.1  # the rest stay unchanged
   # 'token': BERT's independent tokens; 'whole_word': all tokens of a word or none (WordPiece ## / BPE Ġ);

@@ -93,7 +93,7 @@ def _loss_sum_and_grads(params, model, batch, masked: masking.Masked, num_predic
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx: optax.GradientTransformation,
-               mask_fn: loss.MaskFn, num_predictions: int,
+               mask_fn: loss.MaskFn, num_predictions: int | Callable[[int], int],
                grad_accum_steps: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
   """One update on the global batch: mask in-graph, forward, token-weighted CE, AdamW.
 
@@ -102,9 +102,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx: opt
   drawn per global row, so that is the same update with dropout too).
   A step with a non-finite loss, gradient or updated param leaves params and optimizer state as they
   were (in-graph, no host sync); its metrics count only in `skipped_steps`.
+  The masking rate may depend on the step (`masking.rate_schedule`); `num_predictions` may be a function of
+  the batch's sequence length (sequence-length warm-up: one compiled step per length).
   """
   mask_rng, dropout_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
-  masked = mask_fn(mask_rng, batch['input_ids'], maskable=batch['segment_ids'] > 0)
+  masked = mask_fn(mask_rng, batch['input_ids'], maskable=batch['segment_ids'] > 0, step=state.step)
+  if callable(num_predictions):
+    num_predictions = num_predictions(batch['input_ids'].shape[-1])
   batch = {**batch, 'row_ids': jnp.arange(batch['input_ids'].shape[0])}  # global rows: dropout draws by them
   grads, metrics = _loss_sum_and_grads(state.params, model, batch, masked, num_predictions, dropout_rng,
                                        grad_accum_steps)
@@ -130,7 +134,8 @@ def state_shardings(mesh: jax.sharding.Mesh, state: TrainState) -> TrainState:
                        opt_state=parallel.state_sharding(mesh, state.opt_state))
 
 
-def jit_train_step(model, tx: optax.GradientTransformation, mask_fn: loss.MaskFn, num_predictions: int,
+def jit_train_step(model, tx: optax.GradientTransformation, mask_fn: loss.MaskFn,
+                   num_predictions: int | Callable[[int], int],
                    mesh: jax.sharding.Mesh, grad_accum_steps: int = 1, state_sharding: Any = None):
   """`train_step` jitted over `mesh`: batch split over all devices, state donated and kept in
   `state_sharding` (default: replicated, i.e. data parallelism; see `state_shardings` for FSDP)."""
@@ -226,6 +231,7 @@ class _Run:
   writer: writers.MetricWriter
   ckpt: checkpoint.Checkpointer
   schedule: optax.Schedule
+  phases: list[tuple[int, int, int]]  # (first step, batch size, sequence length): warm-ups, then the full shape
   flops_per_token: float
   peak_flops: float
 
@@ -267,7 +273,9 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str, on_exit: contextlib
     state = state.replace(params=params, opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(params))
   start_step = int(state.step)
 
-  p_train_step = jit_train_step(model, tx, mask_fn, num_predictions, mesh, config.grad_accum_steps, shardings)
+  warmup = len(data.shape_phases(config)) > 1  # shorter rows first: each length its own prediction budget
+  budget = functools.partial(loss.prediction_budget, config) if warmup else num_predictions
+  p_train_step = jit_train_step(model, tx, mask_fn, budget, mesh, config.grad_accum_steps, shardings)
   rows = eval_rows if train_rows is None else train_rows
   counts = np.bincount(rows['input_ids'][rows['segment_ids'] > 0], minlength=len(tok))
   counts[list(tokenizer.special_token_ids(tok))] = 0
@@ -277,7 +285,8 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str, on_exit: contextlib
   writer = writers.MetricWriter(workdir, resume_step=start_step)
 
   batches = data.train_iterator(config, splits['train'] if train_rows is None else train_rows, tok, mesh,
-                                start_step, meta.get('data_position'))  # prepared on a background thread
+                                start_step, meta.get('data_position'),  # prepared on a background thread
+                                pack_at=lambda n: pack(splits['train'], max_seq_length=n))
   on_exit.callback(batches.close)
   flops_per_token = flops.config_flops_per_token(config)
   peak, peak_source = flops.peak_flops()
@@ -287,7 +296,8 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str, on_exit: contextlib
   return _Run(config=config, tok=tok, splits=splits, eval_rows=eval_rows, model=model, state=state,
               start_step=start_step, pending=pending, train_step=p_train_step, batches=batches,
               evaluator=evaluator, writer=writer, ckpt=ckpt,
-              schedule=make_schedule(config.optimizer, config.num_train_steps), flops_per_token=flops_per_token,
+              schedule=make_schedule(config.optimizer, config.num_train_steps), phases=data.shape_phases(config),
+              flops_per_token=flops_per_token,
               peak_flops=peak)
 
 
@@ -299,11 +309,12 @@ def _log_train(run: _Run, step: int, pending: list[dict], last_time: float, last
   now = time.time()
   elapsed, steps = now - last_time, step - last_step
   summary = loss.summarize(sums)
+  tokens = sum(b * n for b, n in (data.step_shape(run.phases, s) for s in range(last_step, step)))  # warm-ups
   _check_finite(sums, step, config.optimizer.nonfinite)
   summary.update(grad_norm=float(sums['grad_norm']) / max(len(pending) - int(sums['skipped_steps']), 1),
                  skipped_steps=int(sums['skipped_steps']),
                  learning_rate=float(run.schedule(step - 1)),
-                 tokens_per_second=config.batch_size * config.max_seq_length * steps / elapsed)
+                 tokens_per_second=tokens / elapsed)
   summary['mfu'] = summary['tokens_per_second'] * run.flops_per_token / run.peak_flops
   run.writer.write(step, 'train', summary)
   if summary['skipped_steps'] and jax.process_index() == 0:

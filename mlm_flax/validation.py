@@ -30,9 +30,10 @@ CHOICES = {
     'optimizer.schedule': ('linear', 'cosine', 'constant'),
     'optimizer.nonfinite': ('skip', 'stop'),
     'model.attention': ('auto', 'einsum', 'dot_product_attention'),
-    # Copies of masking.STRATEGIES, data.PACKING_MODES and data.tokenizer.TOKENIZER_TYPES (those modules import
-    # JAX, datasets, transformers; tests/test_resume_config.py checks the copies are equal).
+    # Copies of masking.STRATEGIES, masking.RATE_SCHEDULES, data.PACKING_MODES and data.tokenizer.TOKENIZER_TYPES
+    # (those modules import JAX, datasets, transformers; tests/test_resume_config.py checks the copies are equal).
     'masking.strategy': ('token', 'whole_word', 'span'),
+    'masking.rate_schedule': ('constant', 'linear', 'cosine', 'step'),
     'data.packing': ('documents', 'group_texts', 'line_by_line'),
     'data.tokenizer_type': ('wordpiece', 'bpe'),
 }
@@ -57,7 +58,7 @@ POSITIVE = ('num_train_steps', 'batch_size', 'eval_batch_size', 'max_seq_length'
             'model.hidden_size', 'model.num_heads', 'model.intermediate_size',
             'model.max_position_embeddings', 'model.vocab_multiple', 'data.tokenizer_vocab_size', 'data.num_proc', 'fsdp',
             'grad_accum_steps')
-FRACTIONS = ('masking.rate', 'masking.eval_rate', 'masking.mask_prob', 'masking.random_prob',
+FRACTIONS = ('masking.rate', 'masking.eval_rate', 'masking.final_rate', 'masking.mask_prob', 'masking.random_prob',
              'data.validation_fraction')  # in [0, 1]; rates in (0, 1]
 
 
@@ -66,6 +67,32 @@ def _get(config: ml_collections.ConfigDict, key: str):
   for part in key.split('.'):
     node = node.get(part) if node is not None else None
   return node
+
+
+def parse_phases(spec: str, key: str) -> list[tuple[int, int]]:
+  """'VALUE:STEPS,VALUE:STEPS,...' (a warm-up: VALUE for STEPS steps, in order) → [(value, steps)]; '' → []."""
+  phases = []
+  for part in filter(None, (p.strip() for p in (spec or '').split(','))):
+    value, _, steps = part.partition(':')
+    try:
+      phases.append((int(value), int(steps)))
+    except ValueError:
+      raise ValueError(f"--config.{key}={spec!r} is not a list of VALUE:STEPS phases; write e.g. "
+                       f"--config.{key}='32:200,64:200' (32 for 200 steps, then 64 for 200).") from None
+  return phases
+
+
+def _check_warmup(config: ml_collections.ConfigDict, key: str, full_key: str, lowest: int) -> None:
+  """A warm-up's phases: values increasing from `lowest` up to below the full value, each for >= 1 step."""
+  phases, full = parse_phases(config.get(key, ''), key), config[full_key]
+  values = [v for v, _ in phases]
+  if any(n < 1 for _, n in phases) or values != sorted(set(values)) or any(not lowest <= v < full for v in values):
+    raise ValueError(f'--config.{key}={config.get(key)!r}: each VALUE:STEPS phase needs STEPS >= 1 and values '
+                     f'increasing, at least {lowest} and below {full_key}={full} (the value after the warm-up); '
+                     f"e.g. --config.{key}='{max(lowest, full // 4)}:100,{max(lowest, full // 2)}:100'.")
+  if phases and config.data.streaming:
+    raise ValueError(f'--config.{key} needs packed (non-streaming) data; set --config.data.streaming=false or '
+                     f"drop the warm-up (--config.{key}='').")
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
@@ -97,6 +124,14 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, num_pro
   if m.mask_prob + m.random_prob > 1.0:
     raise ValueError(f'masking.mask_prob + masking.random_prob = {m.mask_prob + m.random_prob} exceeds 1; '
                      'lower one (the rest of the masked tokens stay unchanged).')
+  if m.get('rate_schedule', 'constant') != 'constant' and m.get('final_rate') is None:
+    raise ValueError(f'--config.masking.rate_schedule={m.rate_schedule!r} goes from masking.rate to '
+                     'masking.final_rate, which is unset; set it (e.g. --config.masking.final_rate=0.15) or use '
+                     '--config.masking.rate_schedule=constant.')
+  if m.get('schedule_steps', 0) < 0:
+    raise ValueError(f'--config.masking.schedule_steps={m.schedule_steps} must be >= 0 (0: the whole run).')
+  _check_warmup(config, 'seq_len_warmup', 'max_seq_length', 3)
+  _check_warmup(config, 'batch_size_warmup', 'batch_size', 1)
   if config.optimizer.learning_rate < 0 or config.optimizer.warmup_steps < 0:
     raise ValueError('--config.optimizer.learning_rate and --config.optimizer.warmup_steps must be >= 0.')
   if config.model.hidden_size % config.model.num_heads:
@@ -128,6 +163,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, num_pro
       raise ValueError(f'{key}={size} must be divisible by the {num_devices} devices of the data axis and the '
                        f'{num_processes} processes; use a multiple of {multiple} (e.g. '
                        f'--config.{key}={max(multiple, size // multiple * multiple)}).')
+  multiple = math.lcm(accum * num_devices, num_processes)
+  for size, _ in parse_phases(config.get('batch_size_warmup', ''), 'batch_size_warmup'):
+    if size % multiple:
+      raise ValueError(f'--config.batch_size_warmup={config.batch_size_warmup!r}: batch size {size} must be a '
+                       f'multiple of {multiple} (the {num_devices} devices x grad_accum_steps={accum}, and the '
+                       f'{num_processes} processes); use multiples of {multiple}.')
 
 
 def _flatten(tree: dict, prefix: str = '') -> dict:

@@ -8,12 +8,13 @@ trainer and evaluation call are re-exported here, so call sites read `data.load_
 
 from mlm_flax.data import packing
 from mlm_flax.data.packing import PACKING_MODES, pack, pack_tokens, packed_rows, tokenizer_fingerprint
-from mlm_flax.data.pipeline import checkpoint_position, eval_batches, num_eval_batches, train_batches, train_iterator
+from mlm_flax.data.pipeline import (checkpoint_position, eval_batches, num_eval_batches, shape_phases, step_shape,
+                                   train_batches, train_iterator)
 from mlm_flax.data.sources import cache_dir, fingerprint, load_text_files, load_text_splits, tokenizer_texts
 
 __all__ = ['PACKING_MODES', 'cache_dir', 'checkpoint_position', 'eval_batches', 'fingerprint', 'load_text_files',
-           'load_text_splits', 'num_eval_batches', 'pack', 'pack_tokens', 'packed_rows', 'tokenizer_fingerprint',
-           'tokenizer_texts', 'train_batches', 'train_iterator']
+           'load_text_splits', 'num_eval_batches', 'pack', 'pack_tokens', 'packed_rows', 'shape_phases', 'step_shape',
+           'tokenizer_fingerprint', 'tokenizer_texts', 'train_batches', 'train_iterator']
 
 
 def __getattr__(name: str):

@@ -16,10 +16,14 @@ For 'whole_word' and 'span' the number of masked tokens is the closest to
 Of the chosen positions, `mask_prob` become the mask token, `random_prob` a
 random *normal* vocabulary token, the rest stay as they are. Everything is
 `jax.numpy`, so masking runs in-graph, fresh every step.
+
+The rate may follow a schedule over training (`masking.rate_schedule`, e.g. 0.3 -> 0.15 as mmBERT does):
+`rate_schedule` gives the rate as a pure function of the step, traced in the train step (no recompiles); the
+prediction budget is that of the highest rate, so shapes stay static and the weights mark the predictions.
 """
 
 import math
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +36,7 @@ class Masked(NamedTuple):
 
 
 STRATEGIES = ('token', 'whole_word', 'span')
+RATE_SCHEDULES = ('constant', 'linear', 'cosine', 'step')
 _UNIT_SLACK = 0.25  # whole units overshoot the target count by part of a word or span
 _NEVER = 1 << 30  # rank of positions that no unit covers
 
@@ -42,6 +47,24 @@ def max_predictions(max_seq_length: int, rate: float, strategy: str = 'token') -
   if strategy == 'token':
     return base
   return min(max_seq_length, base + int(math.ceil(_UNIT_SLACK * base)))
+
+
+def rate_schedule(kind: str, rate: float, final_rate: float | None, steps: int) -> Callable[[jax.Array], jax.Array]:
+  """The masking rate at step s (0-based, traced or not): `rate` at 0 to `final_rate` at `steps`, then `final_rate`.
+
+  'linear' and 'cosine' interpolate; 'step' keeps `rate` for `steps` steps, then `final_rate` (mmBERT's phases);
+  'constant' is `rate` throughout.
+  """
+  if kind not in RATE_SCHEDULES:
+    raise ValueError(f'masking.rate_schedule={kind!r}; use one of {RATE_SCHEDULES}.')
+  if kind == 'constant' or final_rate is None:
+    return lambda step: jnp.asarray(rate, jnp.float32)
+  def at(step):
+    t = jnp.clip(jnp.asarray(step, jnp.float32) / max(steps, 1), 0.0, 1.0)
+    frac = {'linear': 1.0 - t, 'cosine': 0.5 * (1.0 + jnp.cos(jnp.pi * t)),
+            'step': (t < 1.0).astype(jnp.float32)}[kind]
+    return jnp.float32(final_rate) + (jnp.float32(rate) - jnp.float32(final_rate)) * frac
+  return at
 
 
 def _random_normal_tokens(rng: jax.Array, shape, vocab_size: int,
@@ -102,16 +125,18 @@ def _choose_units(t: jax.Array, k: jax.Array, budget: int) -> jax.Array:
 
 def mask_tokens(rng: jax.Array, ids: jax.Array, *, vocab_size: int, mask_id: int,
                 special_ids: Sequence[int], pad_id: int | None = None,
-                maskable: jax.Array | None = None, rate: float = 0.15,
+                maskable: jax.Array | None = None, rate: float | Callable[[jax.Array], jax.Array] = 0.15,
                 mask_prob: float = 0.8, random_prob: float = 0.1, strategy: str = 'token',
                 word_starts: jax.Array | None = None, max_span_length: int = 10,
-                span_p: float = 0.2) -> Masked:
+                span_p: float = 0.2, max_rate: float | None = None, step: jax.Array | None = None) -> Masked:
   """Masks `ids` [batch, length] for MLM training; see the module docstring.
 
   Args:
     vocab_size: the tokenizer's vocabulary size; random replacements stay below it.
     special_ids: ids never chosen and never inserted ([CLS], [SEP], [PAD], ...).
     pad_id: padding id (also excluded); may be among `special_ids`.
+    rate: a float, or a schedule: a function of `step` (see `rate_schedule`) whose values are at most
+      `max_rate`, which sets the static prediction budget.
     maskable: optional extra [batch, length] bool restriction (e.g. segment_ids > 0).
     strategy: 'token', 'whole_word' or 'span'.
     word_starts: [vocab] bool, True for tokens that begin a word ('whole_word', 'span');
@@ -119,8 +144,14 @@ def mask_tokens(rng: jax.Array, ids: jax.Array, *, vocab_size: int, mask_id: int
     max_span_length, span_p: span lengths in words are Geometric(span_p) clipped to
       max_span_length (SpanBERT: 0.2 and 10, mean 3.8 words).
   """
-  if not 0.0 < rate <= 1.0:
-    raise ValueError(f'masking.rate must be in (0, 1], got {rate}')
+  if callable(rate):
+    if max_rate is None or step is None:
+      raise ValueError('a masking rate schedule needs max_rate (the budget) and the step')
+    rate = rate(step)
+  else:
+    max_rate = rate if max_rate is None else max_rate
+  if not 0.0 < max_rate <= 1.0:
+    raise ValueError(f'masking.rate must be in (0, 1], got {max_rate}')
   if strategy not in STRATEGIES:
     raise ValueError(f'masking.strategy={strategy!r}; use one of {STRATEGIES}.')
   if strategy == 'span' and (max_span_length < 1 or not 0 < span_p < 1):
@@ -137,14 +168,14 @@ def mask_tokens(rng: jax.Array, ids: jax.Array, *, vocab_size: int, mask_id: int
   select_rng, kind_rng, token_rng = jax.random.split(rng, 3)
   n = can.sum(axis=-1, keepdims=True)
   k = jnp.where(n > 0, jnp.maximum(1, jnp.floor(rate * n + 0.5)), 0)
-  k = jnp.minimum(k, max_predictions(ids.shape[-1], rate))
+  k = jnp.minimum(k, max_predictions(ids.shape[-1], max_rate))
   if strategy == 'token':  # rank maskable positions by a random score; take the first k of each row
     scores = jnp.where(can, jax.random.uniform(select_rng, ids.shape), 2.0)
     ranks = jnp.argsort(jnp.argsort(scores, axis=-1), axis=-1)
     chosen = can & (ranks < k)
   else:
     ranks = _unit_ranks(select_rng, ids, can, word_starts, strategy, max_span_length, span_p)
-    chosen = can & _choose_units(ranks, k, max_predictions(ids.shape[-1], rate, strategy))
+    chosen = can & _choose_units(ranks, k, max_predictions(ids.shape[-1], max_rate, strategy))
 
   u = jax.random.uniform(kind_rng, ids.shape)
   random_tokens = _random_normal_tokens(token_rng, ids.shape, vocab_size, sorted(excluded))

@@ -22,11 +22,32 @@ from mlm_flax.objectives.masking import Masked
 MaskFn = Callable[..., Masked]
 
 
+def _rate(config: ml_collections.ConfigDict, split: str) -> tuple[float | Callable[[jax.Array], jax.Array], float]:
+  """The masking rate of `split` (a float, or for training with `masking.rate_schedule` a function of the step)
+  and the highest rate it takes, which sets the static prediction budget."""
+  m = config.masking
+  if split == 'eval':
+    rate = m.rate if m.get('eval_rate') is None else m.eval_rate
+    return rate, rate
+  kind, final = m.get('rate_schedule', 'constant'), m.get('final_rate')
+  if kind == 'constant' or final is None:
+    return m.rate, m.rate
+  steps = m.get('schedule_steps', 0) or config.num_train_steps
+  return masking.rate_schedule(kind, m.rate, final, steps), max(m.rate, final)
+
+
+def prediction_budget(config: ml_collections.ConfigDict, seq_length: int, split: str = 'train') -> int:
+  """The static number of predictions per row of `seq_length` tokens (of the highest rate of `split`)."""
+  return masking.max_predictions(seq_length, _rate(config, split)[1], config.masking.get('strategy', 'token'))
+
+
 def make_mask_fn(config: ml_collections.ConfigDict, tok, split: str = 'train') -> tuple[MaskFn, int]:
-  """The masking function for `split` ('train' or 'eval') and its static prediction budget."""
-  rate = config.masking.rate
-  if split == 'eval' and config.masking.get('eval_rate') is not None:
-    rate = config.masking.eval_rate
+  """The masking function for `split` ('train' or 'eval') and its static prediction budget.
+
+  The function takes (rng, ids, maskable=..., step=...); `step` (the 0-based train step, traced) matters only
+  with a training `masking.rate_schedule`.
+  """
+  rate, max_rate = _rate(config, split)
   strategy = config.masking.get('strategy', 'token')
   word_starts = None if strategy == 'token' else jnp.asarray(tokenizer.word_start_table(tok))
   fn = functools.partial(
@@ -34,8 +55,8 @@ def make_mask_fn(config: ml_collections.ConfigDict, tok, split: str = 'train') -
       special_ids=tokenizer.special_token_ids(tok), pad_id=tok.pad_token_id, rate=rate,
       mask_prob=config.masking.mask_prob, random_prob=config.masking.random_prob, strategy=strategy,
       word_starts=word_starts, max_span_length=config.masking.get('max_span_length', 10),
-      span_p=config.masking.get('span_p', 0.2))
-  return fn, masking.max_predictions(config.max_seq_length, rate, strategy)
+      span_p=config.masking.get('span_p', 0.2), max_rate=max_rate)
+  return fn, prediction_budget(config, config.max_seq_length, split)
 
 
 def gather_predictions(masked: Masked, num_predictions: int) -> tuple[jax.Array, jax.Array, jax.Array]:
