@@ -124,7 +124,8 @@ def _sweep(args: list[str]) -> int:
   points = sweep.grid(FLAGS.sweep, FLAGS.seeds) if FLAGS.sweep or FLAGS.seeds else []
   for key in sorted({k for p in points for k in p}):
     _check_key(FLAGS.config, key, 'swept')
-  ours = {n for n in FLAGS if FLAGS.find_module_defining_flag(n) in (__name__, 'mlm_flax.cli', '__main__')}
+  home = FLAGS.find_module_defining_flag('workdir')  # this module, under whatever name it runs
+  ours = {n for n in FLAGS if FLAGS.find_module_defining_flag(n) == home}
   passed = [FLAGS[n].serialize() for n in sorted(ours) if FLAGS[n].present and n not in SWEEP_FLAGS]
   overrides = [a for a in sys.argv if a.startswith('--config.')]
   plan = sweep.make_sweep(FLAGS.command, spec, FLAGS.sweep, FLAGS.seeds, overrides, passed + args)

@@ -88,7 +88,7 @@ def _fmt(v: Any) -> str:
   if v is None:
     return '-'
   if isinstance(v, float):
-    return f'{v:.4f}'
+    return f'{v:.5g}'  # metrics to 5 digits; config values as written (1e-05, 0.003)
   return str(v)
 
 

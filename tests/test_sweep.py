@@ -61,13 +61,15 @@ def test_points_are_named_from_their_overrides_and_stable(tmp_path):
   assert len(set(names)) == 8 and sorted(names) == sorted(p.name for p in b.points)
   assert 'tiny-batch_size=16+optimizer.learning_rate=3e-3+seed=1' in names
   proc = _cli('sweep', f'--config={TINY}', '--sweep=optimizer.learning_rate=1e-3,3e-3', '--sweep=batch_size=8,16',
-              '--seeds=2', f'--workdir={tmp_path / "root"}', '--config.num_train_steps=5', '--dry_run')
+              '--seeds=2', f'--workdir={tmp_path / "root"}', '--config.num_train_steps=5', '--dry_run', '--',
+              '--init', 'a model')  # arguments after `--` go to every point
   assert proc.returncode == 0, proc.stderr
   listed = [l.split('] ', 1)[1].split(' (')[0] for l in proc.stdout.splitlines() if l.startswith('[')]
   assert listed == names
   command = shlex.split(proc.stdout.splitlines()[1])
   assert command[:2] == ['mlm-flax', 'train'] and f'--workdir={tmp_path / "root" / names[0]}' in command
   assert '--config.num_train_steps=5' in command and '--config.seed=0' in command
+  assert command[-2:] == ['--init', 'a model']
   assert not os.path.exists(tmp_path / 'root')  # a dry run writes nothing
 
   grid_file = tmp_path / 'grid.py'
@@ -172,6 +174,7 @@ def test_compare_table_seeds_csv_and_plot(swept, tmp_path):
   assert proc.returncode == 0, proc.stderr
   table, summary = proc.stdout.split('Mean ± std over seeds:')
   assert table.count('| tiny-optimizer.learning_rate=') == 2 and '| seed1 | 0.003 | 1 | 2 |' in table
+  assert '| 0.2 | 0.2 |' in table  # seed1's planted final and best masked accuracy
   assert '| run | optimizer.learning_rate | seed | step | final_loss |' in table
   accs = [_eval_rows(b)[-1]['masked_accuracy'], 0.2, 0.4]  # b (seed 0) and its two planted seeds; sample std
   row = next(l for l in summary.splitlines() if l.startswith('| 0.003 | 3 |'))
@@ -279,7 +282,7 @@ def test_a_killed_sweep_resumes(tmp_path):
   run; compare prints the table (and the mean ± std over seeds) and writes the plot."""
   root = str(tmp_path / 'root')
   longer = {'num_train_steps': 30, 'log_every_steps': 5, 'eval_every_steps': 10, 'checkpoint_every_steps': 2}
-  overrides = [o for o in OVERRIDES if o[len('--config.'):].split('=')[0] not in longer]
+  overrides = [o for o in OVERRIDES if o[len('--config.'):].split('=')[0] not in (*longer, 'batch_size')]
   args = ['sweep', f'--config={TINY}', '--sweep=optimizer.learning_rate=1e-3,3e-3', '--sweep=batch_size=8,16',
           '--seeds=2', f'--workdir={root}', *overrides, *(f'--config.{k}={v}' for k, v in longer.items()),
           f'--config.data.cache_dir={tmp_path / "cache"}']
