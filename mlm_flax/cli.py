@@ -17,14 +17,13 @@ import json
 import os
 import re
 import sys
-from typing import Any
 
 from absl import app, flags, logging
 import ml_collections
 from ml_collections import config_flags
 
 from mlm_flax import configs
-from mlm_flax.sweep import default_workdir  # pylint: disable=unused-import  (train's default --workdir)
+from mlm_flax.sweep import default_workdir  # train's default --workdir (the sweep names its points with it)
 
 COMMANDS = ('train', 'eval', 'fill-mask', 'export', 'import', 'plot', 'sweep', 'compare')
 SWEEP_FLAGS = ('config', 'workdir', 'sweep', 'seeds', 'command', 'dry_run', 'emit')  # the others pass to the points
