@@ -212,11 +212,12 @@ def emit(sweep: Sweep, root: str, kind: str) -> list[str]:
              f'#SBATCH --array=0-{len(commands) - 1}', f'#SBATCH --output={shlex.quote(root)}/slurm-%A_%a.out',
              '#SBATCH --signal=B:TERM@120  # SIGTERM 2 minutes before the time limit: the point saves a checkpoint',
              '# Add your cluster\'s options (partition, GPUs, time) above or on the sbatch command line.',
-             f'# One array index per point of {root}/sweep.json (index i = line i+1 of commands.txt). Resubmitting',
-             '# resumes: an interrupted point continues from its checkpoint; a finished one evaluates and exits.',
+             '# One array index per point of sweep.json (index i = line i+1 of commands.txt). Resubmitting resumes:',
+             '# an interrupted point continues from its checkpoint; a finished one evaluates and exits.',
              'set -euo pipefail', f'cd {shlex.quote(os.getcwd())}', 'COMMANDS=(']
     lines += [f'  {shlex.quote(c)}' for c in commands]
-    lines += [')', 'echo "${COMMANDS[$SLURM_ARRAY_TASK_ID]}"', 'exec bash -c "${COMMANDS[$SLURM_ARRAY_TASK_ID]}"']
+    lines += [')', 'echo "${COMMANDS[$SLURM_ARRAY_TASK_ID]}"',
+              'eval "exec ${COMMANDS[$SLURM_ARRAY_TASK_ID]}"  # the point replaces this shell: it gets the SIGTERM']
     with open(paths[1], 'w') as f:
       f.write('\n'.join(lines) + '\n')
   return paths
