@@ -1,6 +1,7 @@
 """Sweeps (`mlm-flax sweep`), `mlm-flax compare`, TensorBoard HParams, W&B's missing-package error and warm
 starts (`init_from`)."""
 
+import contextlib
 import csv
 import json
 import os
@@ -237,25 +238,30 @@ def _params(workdir, step=None):
 
 
 def test_init_from_starts_from_the_params_with_a_fresh_optimizer(swept, tmp_path):
-  """init_from=WORKDIR:STEP: step 1 of a run at learning rate 0 still has the source's params and tokenizer,
-  and a fresh optimizer (Adam count 1, not the source's 2); mismatching shapes and steps are refused."""
+  """init_from=WORKDIR:STEP: the run starts at step 0 from the source's params and tokenizer with a fresh
+  optimizer (train's own set-up, no step compiled); once the run has a checkpoint, resuming takes that one.
+  Mismatching shapes and a missing step are refused."""
   source = os.path.join(swept[0], 'tiny-optimizer.learning_rate=3e-3')
   config = ml_collections.ConfigDict(json.loads(_read(os.path.join(source, 'config.json'))))
   config.init_from = f'{source}:2'
-  config.num_train_steps, config.checkpoint_every_steps = 1, 1
-  config.optimizer.learning_rate = 0.0
   workdir = str(tmp_path / 'warm')
-  train.train_and_evaluate(config, workdir)
-  got, want = _params(workdir), _params(source, 2)
-  jax.tree.map(np.testing.assert_array_equal, got, want)
-  assert _read(os.path.join(workdir, 'tokenizer', 'tokenizer.json')) == _read(
-      os.path.join(source, 'tokenizer', 'tokenizer.json'))
-  ckpt = checkpoint.Checkpointer(workdir, create=False, async_save=False)
-  opt = ckpt.manager.restore(1, args=checkpoint.ocp.args.Composite(opt_state=checkpoint.ocp.args.StandardRestore()))
-  ckpt.close()
-  counts = [int(x) for p, x in jax.tree_util.tree_leaves_with_path(opt.opt_state) if 'count' in str(p)]
-  assert counts and set(counts) == {1}
-  assert json.loads(_read(os.path.join(workdir, 'config.json')))['init_from'] == f'{source}:2'
+  with contextlib.ExitStack() as on_exit:
+    run = train._set_up(config, workdir, on_exit)
+    state = run.state
+    assert int(state.step) == 0
+    jax.tree.map(np.testing.assert_array_equal, state.params, _params(source, 2))
+    fresh = train.make_optimizer(config.optimizer, config.num_train_steps).init(state.params)
+    jax.tree.map(np.testing.assert_array_equal, state.opt_state, fresh)  # Adam count 0, moments 0
+    assert _read(os.path.join(workdir, 'tokenizer', 'tokenizer.json')) == _read(
+        os.path.join(source, 'tokenizer', 'tokenizer.json'))
+    assert json.loads(_read(os.path.join(workdir, 'config.json')))['init_from'] == f'{source}:2'
+    own = state.replace(step=state.step + 1, params=jax.tree.map(lambda p: p + 1, state.params))
+    run.ckpt.save(1, own, {'step': 1, 'data_position': None})
+    run.writer.close()
+  with contextlib.ExitStack() as on_exit:
+    resumed = train._set_up(config, workdir, on_exit).state
+  assert int(resumed.step) == 1
+  jax.tree.map(np.testing.assert_array_equal, resumed.params, own.params)
 
   target = inference.abstract_params(make_model(config.model))
   with pytest.raises(ValueError, match='no checkpoint of step 5'):
