@@ -196,8 +196,8 @@ def warm_start_params(config: ml_collections.ConfigDict, target: Any) -> Any:
                          for p, x in jax.tree_util.tree_leaves_with_path(tree)}
   theirs = shapes(inference.abstract_params(make_model(ml_collections.ConfigDict(src_model))))
   ours = shapes(target)
-  bad = [f'{k}: {theirs.get(k, "absent")} there, {ours.get(k, "absent")} here' for k in sorted(set(theirs) | set(ours))
-         if theirs.get(k) != ours.get(k)]
+  bad = [f'{k}: {theirs.get(k, "absent")} there, {ours.get(k, "absent")} here'
+         for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
   if bad:
     keys = [f'model.{k}: {v!r} there, {config.model.get(k)!r} here' for k, v in src_model.items()
             if k not in validation.IMPORT_FROM_CONFIG and k in config.model and config.model[k] != v]
@@ -417,6 +417,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
       bar.write(f"step {step}: eval loss {result['loss']:.4f} masked_accuracy "
                 f"{result['masked_accuracy']:.4f} (unigram baseline {result['unigram_baseline_accuracy']:.4f})")
       last_time = time.time()  # eval time is not training throughput
+      if step == config.num_train_steps:  # before the last checkpoint: a finished run always has its HParams
+        run.writer.write_hparams(config.to_dict(), result)
     stop = preempt.should_stop(step) and step < config.num_train_steps
     if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps or stop:
       if pending:
@@ -434,9 +436,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
   bar.close()
   if result is None:  # nothing left to train: report, but do not log the same eval twice
     result = run_eval(run.start_step, log=False)
+    run.writer.write_hparams(config.to_dict(), result)
   ckpt.wait()
   ckpt.close()
-  run.writer.write_hparams(config.to_dict(), result)
   run.writer.close()
   if config.fill_mask_examples and jax.process_index() == 0:
     _show_fill_mask(run, state.params)

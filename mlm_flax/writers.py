@@ -78,8 +78,8 @@ def _start_wandb(workdir: str, config: dict, project: str | None):
   """A W&B run for `workdir`; its id comes from the workdir's path, so a resumed run continues the same W&B run."""
   try:
     import wandb  # pylint: disable=g-import-not-at-top  (optional: the `wandb` extra)
-  except ImportError as e:
-    raise ValueError(validation.WANDB_MISSING) from e
+  except ImportError as e:  # not installed, or an install missing a dependency
+    raise ValueError(f'{validation.WANDB_MISSING} (import wandb: {e})') from e
   run_id = hashlib.sha256(os.path.abspath(workdir).encode()).hexdigest()[:16]
   return wandb.init(project=project, name=os.path.basename(os.path.normpath(workdir)), id=run_id, resume='allow',
                     dir=workdir, config=validation.flatten(config))
