@@ -35,6 +35,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.max_eval_batches = 0  # 0: the whole validation split
   c.fill_mask_examples = 3  # held-out sentences shown at the end of `train`
   c.progress_bar = True
+  # Warm start: 'WORKDIR' or 'WORKDIR:STEP' (default: its latest checkpoint). A new run starts from that run's
+  # params (the same model shapes; its tokenizer too, unless data.tokenizer is set) with a fresh optimizer at
+  # step 0. Recorded in config.json; once this run has a checkpoint of its own, resuming starts from that.
+  c.init_from = ml_collections.FieldReference(None, field_type=str)
+
+  c.logging = ml_collections.ConfigDict()
+  # Also log metrics, config and final results to Weights & Biases (`pip install -e ".[wandb]"`; the run's
+  # files go to WORKDIR/wandb; WANDB_MODE=offline works without a network, `wandb sync` uploads later).
+  c.logging.wandb = False
+  c.logging.wandb_project = 'mlm_flax'
 
   # Every model key, its default and what it does: `mlm_flax/models/config.py` (`ModelConfig`). Keys whose default
   # is None are FieldReferences typed by `OPTIONAL_TYPES`, so `--config.model.KEY=VALUE` can set them.

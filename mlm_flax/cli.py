@@ -8,24 +8,27 @@
   mlm-flax import --hf HF_DIR --workdir DIR
   mlm-flax finetune --init MODEL --workdir DIR [--config configs/finetune.py] [--config.KEY=VALUE ...]
   mlm-flax plot --workdir DIR[,DIR2,...] [--out PNG]
+  mlm-flax sweep [--config FILE] --sweep KEY=V1,V2 [--sweep FILE.py[:get_sweep]] [--seeds N] [--workdir ROOT]
+      [--command train|finetune] [--dry_run] [--emit slurm|commands] [--config.KEY=VALUE ...] [-- ARGS ...]
+  mlm-flax compare DIR ... [--csv FILE] [--plot PNG]
 """
 
 import difflib
-import hashlib
 import importlib.util
 import json
 import os
 import re
 import sys
-from typing import Any
 
 from absl import app, flags, logging
 import ml_collections
 from ml_collections import config_flags
 
 from mlm_flax import configs
+from mlm_flax.sweep import default_workdir  # train's default --workdir (the sweep names its points with it)
 
-COMMANDS = ('train', 'eval', 'fill-mask', 'classify', 'export', 'import', 'plot', 'finetune')
+COMMANDS = ('train', 'eval', 'fill-mask', 'classify', 'export', 'import', 'plot', 'finetune', 'sweep', 'compare')
+SWEEP_FLAGS = ('config', 'workdir', 'sweep', 'seeds', 'command', 'dry_run', 'emit')  # the others pass to the points
 DEFAULT_CONFIG = os.path.join(list(configs.__path__)[0], 'tiny.py')  # installed with the package
 FINETUNE_CONFIG = os.path.join(list(configs.__path__)[0], 'finetune.py')  # `finetune`'s default
 
@@ -55,21 +58,14 @@ def define_flags(argv: list[str] = ()) -> None:
   flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host).')
   flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host).')
   flags.DEFINE_integer('process_id', None, 'This process (multi-host).')
-
-
-def default_workdir(config_file: str, overrides: dict[str, Any]) -> str:
-  """`workdirs/<config name>`, plus a suffix naming the `--config.KEY=VALUE` overrides, so runs with other
-  overrides get other folders: sorted (any order gives the same folder), filesystem-safe, and a readable
-  prefix plus a hash of the whole when long or when characters had to be replaced, e.g.
-  `workdirs/tiny-batch_size=32+optimizer.learning_rate=0.0003`."""
-  name = os.path.splitext(os.path.basename(config_file.split(':')[0]))[0]
-  if not overrides:
-    return os.path.join('workdirs', name)
-  raw = '+'.join(f'{k}={v}' for k, v in sorted(overrides.items()))  # no ',': `plot --workdir a,b`
-  suffix = re.sub(r'[^A-Za-z0-9._=+-]', '_', raw)
-  if suffix != raw or len(suffix) > 80:  # replaced characters or cut: a hash keeps the names distinct
-    suffix = f'{suffix[:60]}-{hashlib.sha256(raw.encode()).hexdigest()[:10]}'
-  return os.path.join('workdirs', f'{name}-{suffix}')
+  flags.DEFINE_multi_string('sweep', [], 'KEY=V1,V2,... or FILE.py[:get_sweep] (sweep; the points: their product).')
+  flags.DEFINE_integer('seeds', None, 'Run every point with seed=0..N-1 (sweep).')
+  flags.DEFINE_enum('command', 'train', ['train', 'finetune'], 'What each point runs (sweep).')
+  flags.DEFINE_bool('dry_run', False, 'List the points and their commands; run nothing (sweep).')
+  flags.DEFINE_enum('emit', None, ['slurm', 'commands'], 'Write ROOT/commands.txt (and ROOT/sweep.sbatch, an '
+                    'array job) instead of running the points (sweep).')
+  flags.DEFINE_string('csv', None, 'CSV file of the compared runs (compare).')
+  flags.DEFINE_string('plot', None, 'PNG of all runs\' eval curves on one figure (compare).')
 
 
 def _run(command: str, args: list[str]) -> None:
@@ -83,6 +79,17 @@ def _run(command: str, args: list[str]) -> None:
       raise ValueError('usage: mlm-flax plot --workdir DIR[,DIR2,...] [--out PNG]')
     print(json.dumps({'plot': plot.plot_runs(FLAGS.workdir.split(','), FLAGS.out)}))
     return
+  if command == 'compare':  # no JAX needed
+    from mlm_flax import compare  # pylint: disable=g-import-not-at-top
+    if not args:
+      raise ValueError('usage: mlm-flax compare DIR ... [--csv FILE] [--plot PNG] (workdirs or sweep roots)')
+    print(compare.compare(args, FLAGS.csv, FLAGS.plot))
+    for what, path in (('CSV', FLAGS.csv), ('plot', FLAGS.plot)):
+      if path:
+        print(f'Wrote the {what} to {path}', file=sys.stderr)
+    return
+  if command == 'sweep':  # no JAX needed: each point runs in its own process
+    sys.exit(_sweep(args))
   if command == 'train':  # a bad config fails in a second, before the heavy imports and any data work
     import jax  # pylint: disable=g-import-not-at-top
     from mlm_flax import parallel, validation  # pylint: disable=g-import-not-at-top
@@ -137,6 +144,24 @@ def _run(command: str, args: list[str]) -> None:
     print(json.dumps(hf.import_to_workdir(FLAGS.hf, FLAGS.workdir)))
 
 
+def _sweep(args: list[str]) -> int:
+  from mlm_flax import sweep  # pylint: disable=g-import-not-at-top
+  spec = _config_spec(sys.argv)
+  if spec is None and FLAGS.command != 'train':
+    raise ValueError(f'sweep --command {FLAGS.command} needs --config FILE (the config the points share).')
+  spec = spec or DEFAULT_CONFIG
+  points = sweep.grid(FLAGS.sweep, FLAGS.seeds) if FLAGS.sweep or FLAGS.seeds else []
+  for key in sorted({k for p in points for k in p}):
+    _check_key(FLAGS.config, key, 'swept')
+  home = FLAGS.find_module_defining_flag('workdir')  # this module, under whatever name it runs
+  ours = {n for n in FLAGS if FLAGS.find_module_defining_flag(n) == home}
+  passed = [FLAGS[n].serialize() for n in sorted(ours) if FLAGS[n].present and n not in SWEEP_FLAGS]
+  overrides = [a for a in sys.argv if a.startswith('--config.')]
+  plan = sweep.make_sweep(FLAGS.command, spec, FLAGS.sweep, FLAGS.seeds, overrides, passed + args)
+  root = FLAGS.workdir or default_workdir(spec, {}) + '-sweep'
+  return sweep.run(plan, root, dry_run=FLAGS.dry_run, emit_kind=FLAGS.emit)
+
+
 def main(argv: list[str]) -> None:
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
   if len(argv) < 2 or argv[1] not in COMMANDS:
@@ -166,27 +191,39 @@ def _load_config_file(spec: str) -> ml_collections.ConfigDict:
                      f'configs/default.py for every key).{" " + hint.group(0) if hint else ""}') from None
 
 
-def check_overrides(argv: list[str]) -> None:
-  """Fails fast on `--config.KEY=...` naming no key, listing the valid keys at that level."""
+def _config_spec(argv: list[str]) -> str | None:
+  """The `--config` value on the command line (FILE or FILE:ARG); None when not given."""
   spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
   if spec is None and '--config' in argv[:-1]:
     spec = argv[argv.index('--config') + 1]
+  return spec
+
+
+def _check_key(config: ml_collections.ConfigDict, key: str, what: str = 'unknown') -> None:
+  """Raises ValueError when `key` (dotted) is not in `config`, listing the valid keys at that level."""
+  node, done = config, []
+  for part in key.split('.'):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      where = '.'.join(['config'] + done)
+      valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      close = difflib.get_close_matches(part, valid, n=1)
+      hint = f' Did you mean {close[0]!r}?' if close else ''
+      name = f'--config.{key}' if what == 'unknown' else key
+      raise ValueError(f'{what} config key {name}: {where} has no {part!r}.{hint} '
+                       f'Valid keys of {where}: {", ".join(valid)}')
+    node = node[part]
+    done.append(part)
+
+
+def check_overrides(argv: list[str]) -> None:
+  """Fails fast on `--config.KEY=...` naming no key, listing the valid keys at that level."""
+  spec = _config_spec(argv)
   overrides = [a[len('--config.'):].split('=', 1)[0] for a in argv if a.startswith('--config.')]
   if not overrides and spec is None:
     return
   config = _load_config_file(spec or _default_config(argv))  # a bad config file fails here, in one line
   for key in overrides:
-    node, done = config, []
-    for part in key.split('.'):
-      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-        where = '.'.join(['config'] + done)
-        valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-        close = difflib.get_close_matches(part, valid, n=1)
-        hint = f' Did you mean {close[0]!r}?' if close else ''
-        raise ValueError(f'unknown config key --config.{key}: {where} has no {part!r}.{hint} '
-                         f'Valid keys of {where}: {", ".join(valid)}')
-      node = node[part]
-      done.append(part)
+    _check_key(config, key)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

@@ -5,6 +5,7 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 import time
 from typing import Any, Callable
 
@@ -176,6 +177,56 @@ def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     os.replace(path + '.tmp', path)
 
 
+def _copy_tokenizer(init_from: str, workdir: str) -> None:
+  """Copies the `init_from` run's tokenizer into `workdir` (process 0), where `get_tokenizer` finds it."""
+  src = os.path.join(validation.parse_init_from(init_from)[0], 'tokenizer')
+  dst = os.path.join(workdir, 'tokenizer')
+  if jax.process_index() == 0 and os.path.isdir(src) and not os.path.isdir(dst):
+    shutil.copytree(src, dst + '.tmp', dirs_exist_ok=True)
+    os.replace(dst + '.tmp', dst)
+
+
+def warm_start_params(config: ml_collections.ConfigDict, target: Any) -> Any:
+  """The params of `config.init_from` ('WORKDIR' or 'WORKDIR:STEP': that checkpoint, else the latest; a workdir
+  made by `mlm-flax import` gives its imported weights), shaped and sharded like `target`. Refuses, naming
+  the first params and the model keys that differ, a checkpoint whose shapes do not fit this model."""
+  src, step = validation.parse_init_from(config.init_from)
+  where = f'--config.init_from={config.init_from}'
+  if not os.path.isfile(os.path.join(src, 'config.json')):
+    raise ValueError(f'{where}: {src} is not a workdir (no config.json); pass the --workdir of a finished '
+                     '`mlm-flax train` run, optionally as WORKDIR:STEP.')
+  with open(os.path.join(src, 'config.json')) as f:
+    src_model = json.load(f)['model']
+  shapes = lambda tree: {jax.tree_util.keystr(p): tuple(x.shape)
+                         for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+  theirs = shapes(inference.abstract_params(make_model(ml_collections.ConfigDict(src_model))))
+  ours = shapes(target)
+  bad = [f'{k}: {theirs.get(k, "absent")} there, {ours.get(k, "absent")} here'
+         for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
+  if bad:
+    keys = [f'model.{k}: {v!r} there, {config.model.get(k)!r} here' for k, v in src_model.items()
+            if k not in validation.IMPORT_FROM_CONFIG and k in config.model and config.model[k] != v]
+    raise ValueError(f'{where}: its params do not fit this model ({"; ".join(bad[:3])}'
+                     f'{"; ..." if len(bad) > 3 else ""}); model keys that differ: '
+                     f'{", ".join(keys) or "none (another vocabulary?)"}. Use the model settings of {src}/config.json.')
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
+  ckpt = checkpoint.Checkpointer(src, create=False, async_save=False)
+  try:
+    steps = ckpt.manager.all_steps()
+    if not steps and ckpt.has_imported() and step is None:
+      params = ckpt.restore_imported(target)
+      print(f'Starting from the weights imported into {src} ({where}; fresh optimizer, step 0).', flush=True)
+      return params
+    if step is not None and step not in steps:
+      raise ValueError(f'{where}: {src} has no checkpoint of step {step} (it has: {sorted(steps) or "none"}); '
+                       'pick one of those, or drop :STEP for the latest.')
+    params, meta = ckpt.restore_params(abstract, step)
+  finally:
+    ckpt.close()
+  print(f'Starting from the params of {src} at step {meta["step"]} ({where}; fresh optimizer, step 0).', flush=True)
+  return params
+
+
 def _pending_to_meta(pending: list[dict]) -> dict:
   """Metrics of the steps since the last log, so a resumed run logs exactly what an uninterrupted one does."""
   rows = parallel.fetch(pending)
@@ -244,6 +295,8 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str, on_exit: contextlib
   if ckpt.latest_step() is None and ckpt.has_imported() and jax.process_index() == 0:
     print(f'Starting from the weights imported into {workdir} (model architecture from the import; '
           f'{", ".join(validation.IMPORT_FROM_CONFIG)} from this config).')
+  if config.init_from and ckpt.latest_step() is None and not config.data.tokenizer:
+    _copy_tokenizer(config.init_from, workdir)  # the warm start's vocabulary, not one trained anew
   splits = data.load_text_splits(config.data, config.seed)
   tok = tokenizer.get_tokenizer(config.data, lambda: data.tokenizer_texts(splits['train']), workdir,
                                 data.fingerprint(splits['train'], config.data), data.cache_dir(config.data))
@@ -268,6 +321,9 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str, on_exit: contextlib
     state, meta = ckpt.restore(state)
     pending = _pending_from_meta(meta)
     print(f'Resumed from {ckpt.directory} at step {int(state.step)}.')
+  elif config.init_from:
+    params = warm_start_params(config, state.params)
+    state = state.replace(params=params, opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(params))
   elif ckpt.has_imported():
     params = ckpt.restore_imported(state.params)
     state = state.replace(params=params, opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(params))
@@ -282,7 +338,7 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str, on_exit: contextlib
   baseline = int(counts.argmax())  # the unigram baseline predicts the most frequent training token
   evaluator = evaluate.Evaluator(model, *make_mask_fn(config, tok, 'eval'), mesh, config.seed,
                                  baseline_token=baseline)
-  writer = writers.MetricWriter(workdir, resume_step=start_step)
+  writer = writers.MetricWriter(workdir, resume_step=start_step, config=config.to_dict())
 
   batches = data.train_iterator(config, splits['train'] if train_rows is None else train_rows, tok, mesh,
                                 start_step, meta.get('data_position'),  # prepared on a background thread
@@ -372,6 +428,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
       bar.write(f"step {step}: eval loss {result['loss']:.4f} masked_accuracy "
                 f"{result['masked_accuracy']:.4f} (unigram baseline {result['unigram_baseline_accuracy']:.4f})")
       last_time = time.time()  # eval time is not training throughput
+      if step == config.num_train_steps:  # before the last checkpoint: a finished run always has its HParams
+        run.writer.write_hparams(config.to_dict(), result)
     stop = preempt.should_stop(step) and step < config.num_train_steps
     if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps or stop:
       if pending:
@@ -389,6 +447,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
   bar.close()
   if result is None:  # nothing left to train: report, but do not log the same eval twice
     result = run_eval(run.start_step, log=False)
+    run.writer.write_hparams(config.to_dict(), result)
   ckpt.wait()
   ckpt.close()
   run.writer.close()

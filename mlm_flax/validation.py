@@ -8,6 +8,7 @@ size) live in `train.resolve_config`, which runs right after the tokenizer is lo
 """
 
 import difflib
+import importlib.util
 import json
 import math
 import os
@@ -46,8 +47,8 @@ COMPUTE_ONLY = ('dtype', 'attention', 'remat', 'vocab_multiple')
 # other sharding), and what a non-finite step does (the applied steps are the same).
 FREE_TO_CHANGE = ('log_every_steps', 'progress_bar', 'fill_mask_examples', 'eval_every_steps', 'eval_batch_size',
                   'max_eval_batches', 'checkpoint_every_steps', 'max_checkpoints_to_keep', 'fsdp',
-                  'optimizer.nonfinite', 'data.prefetch', 'data.num_proc', 'data.cache_dir',
-                  *(f'model.{k}' for k in COMPUTE_ONLY))
+                  'optimizer.nonfinite', 'data.prefetch', 'data.num_proc', 'data.cache_dir', 'logging.wandb',
+                  'logging.wandb_project', *(f'model.{k}' for k in COMPUTE_ONLY))
 # Model keys that do not change the params' shapes or meaning: a run on imported weights takes them from
 # its config; every other model key (the architecture) comes from the import.
 IMPORT_FROM_CONFIG = (*COMPUTE_ONLY, 'hidden_dropout', 'attention_dropout')
@@ -58,6 +59,8 @@ POSITIVE = ('num_train_steps', 'batch_size', 'eval_batch_size', 'max_seq_length'
             'model.hidden_size', 'model.num_heads', 'model.intermediate_size',
             'model.max_position_embeddings', 'model.vocab_multiple', 'data.tokenizer_vocab_size', 'data.num_proc', 'fsdp',
             'grad_accum_steps')
+WANDB_MISSING = ('--config.logging.wandb=True needs Weights & Biases, which is not installed: pip install -e '
+                 '".[wandb]" (or pip install wandb), or set --config.logging.wandb=False.')
 FRACTIONS = ('masking.rate', 'masking.eval_rate', 'masking.final_rate', 'masking.mask_prob', 'masking.random_prob',
              'data.validation_fraction')  # in [0, 1]; rates in (0, 1]
 
@@ -156,6 +159,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, num_pro
     raise ValueError(f'batch_size={config.batch_size} must split into grad_accum_steps={accum} micro-batches '
                      f'of a multiple of the {num_devices} devices; use a batch_size that is a multiple of '
                      f'{accum * num_devices}, or fewer grad_accum_steps.')
+  if config.get('logging') is not None and config.logging.get('wandb'):
+    if importlib.util.find_spec('wandb') is None:
+      raise ValueError(WANDB_MISSING)
+  if config.get('init_from') is not None:
+    parse_init_from(config.init_from)
   for key in ('batch_size', 'eval_batch_size'):
     size = config[key]
     if size % num_devices or size % num_processes:
@@ -171,12 +179,22 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, num_pro
                        f'{num_processes} processes); use multiples of {multiple}.')
 
 
-def _flatten(tree: dict, prefix: str = '') -> dict:
-  """{'model.hidden_size': 256, ...} from nested dicts."""
+def parse_init_from(spec: str) -> tuple[str, int | None]:
+  """`init_from` 'WORKDIR' or 'WORKDIR:STEP' -> (workdir, step or None for its latest checkpoint)."""
+  workdir, _, step = spec.rpartition(':')
+  if not (workdir and step.isdigit()):
+    workdir, step = spec, None
+  if not workdir:
+    raise ValueError(f'--config.init_from={spec!r} names no workdir; use WORKDIR or WORKDIR:STEP.')
+  return workdir, None if step is None else int(step)
+
+
+def flatten(tree: dict, prefix: str = '') -> dict:
+  """{'model.hidden_size': 256, ...} from nested dicts (a config's `to_dict()` or a config.json)."""
   flat = {}
   for key, value in tree.items():
     if isinstance(value, dict):
-      flat.update(_flatten(value, f'{prefix}{key}.'))
+      flat.update(flatten(value, f'{prefix}{key}.'))
     else:
       flat[f'{prefix}{key}'] = value
   return flat
@@ -197,8 +215,8 @@ def config_changes(old: dict, new: dict) -> dict:
   from before a switch existed had its own value), and are reported as written.
   """
   new = json.loads(json.dumps(new))  # JSON: tuples as lists, like config.json
-  old_raw, new_raw = _flatten(old), _flatten(new)
-  old, new = _flatten(_with_resolved_switches(old)), _flatten(_with_resolved_switches(new))
+  old_raw, new_raw = flatten(old), flatten(new)
+  old, new = flatten(_with_resolved_switches(old)), flatten(_with_resolved_switches(new))
   return {k: (old_raw.get(k, old[k]), new_raw.get(k, v)) for k, v in new.items()
           if k in old and old[k] != v and k not in FREE_TO_CHANGE and not (v is None and k in FROM_TOKENIZER)}
 
@@ -220,7 +238,7 @@ def check_config_change(old: dict, new: dict, workdir: str) -> str | None:
                      f'({keep}).')
   if steps is None:
     return None
-  opt = _flatten(new)
+  opt = flatten(new)
   decay = ('constant' if opt['optimizer.schedule'] == 'constant' else
            f"{opt['optimizer.schedule']} decay to {opt['optimizer.end_learning_rate_factor']} x learning_rate")
   return (f'warning: num_train_steps changed from {steps[0]} to {steps[1]}. The learning-rate schedule '

@@ -6,8 +6,8 @@
    (debian_text.py), split by whole document (chapter / book / source file), validation texts that also
    occur in training dropped; written as JSON lines under ROOT/data/.
 2. One WordPiece tokenizer on the union of both training sets (ROOT/tokenizer), given to every run.
-3. Runs of `--steps` steps each: `general`; `adapted` (the general run's half-way checkpoint, then the second
-   half on domain text with a fresh optimizer); `domain_only`. Workdirs ROOT/<run>; a rerun resumes.
+3. Runs of `--steps` steps each: `general`; `adapted` (`init_from` the general run's half-way checkpoint: the
+   second half on domain text with a fresh optimizer); `domain_only`. Workdirs ROOT/<run>; a rerun resumes.
 4. Each final model evaluated on both validation sets; results.json, learning_curves.png and fill-mask
    examples on held-out domain sentences written next to this file.
 """
@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import random
-import shutil
 import sys
 import time
 
@@ -27,9 +26,8 @@ import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-positi
 
 import config as experiment_config  # pylint: disable=wrong-import-position
 import debian_text  # pylint: disable=wrong-import-position
-from mlm_flax import checkpoint, evaluate, inference, plot, train  # pylint: disable=wrong-import-position
+from mlm_flax import evaluate, inference, plot, train  # pylint: disable=wrong-import-position
 from mlm_flax.data import corpora, tokenizer  # pylint: disable=wrong-import-position
-from mlm_flax.models import make_model  # pylint: disable=wrong-import-position
 
 GENERAL, DOMAIN = ('austen', 'bible'), ('python_docs',)
 VALIDATION_FRACTION = 0.03
@@ -100,21 +98,6 @@ def shared_tokenizer(root: str, paths: dict, vocab_size: int) -> str:
   return path
 
 
-def start_from_checkpoint(src: str, step: int, dst: str) -> None:
-  """Starts workdir `dst` from `src`'s params at `step` with a fresh optimizer (as `mlm-flax import`)."""
-  if os.path.isfile(os.path.join(dst, 'config.json')):
-    return
-  shutil.rmtree(dst, ignore_errors=True)  # an interrupted start
-  with open(os.path.join(src, 'config.json')) as f:
-    model = make_model(ml_collections.ConfigDict(json.load(f)['model']))
-  ckpt = checkpoint.Checkpointer(src, create=False, async_save=False)
-  params, _ = ckpt.restore_params(inference.abstract_params(model), step)
-  ckpt.close()
-  shutil.copytree(os.path.join(src, 'tokenizer'), os.path.join(dst, 'tokenizer'))
-  checkpoint.Checkpointer(dst).save_imported(params)
-  shutil.copy(os.path.join(src, 'config.json'), os.path.join(dst, 'config.json'))  # last: marks it done
-
-
 def run_config(base: ml_collections.ConfigDict, train_files: str, validation_files: str, tok: str,
                steps: int) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict(base.to_dict())
@@ -154,13 +137,13 @@ def main() -> None:
           'domain_only': (paths['domain']['train'], steps)}
   results = {}
   for name in args.runs.split(','):
-    if name == 'adapted':
-      start_from_checkpoint(workdirs['general'], half, workdirs['adapted'])
     print(f'=== {name} ===', flush=True)
     t = time.time()
     config = run_config(base, plan[name][0], domain_val, tok, plan[name][1])
-    if name == 'adapted' and args.adapt_lr:
-      config.optimizer.learning_rate = args.adapt_lr
+    if name == 'adapted':  # the general run's half-way params, a fresh optimizer (config key init_from)
+      config.init_from = f"{workdirs['general']}:{half}"
+      if args.adapt_lr:
+        config.optimizer.learning_rate = args.adapt_lr
     train.train_and_evaluate(config, workdirs[name])
     results[name] = {'steps': steps, 'tokens': steps * base.batch_size * base.max_seq_length,
                      'wall_seconds': round(time.time() - t, 1)}
