@@ -26,6 +26,7 @@ import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-positi
 
 import config as experiment_config  # pylint: disable=wrong-import-position
 import debian_text  # pylint: disable=wrong-import-position
+import downstream  # pylint: disable=wrong-import-position
 from mlm_flax import evaluate, inference, plot, train  # pylint: disable=wrong-import-position
 from mlm_flax.data import corpora, tokenizer  # pylint: disable=wrong-import-position
 
@@ -118,6 +119,10 @@ def main() -> None:
                       help="the adapted run's second-half peak learning rate (default: the config's)")
   parser.add_argument('--runs', default=','.join(RUNS), help='a subset to train (evaluation needs all three)')
   parser.add_argument('--results', default=HERE, help='folder for results.json and learning_curves.png')
+  parser.add_argument('--stages', default='pretrain,downstream',
+                      help='pretrain (the three runs, their evaluation and plot) and/or downstream (fine-tune each '
+                      'pretrained model on both downstream tasks: downstream.json and downstream.md)')
+  parser.add_argument('--seeds', type=int, default=3, help='fine-tuning seeds per model and task (downstream)')
   args = parser.parse_args()
 
   base = experiment_config.get_config()
@@ -130,8 +135,35 @@ def main() -> None:
   tok = shared_tokenizer(args.root, paths, base.data.tokenizer_vocab_size)
   print(f'Corpora and tokenizer ready in {time.time() - start:.0f}s.', flush=True)
 
-  domain_val, general_val = paths['domain']['validation'], paths['general']['validation']
   workdirs = {r: os.path.join(args.root, r) for r in RUNS}
+  if 'pretrain' in args.stages.split(','):
+    pretrain(args, base, paths, tok, workdirs, start)
+  if 'downstream' in args.stages.split(','):
+    run_downstream(args, workdirs)
+
+
+def run_downstream(args: argparse.Namespace, workdirs: dict[str, str]) -> None:
+  """Fine-tunes each pretrained model on the domain task and the general task (`downstream.py`) with
+  `--seeds` seeds; writes downstream.json (every results.json, the tasks' sizes and baselines) and downstream.md."""
+  start = time.time()
+  task_paths = downstream.build_tasks(args.root, os.path.expanduser(args.cache))
+  tasks = {name: downstream.describe(p) for name, p in task_paths.items()}
+  results = downstream.finetune_all(args.root, task_paths, workdirs, seeds=args.seeds)
+  table = downstream.table(results, {t: d['majority_baseline_test_accuracy'] for t, d in tasks.items()})
+  print(table, flush=True)
+  with open(os.path.join(args.results, 'downstream.json'), 'w') as f:
+    json.dump({'tasks': tasks, 'recipe': downstream.FINETUNE, 'seeds': args.seeds, 'results': results,
+               'wall_seconds': round(time.time() - start, 1)}, f, indent=2, ensure_ascii=False)
+  with open(os.path.join(args.results, 'downstream.md'), 'w') as f:
+    f.write(table + '\n')
+
+
+def pretrain(args: argparse.Namespace, base: ml_collections.ConfigDict, paths: dict, tok: str,
+             workdirs: dict[str, str], start: float) -> None:
+  """The three pretraining runs, each final model on both validation sets, the curves and fill-mask examples."""
+  steps = args.steps or base.num_train_steps
+  half = steps // 2
+  domain_val, general_val = paths['domain']['validation'], paths['general']['validation']
   plan = {'general': (paths['general']['train'], steps),
           'adapted': (replay_mix(args.root, paths, args.replay), steps - half),
           'domain_only': (paths['domain']['train'], steps)}
