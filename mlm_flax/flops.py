@@ -52,8 +52,11 @@ def config_flops_per_token(config) -> float:
   from mlm_flax import models  # pylint: disable=g-import-not-at-top
   m = models.ModelConfig.from_dict(config.model)
   terms = models.architecture(m.type).flops_terms(m, config.max_seq_length)
+  masking = config.masking  # the head runs on the prediction budget, set by the highest scheduled rate
+  scheduled = masking.get('rate_schedule', 'constant') != 'constant' and masking.get('final_rate') is not None
+  rate = max(masking.rate, masking.final_rate) if scheduled else masking.rate
   return train_flops_per_token(m.num_layers, m.hidden_size, m.intermediate_size, m.vocab_size,
-                               config.max_seq_length, config.masking.rate, **terms)
+                               config.max_seq_length, rate, **terms)
 
 
 def measure_matmul_peak(dtype: str = 'float32', n: int = 2048, repeats: int = 5) -> float:
