@@ -170,13 +170,6 @@ def evaluate(params: Any, rows: dict[str, np.ndarray], p_eval_step, config: ml_c
   return {'loss': loss, **result, 'num_examples': n}
 
 
-def _write_json(path: str, obj: Any) -> None:
-  if jax.process_index() == 0:
-    with open(path + '.tmp', 'w') as f:
-      json.dump(obj, f, indent=2)
-    os.replace(path + '.tmp', path)
-
-
 def finetune(config: ml_collections.ConfigDict, init: str | None, workdir: str) -> dict:
   """Fine-tunes `init` (default: config.init) on config's task in `workdir`, resuming what it holds; returns
   results.json's content, or `{"step", "preempted": true}` when stopped by SIGTERM/SIGINT (rerun to resume)."""
@@ -189,7 +182,7 @@ def finetune(config: ml_collections.ConfigDict, init: str | None, workdir: str) 
   os.makedirs(workdir, exist_ok=True)
   if config.seeds == 1:
     return _finetune_seed(config, workdir)
-  _write_json(os.path.join(workdir, 'config.json'), config.to_dict())
+  train.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
   runs = []
   for k in range(config.seeds):
     seed_config = ml_collections.ConfigDict({**config.to_dict(), 'seed': config.seed + k, 'seeds': 1})
@@ -198,7 +191,7 @@ def finetune(config: ml_collections.ConfigDict, init: str | None, workdir: str) 
       return result
     runs.append(result['per_seed'][0])
   results = aggregate(config.task.type, runs)
-  _write_json(os.path.join(workdir, 'results.json'), results)
+  train.write_json(os.path.join(workdir, 'results.json'), results)
   return results
 
 
@@ -263,8 +256,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preempt: preemption.Wa
       saved_names = json.load(f)['label_names']
   task_rows = task_data.load_task_data(config.data, task, tok, config.max_seq_length, saved_names)
   splits, names = task_rows.splits, task_rows.label_names
-  _write_json(os.path.join(workdir, 'config.json'), config.to_dict())
-  _write_json(labels_path, {'task': task, 'num_labels': task_rows.num_labels, 'label_names': names,
+  train.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
+  train.write_json(labels_path, {'task': task, 'num_labels': task_rows.num_labels, 'label_names': names,
                             'columns': task_rows.columns})
   if jax.process_index() == 0 and not os.path.isdir(os.path.join(workdir, 'tokenizer')):
     tokenizer_lib.save_atomic(tok, os.path.join(workdir, 'tokenizer'))
@@ -371,7 +364,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preempt: preemption.Wa
   results = {'task': task, 'metrics': results_metrics,
              'per_seed': [{'seed': config.seed, 'best_step': best_step, 'metrics': results_metrics}],
              'best_step': best_step}
-  _write_json(os.path.join(workdir, 'results.json'), results)
+  train.write_json(os.path.join(workdir, 'results.json'), results)
   return results
 
 

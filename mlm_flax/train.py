@@ -171,9 +171,15 @@ def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   old = validation.saved_config(workdir)
   if old is not None:
     validation.check_config_change(old, config.to_dict(), workdir)  # its warning was printed at start
+  write_json(path, config.to_dict())
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Writes `obj` as JSON to `path` from process 0, atomically (a temporary file renamed): a killed write
+  never leaves a half-written file."""
   if jax.process_index() == 0:
     with open(path + '.tmp', 'w') as f:
-      json.dump(config.to_dict(), f, indent=2)
+      json.dump(obj, f, indent=2)
     os.replace(path + '.tmp', path)
 
 
