@@ -2,8 +2,11 @@
 
 - `pydoc_chapter` (the domain): which chapter of the Python Library Reference a paragraph comes from
   ("Text Processing Services", "Data Types", ... as `library/index.rst` groups the module pages). The label
-  comes from the documentation's own table of contents, not from the text. Split by module page: every
-  paragraph of one module lands in one split, so the test asks about modules the classifier never saw.
+  comes from the documentation's own table of contents, not from the text. Split by paragraph (identical
+  paragraphs in one split): a chapter's modules appear in training, as topics do in news classification.
+  A split by module page (the test asking about modules never seen) was tried first:
+  TF-IDF + logistic regression reached 0.365 test accuracy on it, and every fine-tuned 2-layer encoder stayed at
+  the majority class (validation loss flat while training loss fell), so it could not tell the models apart.
 - `austen_novel` (general English): which of Jane Austen's six novels a paragraph comes from. Split by
   chapter, so test paragraphs come from chapters the classifier never saw.
 
@@ -96,7 +99,8 @@ def split_groups(rows: list[tuple[str, str, str]], seed: int = 0) -> dict[str, l
 
 
 def pydoc_chapter_rows(root: str) -> list[tuple[str, str, str]]:
-  """(module page, chapter title, paragraph) for every library page listed in a chapter with enough pages."""
+  """(paragraph, chapter title, paragraph) for every paragraph of a library page listed in a chapter with
+  enough pages: each paragraph its own group (identical ones share a group, so never straddle splits)."""
   sources = os.path.join(root, 'usr/share/doc/python3.11/html/_sources')
   chapter_of = library_chapters(sources)
   pages_per_chapter = collections.Counter(chapter_of.values())
@@ -105,7 +109,7 @@ def pydoc_chapter_rows(root: str) -> list[tuple[str, str, str]]:
     page = source.removeprefix('pydocs:')
     chapter = chapter_of.get(page)
     if chapter and pages_per_chapter[chapter] >= MIN_GROUPS and len(text.split()) >= MIN_WORDS:
-      rows.append((page, chapter, text))
+      rows.append((text, chapter, text))
   return rows
 
 
@@ -154,8 +158,9 @@ def describe(paths: dict[str, str]) -> dict:
 
 
 # Fine-tuning recipe for the experiment's small models (2 layers, hidden 256): small BERTs want a larger rate
-# than BERT-base's 2e-5 (Turc et al. 2019 sweep 1e-4..3e-4 for their small models).
-FINETUNE = {'num_epochs': 3, 'batch_size': 32, 'max_seq_length': 128, 'optimizer.learning_rate': 2e-4,
+# than BERT-base's 2e-5. 1e-3 from a one-seed probe on validation: the general model on `austen_novel` reached
+# 0.48 validation accuracy in 3 epochs (majority 0.22); 2e-4 left the first attempt near the majority class.
+FINETUNE = {'num_epochs': 3, 'batch_size': 32, 'max_seq_length': 128, 'optimizer.learning_rate': 1e-3,
             'optimizer.warmup_ratio': 0.1, 'optimizer.weight_decay': 0.01}
 METRICS = ('test_accuracy', 'test_macro_f1')
 
@@ -185,7 +190,22 @@ def finetune_all(root: str, task_paths: dict[str, dict[str, str]], models: dict[
   return out
 
 
-def table(results: dict, baselines: dict) -> str:
+def bag_of_words(paths: dict[str, str]) -> dict[str, float]:
+  """TF-IDF + logistic regression (scikit-learn) on the same splits: the no-pretraining reference row."""
+  from sklearn.feature_extraction.text import TfidfVectorizer  # pylint: disable=g-import-not-at-top
+  from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
+  from sklearn.metrics import accuracy_score, f1_score  # pylint: disable=g-import-not-at-top
+  rows = {s: [json.loads(line) for line in open(paths[s], encoding='utf-8')] for s in SPLITS}
+  vectorizer = TfidfVectorizer(sublinear_tf=True, min_df=2)
+  x = vectorizer.fit_transform([r['text'] for r in rows['train']])
+  classifier = LogisticRegression(C=10, max_iter=2000).fit(x, [r['label'] for r in rows['train']])
+  predicted = classifier.predict(vectorizer.transform([r['text'] for r in rows['test']]))
+  truth = [r['label'] for r in rows['test']]
+  return {'test_accuracy': float(accuracy_score(truth, predicted)),
+          'test_macro_f1': float(f1_score(truth, predicted, average='macro'))}
+
+
+def table(results: dict, baselines: dict, bow: dict | None = None) -> str:
   """Markdown: one row per (task, model), test accuracy and macro-F1 as mean ± std over seeds."""
   lines = ['| task | pretrained on | test accuracy | test macro-F1 | seeds |', '|---|---|---:|---:|---:|']
   for task, per_model in results.items():
@@ -193,5 +213,8 @@ def table(results: dict, baselines: dict) -> str:
       m = r['metrics']
       cells = [f'{m[k]:.3f} ± {m.get(k + "_std", 0.0):.3f}' for k in METRICS]
       lines.append(f'| `{task}` | `{name}` | {cells[0]} | {cells[1]} | {len(r["per_seed"])} |')
+    if bow:
+      lines.append(f'| `{task}` | (TF-IDF + logistic regression, no pretraining) | '
+                   f'{bow[task]["test_accuracy"]:.3f} | {bow[task]["test_macro_f1"]:.3f} | |')
     lines.append(f'| `{task}` | (majority class) | {baselines[task]:.3f} | | |')
   return '\n'.join(lines)

@@ -148,11 +148,14 @@ def run_downstream(args: argparse.Namespace, workdirs: dict[str, str]) -> None:
   start = time.time()
   task_paths = downstream.build_tasks(args.root, os.path.expanduser(args.cache))
   tasks = {name: downstream.describe(p) for name, p in task_paths.items()}
+  bow = {name: downstream.bag_of_words(p) for name, p in task_paths.items()}
+  print('TF-IDF + logistic regression:', json.dumps(bow), flush=True)
   results = downstream.finetune_all(args.root, task_paths, workdirs, seeds=args.seeds)
-  table = downstream.table(results, {t: d['majority_baseline_test_accuracy'] for t, d in tasks.items()})
+  table = downstream.table(results, {t: d['majority_baseline_test_accuracy'] for t, d in tasks.items()}, bow)
   print(table, flush=True)
   with open(os.path.join(args.results, 'downstream.json'), 'w') as f:
-    json.dump({'tasks': tasks, 'recipe': downstream.FINETUNE, 'seeds': args.seeds, 'results': results,
+    json.dump({'tasks': tasks, 'recipe': downstream.FINETUNE, 'seeds': args.seeds, 'bag_of_words': bow,
+               'results': results,
                'wall_seconds': round(time.time() - start, 1)}, f, indent=2, ensure_ascii=False)
   with open(os.path.join(args.results, 'downstream.md'), 'w') as f:
     f.write(table + '\n')

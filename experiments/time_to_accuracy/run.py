@@ -1,7 +1,8 @@
 """Time to accuracy on one CPU machine: the quick start against Hugging Face's PyTorch MLM recipe, one run.
 
   python experiments/time_to_accuracy/run.py [--budget_minutes 10] [--peer_lrs 1e-4,3e-4,1e-3]
-      [--arms ours,ours-15,ours-rate-schedule,ours-seq-warmup,ours-batch-warmup] [--root /tmp/time_to_accuracy]
+      [--arms ours,ours-15,ours-rate-schedule,ours-seq-warmup,ours-batch-warmup,ours-modern]
+      [--root /tmp/time_to_accuracy]
 
 Both sides: the built-in corpus (`builtin:stdlib_docs`), the quick start's WordPiece tokenizer (2,048; trained
 once by the first probe and given to every run, the peer included), batch 16 x 128 tokens, the same model size
@@ -16,8 +17,9 @@ bf16 autocast when the CPU has AVX512-BF16 or AMX. Its learning rate is tuned: e
 timing probe first sets `max_steps` so that the decay ends at the budget. The final run saves a checkpoint every
 `--peer_save_seconds` of training (saving time excluded from its clock).
 
-Ours: `configs/tiny.py` through `python -m mlm_flax.cli train`, one run per arm (`ARMS`), each with a timing probe
-that sets `num_train_steps` to end at the budget, evaluated every ~1/10 of its steps, SIGTERMed if its clock
+Ours: `configs/tiny.py` through `python -m mlm_flax.cli train`, one run per arm (`ARMS`; `ours-modern` runs
+`configs/tiny_modern.py` instead), each with a timing probe (one per config) that sets `num_train_steps` to end
+at the budget, evaluated every ~1/10 of its steps, SIGTERMed if its clock
 (evaluation time excluded) passes the budget: the approach of experiments/architectures/run.py, whose helpers
 are reused.
 
@@ -56,10 +58,13 @@ ARMS = {
     'ours-rate-schedule': {'masking.rate': 0.4, 'masking.rate_schedule': 'linear', 'masking.final_rate': 0.15},
     'ours-seq-warmup': {'seq_len_warmup': '32:{a},64:{b}'},  # 10% of the steps at 32 tokens, 10% at 64
     'ours-batch-warmup': {'batch_size_warmup': '4:{a},8:{b}'},  # 10% at 4 sequences, 10% at 8
+    'ours-modern': {},  # configs/tiny_modern.py (ARM_CONFIGS): ModernBERT-style, ~the same FLOPs per token
 }
+ARM_CONFIGS = {'ours-modern': os.path.join(REPO, 'configs', 'tiny_modern.py')}  # arms not on configs/tiny.py
 LABELS = {'ours': 'ours: quick start (40% masks)', 'ours-15': 'ours, 15% masks',
           'ours-rate-schedule': 'ours, masks 40% -> 15% (linear)', 'ours-seq-warmup': 'ours, seq. length 32/64 warm-up',
-          'ours-batch-warmup': 'ours, batch 4/8 warm-up', 'peer': 'HF Trainer + BertForMaskedLM (PyTorch)'}
+          'ours-batch-warmup': 'ours, batch 4/8 warm-up', 'ours-modern': 'ours, ModernBERT-style (tiny_modern.py)',
+          'peer': 'HF Trainer + BertForMaskedLM (PyTorch)'}
 
 
 def data_overrides(args) -> dict:
@@ -201,17 +206,18 @@ def eval_hf(args, ckpt: str, ours_config: dict) -> dict:
 
 # --- ours ------------------------------------------------------------------------------------------------------
 
-def ours_command(workdir: str, overrides: dict) -> list[str]:
-  return arch.cli('train', '--config', CONFIG, '--workdir', workdir, *(f'--config.{k}={v}' for k, v in overrides.items()))
+def ours_command(workdir: str, overrides: dict, config: str = CONFIG) -> list[str]:
+  return arch.cli('train', '--config', config, '--workdir', workdir, *(f'--config.{k}={v}' for k, v in overrides.items()))
 
 
-def ours_probe(args, common: dict) -> dict:
-  workdir = os.path.join(args.root, 'probe-ours')
+def ours_probe(args, common: dict, config: str = CONFIG, name: str = 'probe-ours') -> dict:
+  """Steady tokens/s and start-up seconds of `config` (each config of an arm is probed on its own)."""
+  workdir = os.path.join(args.root, name)
   shutil.rmtree(workdir, ignore_errors=True)
   steps = args.probe_steps
   log_every = max(steps // 3, 1)
   arch.run(ours_command(workdir, {**common, 'num_train_steps': steps, 'log_every_steps': log_every,
-                                  'eval_every_steps': 10 * steps}), os.path.join(args.root, 'probe-ours.log'))
+                                  'eval_every_steps': 10 * steps}, config), os.path.join(args.root, f'{name}.log'))
   rows = arch.read_rows(workdir)
   rate = statistics.median(arch.train_rates(rows) or [r['tokens_per_second'] for r in rows if r['split'] == 'train'])
   first = next(r for r in rows if r['split'] == 'train')
@@ -235,7 +241,8 @@ def ours_arm(args, name: str, common: dict, probe: dict, limit_s: float) -> dict
   overrides = {**common, **overrides, 'num_train_steps': steps, 'log_every_steps': eval_every // 2,
                'eval_every_steps': eval_every, 'optimizer.warmup_steps': round(WARMUP_FRACTION * steps)}
   print(f'=== {name}: {steps} steps planned ===', flush=True)
-  outcome = arch.run(ours_command(workdir, overrides), os.path.join(args.root, f'{name}.log'), workdir, limit_s)
+  outcome = arch.run(ours_command(workdir, overrides, ARM_CONFIGS.get(name, CONFIG)),
+                     os.path.join(args.root, f'{name}.log'), workdir, limit_s)
   ev = subprocess.run(arch.cli('eval', '--workdir', workdir), capture_output=True, text=True, cwd=REPO, check=True)
   final = json.loads(ev.stdout.strip().splitlines()[-1])
   rows = arch.read_rows(workdir)
@@ -372,7 +379,12 @@ def main() -> None:
   target = runs['peer']['final_eval']['masked_accuracy']
 
   for name in args.arms.split(','):
-    runs[name] = ours_arm(args, name, common, probe, limit_s)
+    arm_probe = probe
+    if name in ARM_CONFIGS:  # another model: its own speed sets its steps
+      arm_probe = ours_probe(args, common, ARM_CONFIGS[name], f'probe-{name}')
+      print(f'probe {name}:', json.dumps(arm_probe), flush=True)
+    runs[name] = ours_arm(args, name, common, arm_probe, limit_s)
+    runs[name]['probe'] = {k: v for k, v in arm_probe.items() if k != 'workdir'}
     print(name, runs[name]['final_eval'], flush=True)
 
   counts = {p['num_masked_tokens'] for r in runs.values() for p in r['curve'] if 'num_masked_tokens' in p}
