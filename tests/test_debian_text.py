@@ -5,6 +5,7 @@ The fast tests build tiny files in each format by hand; the `slow` test download
 
 import gzip
 import importlib.util
+import json
 import os
 import shutil
 import struct
@@ -159,3 +160,18 @@ def test_downstream_splits_keep_groups_whole_and_every_label_in_every_split():
   assert sum(len(v) for v in splits.values()) == len(rows)
   assert {s: sorted(r['text'] for r in v) for s, v in splits.items()} == {
       s: sorted(r['text'] for r in v) for s, v in downstream.split_groups(list(reversed(rows))).items()}
+
+
+def test_bag_of_words_reference_learns_a_planted_keyword_task(tmp_path):
+  """The TF-IDF + logistic regression row: fitted on train only, scored on test (a keyword decides the label;
+  the filler words are shared, so only the keyword can give 1.0; majority class is 0.5)."""
+  downstream = _downstream()
+  paths = {}
+  for split, n in (('train', 40), ('validation', 10), ('test', 20)):
+    paths[split] = str(tmp_path / f'{split}.jsonl')
+    with open(paths[split], 'w', encoding='utf-8') as f:
+      for i in range(n):
+        label, word = ('pos', 'splendid') if i % 2 else ('neg', 'dreadful')
+        f.write(json.dumps({'text': f'the weather was {word} on day {i % 7}', 'label': label}) + '\n')
+  scores = downstream.bag_of_words(paths)
+  assert scores == {'test_accuracy': 1.0, 'test_macro_f1': 1.0}
