@@ -205,16 +205,53 @@ def bag_of_words(paths: dict[str, str]) -> dict[str, float]:
           'test_macro_f1': float(f1_score(truth, predicted, average='macro'))}
 
 
-def table(results: dict, baselines: dict, bow: dict | None = None) -> str:
-  """Markdown: one row per (task, model), test accuracy and macro-F1 as mean ± std over seeds."""
-  lines = ['| task | pretrained on | test accuracy | test macro-F1 | seeds |', '|---|---|---:|---:|---:|']
+def linear_probe(workdir: str, paths: dict[str, str], max_length: int = 128, batch_size: int = 64) -> dict:
+  """Frozen encoder: the mean of its last hidden states over each paragraph's tokens (`max_length`, truncated)
+  as features, a standardised logistic regression (scikit-learn) fitted on train, scored on test. Deterministic,
+  and it reads the representation pretraining built, before fine-tuning changes it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
+  from sklearn.metrics import accuracy_score, f1_score  # pylint: disable=g-import-not-at-top
+  from sklearn.pipeline import make_pipeline  # pylint: disable=g-import-not-at-top
+  from sklearn.preprocessing import StandardScaler  # pylint: disable=g-import-not-at-top
+  from mlm_flax import inference  # pylint: disable=g-import-not-at-top
+  mlm = inference.load(workdir)
+  encode = jax.jit(lambda params, ids, seg: mlm.model.apply({'params': params}, ids, seg, method='encode'))
+
+  def features(split):
+    rows = [json.loads(line) for line in open(paths[split], encoding='utf-8')]
+    out = []
+    for i in range(0, len(rows), batch_size):
+      enc = mlm.tokenizer([r['text'] for r in rows[i:i + batch_size]], truncation=True, max_length=max_length,
+                          padding='max_length', return_tensors='np')
+      seg = enc['attention_mask'].astype(np.int32)
+      hidden = np.asarray(encode(mlm.params, enc['input_ids'].astype(np.int32), seg), np.float64)
+      out.append((hidden * seg[..., None]).sum(1) / seg.sum(1, keepdims=True))
+    return np.concatenate(out), [r['label'] for r in rows]
+
+  (x_train, y_train), (x_test, y_test) = features('train'), features('test')
+  classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000)).fit(x_train, y_train)
+  predicted = classifier.predict(x_test)
+  return {'test_accuracy': float(accuracy_score(y_test, predicted)),
+          'test_macro_f1': float(f1_score(y_test, predicted, average='macro'))}
+
+
+def table(results: dict, baselines: dict, bow: dict | None = None, probes: dict | None = None) -> str:
+  """Markdown: one row per (task, model), test accuracy and macro-F1 as mean ± std over seeds (fine-tuned),
+  and where given the frozen-encoder linear probe's, then the references."""
+  lines = ['| task | pretrained on | fine-tuned: test accuracy | fine-tuned: test macro-F1 | seeds | '
+           'linear probe: test accuracy | linear probe: test macro-F1 |', '|---|---|---:|---:|---:|---:|---:|']
   for task, per_model in results.items():
     for name, r in per_model.items():
       m = r['metrics']
       cells = [f'{m[k]:.3f} ± {m.get(k + "_std", 0.0):.3f}' for k in METRICS]
-      lines.append(f'| `{task}` | `{name}` | {cells[0]} | {cells[1]} | {len(r["per_seed"])} |')
+      probe = (probes or {}).get(task, {}).get(name)
+      probe_cells = [f'{probe[k]:.3f}' for k in METRICS] if probe else ['', '']
+      lines.append(f'| `{task}` | `{name}` | {cells[0]} | {cells[1]} | {len(r["per_seed"])} | {probe_cells[0]} | '
+                   f'{probe_cells[1]} |')
     if bow:
       lines.append(f'| `{task}` | (TF-IDF + logistic regression, no pretraining) | '
-                   f'{bow[task]["test_accuracy"]:.3f} | {bow[task]["test_macro_f1"]:.3f} | |')
-    lines.append(f'| `{task}` | (majority class) | {baselines[task]:.3f} | | |')
+                   f'{bow[task]["test_accuracy"]:.3f} | {bow[task]["test_macro_f1"]:.3f} | | | |')
+    lines.append(f'| `{task}` | (majority class of train) | {baselines[task]:.3f} | | | | |')
   return '\n'.join(lines)

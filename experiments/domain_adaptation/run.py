@@ -151,10 +151,15 @@ def run_downstream(args: argparse.Namespace, workdirs: dict[str, str]) -> None:
   bow = {name: downstream.bag_of_words(p) for name, p in task_paths.items()}
   print('TF-IDF + logistic regression:', json.dumps(bow), flush=True)
   results = downstream.finetune_all(args.root, task_paths, workdirs, seeds=args.seeds)
-  table = downstream.table(results, {t: d['majority_baseline_test_accuracy'] for t, d in tasks.items()}, bow)
+  probes = {task: {name: downstream.linear_probe(w, p) for name, w in workdirs.items()}
+            for task, p in task_paths.items()}
+  print('linear probes:', json.dumps(probes), flush=True)
+  table = downstream.table(results, {t: d['majority_baseline_test_accuracy'] for t, d in tasks.items()}, bow,
+                           probes)
   print(table, flush=True)
   with open(os.path.join(args.results, 'downstream.json'), 'w') as f:
     json.dump({'tasks': tasks, 'recipe': downstream.FINETUNE, 'seeds': args.seeds, 'bag_of_words': bow,
+               'linear_probe': probes,
                'results': results,
                'wall_seconds': round(time.time() - start, 1)}, f, indent=2, ensure_ascii=False)
   with open(os.path.join(args.results, 'downstream.md'), 'w') as f:
