@@ -151,7 +151,7 @@ def run_downstream(args: argparse.Namespace, workdirs: dict[str, str]) -> None:
   bow = {name: downstream.bag_of_words(p) for name, p in task_paths.items()}
   print('TF-IDF + logistic regression:', json.dumps(bow), flush=True)
   results = downstream.finetune_all(args.root, task_paths, workdirs, seeds=args.seeds)
-  probes = {task: {name: downstream.linear_probe(w, p) for name, w in workdirs.items()}
+  probes = {task: {name: linear_probe(args.root, name, task, w, p) for name, w in workdirs.items()}
             for task, p in task_paths.items()}
   print('linear probes:', json.dumps(probes), flush=True)
   table = downstream.table(results, {t: d['majority_baseline_test_accuracy'] for t, d in tasks.items()}, bow,
@@ -164,6 +164,20 @@ def run_downstream(args: argparse.Namespace, workdirs: dict[str, str]) -> None:
                'wall_seconds': round(time.time() - start, 1)}, f, indent=2, ensure_ascii=False)
   with open(os.path.join(args.results, 'downstream.md'), 'w') as f:
     f.write(table + '\n')
+
+
+def linear_probe(root: str, name: str, task: str, workdir: str, paths: dict[str, str]) -> dict:
+  """`downstream.linear_probe`, kept in ROOT/linear_probe/NAME/TASK.json: a rerun reuses it."""
+  path = os.path.join(root, 'linear_probe', name, f'{task}.json')
+  if os.path.isfile(path):
+    with open(path, encoding='utf-8') as f:
+      return json.load(f)
+  result = downstream.linear_probe(workdir, paths)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + '.tmp', 'w', encoding='utf-8') as f:
+    json.dump(result, f)
+  os.replace(path + '.tmp', path)
+  return result
 
 
 def pretrain(args: argparse.Namespace, base: ml_collections.ConfigDict, paths: dict, tok: str,
