@@ -32,6 +32,6 @@ def get_config():
   c.model.global_rope_theta = 160_000.0
   c.model.local_rope_theta = 10_000.0
   c.optimizer.learning_rate = 3e-3
-  c.num_train_steps = 1100  # ~8 minutes of a 2-core CPU, the quick start's budget (the model is ~15% slower per step)
+  c.num_train_steps = 1100  # ~8 minutes of a 2-core CPU, the quick start's budget (the model is ~10% slower per step)
   c.optimizer.warmup_steps = 157  # 1/7 of the steps, as tiny.py's 200 of 1400
   return c
