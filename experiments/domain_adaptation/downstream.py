@@ -190,19 +190,23 @@ def finetune_all(root: str, task_paths: dict[str, dict[str, str]], models: dict[
   return out
 
 
+def _test_scores(truth: list[str], predicted) -> dict[str, float]:
+  """The references' test accuracy and macro-F1, by the metrics that score fine-tuning (`tasks.metrics`)."""
+  from mlm_flax.tasks import metrics  # pylint: disable=g-import-not-at-top
+  scores = metrics.classification(truth, predicted)
+  return {f'test_{k}': scores[k] for k in ('accuracy', 'macro_f1')}
+
+
 def bag_of_words(paths: dict[str, str]) -> dict[str, float]:
   """TF-IDF + logistic regression (scikit-learn) on the same splits: the no-pretraining reference row."""
   from sklearn.feature_extraction.text import TfidfVectorizer  # pylint: disable=g-import-not-at-top
   from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
-  from sklearn.metrics import accuracy_score, f1_score  # pylint: disable=g-import-not-at-top
   rows = {s: [json.loads(line) for line in open(paths[s], encoding='utf-8')] for s in SPLITS}
   vectorizer = TfidfVectorizer(sublinear_tf=True, min_df=2)
   x = vectorizer.fit_transform([r['text'] for r in rows['train']])
   classifier = LogisticRegression(C=10, max_iter=2000).fit(x, [r['label'] for r in rows['train']])
   predicted = classifier.predict(vectorizer.transform([r['text'] for r in rows['test']]))
-  truth = [r['label'] for r in rows['test']]
-  return {'test_accuracy': float(accuracy_score(truth, predicted)),
-          'test_macro_f1': float(f1_score(truth, predicted, average='macro'))}
+  return _test_scores([r['label'] for r in rows['test']], predicted)
 
 
 def linear_probe(workdir: str, paths: dict[str, str], max_length: int = 128, batch_size: int = 64) -> dict:
@@ -212,7 +216,6 @@ def linear_probe(workdir: str, paths: dict[str, str], max_length: int = 128, bat
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
-  from sklearn.metrics import accuracy_score, f1_score  # pylint: disable=g-import-not-at-top
   from sklearn.pipeline import make_pipeline  # pylint: disable=g-import-not-at-top
   from sklearn.preprocessing import StandardScaler  # pylint: disable=g-import-not-at-top
   from mlm_flax import inference  # pylint: disable=g-import-not-at-top
@@ -232,9 +235,7 @@ def linear_probe(workdir: str, paths: dict[str, str], max_length: int = 128, bat
 
   (x_train, y_train), (x_test, y_test) = features('train'), features('test')
   classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000)).fit(x_train, y_train)
-  predicted = classifier.predict(x_test)
-  return {'test_accuracy': float(accuracy_score(y_test, predicted)),
-          'test_macro_f1': float(f1_score(y_test, predicted, average='macro'))}
+  return _test_scores(y_test, classifier.predict(x_test))
 
 
 def table(results: dict, baselines: dict, bow: dict | None = None, probes: dict | None = None) -> str:

@@ -174,9 +174,7 @@ def linear_probe(root: str, name: str, task: str, workdir: str, paths: dict[str,
       return json.load(f)
   result = downstream.linear_probe(workdir, paths)
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + '.tmp', 'w', encoding='utf-8') as f:
-    json.dump(result, f)
-  os.replace(path + '.tmp', path)
+  train.write_json(path, result)  # atomic: an interrupted rerun never reuses half a file
   return result
 
 
