@@ -233,17 +233,18 @@ def test_time_to_accuracy_race_runs_end_to_end(tmp_path):
   script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments',
                         'time_to_accuracy', 'run.py')
   out = subprocess.run([sys.executable, script, '--budget_minutes', '0.1', '--peer_lrs', '1e-3', '--sweep_fraction',
-                        '0.2', '--arms', 'ours,ours-seq-warmup,ours-modern', '--probe_steps', '6', '--peer_probe_steps', '4',
+                        '0.2', '--arms', 'ours,ours-seq-warmup,ours-bert', '--probe_steps', '6', '--peer_probe_steps', '4',
                         '--root', str(tmp_path / 'root'), '--results', str(tmp_path / 'results'),
                         '--train_files', str(corpus)], capture_output=True, text=True, timeout=3000)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   with open(tmp_path / 'results' / 'results.json') as f:
     results = json.load(f)
-  assert set(results['runs']) == {'peer', 'ours', 'ours-seq-warmup', 'ours-modern'}
+  assert set(results['runs']) == {'peer', 'ours', 'ours-seq-warmup', 'ours-bert'}
   assert results['peer_sweep'].keys() == {'0.001'}
-  with open(tmp_path / 'root' / 'ours-modern' / 'config.json') as f:  # the other config, probed on its own
-    assert json.load(f)['model']['type'] == 'modernbert'
-  assert results['runs']['ours-modern']['probe']['tokens_per_second'] > 0
+  for arm, model_type in (('ours', 'modernbert'), ('ours-bert', 'bert')):  # the quick start; the other config
+    with open(tmp_path / 'root' / arm / 'config.json') as f:
+      assert json.load(f)['model']['type'] == model_type
+  assert results['runs']['ours-bert']['probe']['tokens_per_second'] > 0  # probed on its own
   assert len(results['runs']['peer']['curve']) >= 1 and results['eval']['num_masked_tokens'] > 0
   assert {'model_name', 'avx512_bf16', 'amx_bf16'} <= set(results['machine']['cpu'])
   assert results['runs']['ours-seq-warmup']['overrides']['seq_len_warmup'].startswith('32:')

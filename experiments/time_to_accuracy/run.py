@@ -1,13 +1,14 @@
 """Time to accuracy on one CPU machine: the quick start against Hugging Face's PyTorch MLM recipe, one run.
 
   python experiments/time_to_accuracy/run.py [--budget_minutes 10] [--peer_lrs 1e-4,3e-4,1e-3]
-      [--arms ours,ours-15,ours-rate-schedule,ours-seq-warmup,ours-batch-warmup,ours-modern]
-      [--root /tmp/time_to_accuracy]
+      [--arms ours,ours-15,ours-rate-schedule,ours-seq-warmup,ours-batch-warmup,ours-bert]
+      [--root /tmp/time_to_accuracy] [--no_peer --results DIR]
 
 Both sides: the built-in corpus (`builtin:stdlib_docs`), the quick start's WordPiece tokenizer (2,048; trained
-once by the first probe and given to every run, the peer included), batch 16 x 128 tokens, the same model size
-(2 layers, hidden 256, 4 heads, MLP 1024, no dropout), the same wall-clock budget each, one run at a time with
-every core.
+once by the first probe and given to every run, the peer included), batch 16 x 128 tokens, about the same training FLOPs per
+token (the peer: `configs/tiny_bert.py`'s BERT, 2 layers, hidden 256, 4 heads, MLP 1024, no dropout; ours:
+`configs/tiny.py`'s 3-layer ModernBERT-style model, +5%), the same wall-clock budget each, one run at a time
+with every core.
 
 Peer (`--_peer`, a subprocess): `BertForMaskedLM` trained as `run_mlm.py` users do: `datasets.map` tokenization
 with special tokens, `group_texts` into rows of 128, `DataCollatorForLanguageModeling` at 15%, `Trainer` (AdamW,
@@ -17,9 +18,9 @@ bf16 autocast when the CPU has AVX512-BF16 or AMX. Its learning rate is tuned: e
 timing probe first sets `max_steps` so that the decay ends at the budget. The final run saves a checkpoint every
 `--peer_save_seconds` of training (saving time excluded from its clock).
 
-Ours: `configs/tiny.py` through `python -m mlm_flax.cli train`, one run per arm (`ARMS`; `ours-modern` runs
-`configs/tiny_modern.py` instead), each with a timing probe (one per config) that sets `num_train_steps` to end
-at the budget, evaluated every ~1/10 of its steps, SIGTERMed if its clock
+Ours: `configs/tiny.py` (the quick start) through `python -m mlm_flax.cli train`, one run per arm (`ARMS`: the
+ablations undo one choice each; `ours-bert` runs `configs/tiny_bert.py` instead), each with a timing probe (one
+per config) that sets `num_train_steps` to end at the budget, evaluated every ~1/10 of its steps, SIGTERMed if its clock
 (evaluation time excluded) passes the budget: the approach of experiments/architectures/run.py, whose helpers
 are reused.
 
@@ -28,6 +29,7 @@ the race's evaluation settings (sequence length 128, seed, data, 15% masks: what
 know), and `mlm-flax eval` scores it. Masks depend only on the seed, the tokenizer and the validation rows, so
 both sides are scored on identical fixed 15% masks; the script checks every evaluation counts the same masked
 tokens. Writes results.json, results.md and accuracy_vs_time.png into `--results` (default: this folder).
+`--no_peer` runs only our arms (the ablation table; no target, no speed-ups): give it its own `--results`.
 """
 
 import argparse
@@ -49,8 +51,8 @@ _spec.loader.exec_module(arch)
 
 CONFIG = os.path.join(REPO, 'configs', 'tiny.py')
 BATCH, SEQ = 16, 128  # configs/tiny.py's
-WARMUP_FRACTION = 200 / 1400  # tiny.py's warmup_steps / num_train_steps, for every run of any length
-MODEL = {'num_layers': 2, 'hidden_size': 256, 'num_heads': 4, 'intermediate_size': 1024}  # tiny.py's
+WARMUP_FRACTION = 1 / 7  # tiny.py's warmup_steps / num_train_steps (157 / 1100), for every run of any length
+MODEL = {'num_layers': 2, 'hidden_size': 256, 'num_heads': 4, 'intermediate_size': 1024}  # the peer: tiny_bert.py's
 # Arms of ours: overrides of configs/tiny.py. Warm-up phases are fractions of the planned steps ({a}, {b}).
 ARMS = {
     'ours': {},  # the quick start: 40% training masks, 15% eval
@@ -58,12 +60,12 @@ ARMS = {
     'ours-rate-schedule': {'masking.rate': 0.4, 'masking.rate_schedule': 'linear', 'masking.final_rate': 0.15},
     'ours-seq-warmup': {'seq_len_warmup': '32:{a},64:{b}'},  # 10% of the steps at 32 tokens, 10% at 64
     'ours-batch-warmup': {'batch_size_warmup': '4:{a},8:{b}'},  # 10% at 4 sequences, 10% at 8
-    'ours-modern': {},  # configs/tiny_modern.py (ARM_CONFIGS): ModernBERT-style, ~the same FLOPs per token
+    'ours-bert': {},  # configs/tiny_bert.py (ARM_CONFIGS): the BERT of the peer, ~the same FLOPs per token
 }
-ARM_CONFIGS = {'ours-modern': os.path.join(REPO, 'configs', 'tiny_modern.py')}  # arms not on configs/tiny.py
-LABELS = {'ours': 'ours: quick start (40% masks)', 'ours-15': 'ours, 15% masks',
+ARM_CONFIGS = {'ours-bert': os.path.join(REPO, 'configs', 'tiny_bert.py')}  # arms not on configs/tiny.py
+LABELS = {'ours': 'ours: quick start (tiny.py)', 'ours-15': 'ours, 15% masks',
           'ours-rate-schedule': 'ours, masks 40% -> 15% (linear)', 'ours-seq-warmup': 'ours, seq. length 32/64 warm-up',
-          'ours-batch-warmup': 'ours, batch 4/8 warm-up', 'ours-modern': 'ours, ModernBERT-style (tiny_modern.py)',
+          'ours-batch-warmup': 'ours, batch 4/8 warm-up', 'ours-bert': 'ours, BERT (tiny_bert.py)',
           'peer': 'HF Trainer + BertForMaskedLM (PyTorch)'}
 
 
@@ -283,7 +285,8 @@ def plot(summary: dict, out: str) -> None:
     ax.plot([p['train_seconds'] / 60 for p in r['curve']], [p['masked_accuracy'] for p in r['curve']],
             marker='o', ms=3, lw=2.2 if name == 'peer' else 1.4, color='black' if name == 'peer' else None,
             label=LABELS.get(name, name))
-  ax.axhline(summary['peer_final_accuracy'], color='grey', ls='--', lw=1, label="peer's final accuracy")
+  if summary['peer_final_accuracy'] is not None:
+    ax.axhline(summary['peer_final_accuracy'], color='grey', ls='--', lw=1, label="peer's final accuracy")
   ax.axvline(summary['budget_minutes'], color='grey', ls=':', lw=1)
   ax.set_xlabel('training wall time (minutes; evaluations and checkpoint saves excluded)')
   ax.set_ylabel('eval masked-token accuracy (fixed 15% masks)')
@@ -297,6 +300,16 @@ def plot(summary: dict, out: str) -> None:
 
 
 def markdown(summary: dict) -> str:
+  if summary['peer'] is None:  # --no_peer: the ablation table
+    base = summary['runs'].get('ours', {}).get('final_eval', {}).get('masked_accuracy')
+    lines = [f"# Ablations of the quick start ({summary['budget_minutes']:g} min each, no peer)", '',
+             f"Eval: {summary['eval']['num_masked_tokens']} masked tokens, the same masks for every run.", '',
+             '| arm | masked acc. at budget | vs the quick start | steps | stopped by |', '|---|---:|---:|---:|---|']
+    for name, r in summary['runs'].items():
+      acc = r['final_eval']['masked_accuracy']
+      delta = '-' if base is None or name == 'ours' else f'{acc - base:+.4f}'
+      lines.append(f"| {LABELS.get(name, name)} | {acc:.4f} | {delta} | {r['steps_done']} | {r['stopped_by']} |")
+    return '\n'.join(lines + machine_lines(summary))
   lines = [f"# Time to accuracy ({summary['budget_minutes']:g} min each)", '',
            f"Peer: HF Trainer, learning rate {summary['peer']['learning_rate']:g} (best of the sweep "
            f"{', '.join(f'{k}: {v:.4f}' for k, v in summary['peer_sweep'].items())}), "
@@ -309,10 +322,13 @@ def markdown(summary: dict) -> str:
     t, s = r.get('time_to_peer_final'), r.get('speed_up')
     lines.append(f"| {LABELS.get(name, name)} | {r['final_eval']['masked_accuracy']:.4f} | {r['steps_done']} | "
                  f"{'not reached' if t is None else f'{t:.0f}'} | {'-' if s is None else f'{s:.2f}x'} |")
+  return '\n'.join(lines + machine_lines(summary))
+
+
+def machine_lines(summary: dict) -> list[str]:
   cpu = summary['machine']['cpu']
-  lines += ['', f"Machine: {cpu['cores']}-core {cpu['model_name']}, avx512_bf16={cpu['avx512_bf16']}, "
-            f"amx_bf16={cpu['amx_bf16']}; load average before: {summary['machine']['load_average_before']}.", '']
-  return '\n'.join(lines)
+  return ['', f"Machine: {cpu['cores']}-core {cpu['model_name']}, avx512_bf16={cpu['avx512_bf16']}, "
+          f"amx_bf16={cpu['amx_bf16']}; load average before: {summary['machine']['load_average_before']}.", '']
 
 
 def main() -> None:
@@ -322,6 +338,7 @@ def main() -> None:
   parser.add_argument('--sweep_fraction', type=float, default=0.25, help='budget of each sweep run, a fraction')
   parser.add_argument('--arms', default=','.join(ARMS), help=f'ours: a comma list of {", ".join(ARMS)}')
   parser.add_argument('--root', default='/tmp/time_to_accuracy', help='workdirs, checkpoints, logs, data cache')
+  parser.add_argument('--no_peer', action='store_true', help='only our arms: the ablation table (no speed-ups)')
   parser.add_argument('--results', default=HERE, help='folder for results.json, results.md, accuracy_vs_time.png')
   parser.add_argument('--peer_save_seconds', type=float, default=None,
                       help='peer checkpoint interval in training seconds (default: budget / 10)')
@@ -361,22 +378,23 @@ def main() -> None:
   print('probe:', json.dumps(probe), flush=True)
 
   # The peer: the learning-rate sweep at a fraction of the budget, then the best rate at the full budget.
-  sweep = {}
-  for lr in [float(x) for x in args.peer_lrs.split(',')]:
+  sweep, runs, target = {}, {}, None
+  for lr in ([] if args.no_peer else [float(x) for x in args.peer_lrs.split(',')]):
     r = peer_run(args, lr, args.sweep_fraction * limit_s, 0, f'peer-sweep-{lr:g}')
     sweep[f'{lr:g}'] = eval_hf(args, r['checkpoints'][-1]['path'], ours_config)['masked_accuracy']
     print(f'peer sweep lr {lr:g}: {sweep[f"{lr:g}"]:.4f}', flush=True)
-  best = max(sweep, key=sweep.get)
-  peer = peer_run(args, float(best), limit_s, args.peer_save_seconds or limit_s / 10, 'peer')
-  curve = []
-  for c in peer['checkpoints']:
-    ev = eval_hf(args, c['path'], ours_config)
-    curve.append({'step': c['step'], 'train_seconds': c['train_seconds'], 'masked_accuracy': ev['masked_accuracy'],
-                  'loss': ev['loss'], 'num_masked_tokens': ev['num_masked_tokens']})
-  runs = {'peer': {'final_eval': {**ev, 'step': peer['checkpoints'][-1]['step']}, 'curve': curve,
-                   'steps_done': curve[-1]['step'], 'train_seconds': curve[-1]['train_seconds'],
-                   **{k: v for k, v in peer.items() if k != 'checkpoints'}}}
-  target = runs['peer']['final_eval']['masked_accuracy']
+  if not args.no_peer:
+    best = max(sweep, key=sweep.get)
+    peer = peer_run(args, float(best), limit_s, args.peer_save_seconds or limit_s / 10, 'peer')
+    curve = []
+    for c in peer['checkpoints']:
+      ev = eval_hf(args, c['path'], ours_config)
+      curve.append({'step': c['step'], 'train_seconds': c['train_seconds'], 'masked_accuracy': ev['masked_accuracy'],
+                    'loss': ev['loss'], 'num_masked_tokens': ev['num_masked_tokens']})
+    runs['peer'] = {'final_eval': {**ev, 'step': peer['checkpoints'][-1]['step']}, 'curve': curve,
+                    'steps_done': curve[-1]['step'], 'train_seconds': curve[-1]['train_seconds'],
+                    **{k: v for k, v in peer.items() if k != 'checkpoints'}}
+    target = runs['peer']['final_eval']['masked_accuracy']
 
   for name in args.arms.split(','):
     arm_probe = probe
@@ -390,15 +408,16 @@ def main() -> None:
   counts = {p['num_masked_tokens'] for r in runs.values() for p in r['curve'] if 'num_masked_tokens' in p}
   if len(counts) != 1:
     raise SystemExit(f'evaluation masks differ between the runs: masked tokens {counts}')
-  peer_time = time_to(runs['peer']['curve'], target)
+  peer_time = None if target is None else time_to(runs['peer']['curve'], target)
   for r in runs.values():
-    r['time_to_peer_final'] = time_to(r['curve'], target)
+    r['time_to_peer_final'] = None if target is None else time_to(r['curve'], target)
     r['speed_up'] = (round(peer_time / r['time_to_peer_final'], 2)
                      if r['time_to_peer_final'] and peer_time is not None else None)
   summary = {
       'budget_minutes': args.budget_minutes, 'peer_final_accuracy': target, 'peer_sweep': sweep,
-      'peer_sweep_minutes': args.sweep_fraction * args.budget_minutes,
-      'peer': {k: v for k, v in runs['peer'].items() if k not in ('curve', 'final_eval')}, 'runs': runs,
+      'peer_sweep_minutes': None if args.no_peer else args.sweep_fraction * args.budget_minutes,
+      'peer': {k: v for k, v in runs.get('peer', {}).items() if k not in ('curve', 'final_eval')} or None,
+      'runs': runs,
       'eval': {'num_masked_tokens': counts.pop(), 'rate': ours_config['masking']['eval_rate']},
       'probe_ours': {k: v for k, v in probe.items() if k != 'workdir'},
       'machine': {'cpu': arch.cpu_info(), 'load_average_before': load_before},
