@@ -12,7 +12,7 @@ reaches the tuned Hugging Face recipe's 10-minute accuracy ~10x sooner):
 - Training masks at 40% (more predictions per forward pass, Wettig et al. 2023); evaluation keeps BERT's 15%.
 - Learning rate 3e-3, linear warmup over 1/7 of the steps, then linear decay to 0 (three 300-step trials: 0.316
   at 1.5e-3, 0.318 at 3e-3, 0.193 at 6e-3). 1,100 steps fill a 10-minute budget on 2 CPU cores with margin:
-  0.425 eval masked accuracy in 7 min 54 s end to end from a cold cache (2-core AMD EPYC, Zen 3, AVX2, f32).
+  0.425 eval masked accuracy in 7 min 50 s end to end from a cold cache (2-core AMD EPYC, Zen 3, AVX2, f32).
 """
 
 from mlm_flax.configs import default

@@ -2,7 +2,7 @@
 
 BERT (post-LN, GELU MLP, learned positions, biases) with 2 layers, hidden 256, MLP 1024 (11.6M training FLOPs per
 token against tiny.py's 12.2M), 1,400 steps (warmup 200): 0.310 eval masked accuracy in 8 min 51 s end to end on
-2 CPU cores, where tiny.py's ModernBERT-style model reaches 0.425 in 7 min 54 s. The BERT baseline of
+2 CPU cores, where tiny.py's ModernBERT-style model reaches 0.425 in 7 min 50 s. The BERT baseline of
 experiments/architectures and experiments/time_to_accuracy, and the model of experiments/domain_adaptation.
 """
 

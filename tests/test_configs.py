@@ -16,7 +16,7 @@ FILES = sorted(f for f in glob.glob(os.path.join(CONFIG_DIR, '*.py')) if not f.e
 
 def test_the_shipped_configs_are_found():
   names = {os.path.basename(f)[:-3] for f in FILES}
-  assert {'default', 'tiny', 'tiny_modern', 'bert_base', 'roberta_base', 'modernbert_base'} <= names
+  assert {'default', 'tiny', 'tiny_bert', 'bert_base', 'roberta_base', 'modernbert_base'} <= names
 
 
 @pytest.mark.parametrize('path', FILES, ids=lambda f: os.path.basename(f)[:-3])

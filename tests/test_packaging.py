@@ -54,12 +54,12 @@ def test_installed_package_finds_its_default_config(tmp_path):
     shutil.copyfile(os.path.join(ROOT, source), target)
   env = {**os.environ, 'PYTHONPATH': str(site)}
   probe = ('import json; from mlm_flax import cli; from mlm_flax.configs import tiny; '
-           'print(json.dumps([cli.DEFAULT_CONFIG, tiny.__file__, tiny.get_config().model.num_layers]))')
+           'print(json.dumps([cli.DEFAULT_CONFIG, tiny.__file__, tiny.get_config().model.type]))')
   out = subprocess.run([sys.executable, '-c', probe], cwd=tmp_path, env=env, capture_output=True, text=True)
   assert out.returncode == 0, out.stderr[-2000:]
-  default_config, tiny_file, num_layers = json.loads(out.stdout)
+  default_config, tiny_file, model_type = json.loads(out.stdout)
   assert default_config == str(site / 'mlm_flax' / 'configs' / 'tiny.py') and tiny_file == default_config
-  assert num_layers == 2
+  assert model_type == 'modernbert'  # the quick start's architecture
   # `train` with no --config loads that file (its `from mlm_flax.configs import default` included) and
   # validates it: a bad override is the one error line, so the config itself loaded.
   out = subprocess.run([sys.executable, '-m', 'mlm_flax.cli', 'train', f'--workdir={tmp_path / "run"}',

@@ -250,3 +250,14 @@ def test_time_to_accuracy_race_runs_end_to_end(tmp_path):
   assert results['runs']['ours-seq-warmup']['overrides']['seq_len_warmup'].startswith('32:')
   assert (tmp_path / 'results' / 'accuracy_vs_time.png').stat().st_size > 0
   assert 'speed-up' in (tmp_path / 'results' / 'results.md').read_text()
+  # --no_peer: our arms only (the ablation table), no target and no speed-ups.
+  out = subprocess.run([sys.executable, script, '--no_peer', '--budget_minutes', '0.1', '--arms', 'ours,ours-15',
+                        '--probe_steps', '6', '--root', str(tmp_path / 'root2'), '--results', str(tmp_path / 'abl'),
+                        '--train_files', str(corpus)], capture_output=True, text=True, timeout=3000)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  with open(tmp_path / 'abl' / 'results.json') as f:
+    ablation = json.load(f)
+  assert set(ablation['runs']) == {'ours', 'ours-15'} and ablation['peer'] is None
+  assert ablation['peer_final_accuracy'] is None and ablation['runs']['ours-15']['speed_up'] is None
+  assert ablation['runs']['ours-15']['overrides']['masking.rate'] == 0.15
+  assert 'vs the quick start' in (tmp_path / 'abl' / 'results.md').read_text()

@@ -4,12 +4,13 @@
   python experiments/architectures/run.py --dry_run    # validate and print each arm's config, train nothing
 
 Four arms, each a config file plus architecture switches (`model.*`, see README "Architecture switches"):
-- `bert`: configs/tiny.py (post-LN BERT, as the quick start);
+- `bert`: configs/tiny_bert.py (post-LN BERT, the quick start before tiny.py's ModernBERT-style model);
 - `bert-preln`: the same with `model.norm_position=pre` only (the control: how much is pre-LN alone);
-- `bert-modern`: configs/tiny.py with ModernBERT's parts switched on, on model.type=bert: pre-LN, GeGLU MLP,
-  RoPE (no position embeddings), ModernBERT's biases (the decoder's only); LayerNorm, tiny.py's sizes (the
+- `bert-modern`: configs/tiny_bert.py with ModernBERT's parts switched on, on model.type=bert: pre-LN, GeGLU MLP,
+  RoPE (no position embeddings), ModernBERT's biases (the decoder's only); LayerNorm, tiny_bert.py's sizes (the
   GeGLU's MLP has 1.5x the MLP FLOPs: the equal wall time charges for them);
-- `modernbert`: configs/tiny_modern.py (ModernBERT itself: also its sliding-window layers, depth and widths).
+- `modernbert`: configs/tiny.py (ModernBERT itself: also its sliding-window layers, depth and widths; the
+  quick start since this experiment, named configs/tiny_modern.py in results.json).
 
 All train on the built-in corpus with the same tokenizer (trained once, then passed to every run), batch,
 sequence length, masking (40% in training) and seed, in float32, through the command line only
@@ -48,18 +49,18 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-TINY, TINY_MODERN = os.path.join(REPO, 'configs', 'tiny.py'), os.path.join(REPO, 'configs', 'tiny_modern.py')
+TINY_BERT, TINY = os.path.join(REPO, 'configs', 'tiny_bert.py'), os.path.join(REPO, 'configs', 'tiny.py')
 MODERN_PARTS = {'model.norm_position': 'pre', 'model.mlp': 'geglu', 'model.positions': 'rope',
                 'model.attention_bias': False, 'model.mlp_bias': False, 'model.norm_bias': False,
                 'model.classifier_bias': False, 'model.decoder_bias': True}
 # Each arm: its config file and the switches set on it (command-line overrides).
-RUNS = {'bert': (TINY, {}), 'bert-preln': (TINY, {'model.norm_position': 'pre'}), 'bert-modern': (TINY, MODERN_PARTS),
-        'modernbert': (TINY_MODERN, {})}
-LABELS = {'bert': 'BERT (configs/tiny.py)', 'bert-preln': 'BERT pre-LN (tiny.py, norm_position=pre)',
-          'bert-modern': "BERT with ModernBERT's parts (tiny.py, switches)",
-          'modernbert': 'ModernBERT-style (configs/tiny_modern.py)'}
+RUNS = {'bert': (TINY_BERT, {}), 'bert-preln': (TINY_BERT, {'model.norm_position': 'pre'}),
+        'bert-modern': (TINY_BERT, MODERN_PARTS), 'modernbert': (TINY, {})}
+LABELS = {'bert': 'BERT (configs/tiny_bert.py)', 'bert-preln': 'BERT pre-LN (tiny_bert.py, norm_position=pre)',
+          'bert-modern': "BERT with ModernBERT's parts (tiny_bert.py, switches)",
+          'modernbert': 'ModernBERT-style (configs/tiny.py)'}
 BATCH, SEQ = 16, 128  # the configs' (checked against config.json)
-WARMUP_FRACTION = 200 / 1400  # the configs' warmup_steps / num_train_steps (tiny.py's), kept for any length
+WARMUP_FRACTION = 200 / 1400  # the configs' warmup_steps / num_train_steps (tiny_bert.py's), kept for any length
 
 
 def cli(*args: str) -> list[str]:

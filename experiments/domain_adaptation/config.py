@@ -1,4 +1,4 @@
-"""Domain adaptation: the quick-start model (configs/tiny.py) on general English vs Python documentation.
+"""Domain adaptation: the 2-layer BERT of configs/tiny_bert.py on general English vs Python documentation.
 
 Every run trains `num_train_steps` steps of `batch_size` x `max_seq_length` tokens; the adapted run spends the
 first half on general text (the general run's half-way checkpoint) and the second half on domain text with
@@ -7,7 +7,7 @@ runs share one WordPiece vocabulary trained on both training sets (run.py passes
 evaluate on the domain validation text during training, which gives the learning curves.
 """
 
-from mlm_flax.configs import tiny
+from mlm_flax.configs import tiny_bert
 
 # The adapted run's second half: this fraction of its training words is general text (replay), the rest
 # domain text, so continued pretraining does not overwrite what the general half learned; and its peak
@@ -17,7 +17,7 @@ ADAPT_LEARNING_RATE = None
 
 
 def get_config():
-  c = tiny.get_config()
+  c = tiny_bert.get_config()  # the quick start when these models were trained
   c.num_train_steps = 1200  # per run (the adapted run: 600 general + 600 domain)
   c.eval_every_steps = 100
   c.log_every_steps = 100
