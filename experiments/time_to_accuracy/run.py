@@ -5,10 +5,10 @@
       [--root /tmp/time_to_accuracy] [--no_peer --results DIR]
 
 Both sides: the built-in corpus (`builtin:stdlib_docs`), the quick start's WordPiece tokenizer (2,048; trained
-once by the first probe and given to every run, the peer included), batch 16 x 128 tokens, about the same training FLOPs per
-token (the peer: `configs/tiny_bert.py`'s BERT, 2 layers, hidden 256, 4 heads, MLP 1024, no dropout; ours:
-`configs/tiny.py`'s 3-layer ModernBERT-style model, +5%), the same wall-clock budget each, one run at a time
-with every core.
+once by the first probe and given to every run, the peer included), batch 16 x 128 tokens, about the same
+training FLOPs per token (the peer: `configs/tiny_bert.py`'s BERT, 2 layers, hidden 256, 4 heads, MLP 1024, no
+dropout; ours: `configs/tiny.py`'s 3-layer ModernBERT-style model, +5%), the same wall-clock budget each, one
+run at a time with every core.
 
 Peer (`--_peer`, a subprocess): `BertForMaskedLM` trained as `run_mlm.py` users do: `datasets.map` tokenization
 with special tokens, `group_texts` into rows of 128, `DataCollatorForLanguageModeling` at 15%, `Trainer` (AdamW,
@@ -20,9 +20,9 @@ timing probe first sets `max_steps` so that the decay ends at the budget. The fi
 
 Ours: `configs/tiny.py` (the quick start) through `python -m mlm_flax.cli train`, one run per arm (`ARMS`: the
 ablations undo one choice each; `ours-bert` runs `configs/tiny_bert.py` instead), each with a timing probe (one
-per config) that sets `num_train_steps` to end at the budget, evaluated every ~1/10 of its steps, SIGTERMed if its clock
-(evaluation time excluded) passes the budget: the approach of experiments/architectures/run.py, whose helpers
-are reused.
+per config) that sets `num_train_steps` to end at the budget, evaluated every ~1/10 of its steps, SIGTERMed if
+its clock (evaluation time excluded) passes the budget: the approach of experiments/architectures/run.py, whose
+helpers are reused.
 
 Evaluation, the same for both: every peer checkpoint goes through `mlm-flax import`; its config.json then gets
 the race's evaluation settings (sequence length 128, seed, data, 15% masks: what `mlm-flax import` cannot
