@@ -52,7 +52,6 @@ _spec.loader.exec_module(arch)
 CONFIG = os.path.join(REPO, 'configs', 'tiny.py')
 BATCH, SEQ = 16, 128  # configs/tiny.py's
 WARMUP_FRACTION = 1 / 7  # tiny.py's warmup_steps / num_train_steps (157 / 1100), for every run of any length
-MODEL = {'num_layers': 2, 'hidden_size': 256, 'num_heads': 4, 'intermediate_size': 1024}  # the peer: tiny_bert.py's
 # Arms of ours: overrides of configs/tiny.py. Warm-up phases are fractions of the planned steps ({a}, {b}).
 ARMS = {
     'ours': {},  # the quick start: 40% training masks, 15% eval
@@ -86,12 +85,12 @@ def peer_main(args) -> None:
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   from mlm_flax import data  # pylint: disable=g-import-not-at-top
-  from mlm_flax.configs import tiny  # pylint: disable=g-import-not-at-top
+  from mlm_flax.configs import tiny_bert  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(os.cpu_count())
   torch.manual_seed(0)
   cpu = arch.cpu_info()
   bf16 = cpu['avx512_bf16'] or cpu['amx_bf16']  # autocast is slower than f32 without them
-  config = tiny.get_config()
+  config = tiny_bert.get_config()  # the peer's model: its BERT's sizes; data as tiny.py's
   config.data.update({k[5:]: v for k, v in data_overrides(args).items()})
   texts = data.load_text_splits(config.data, config.seed)['train']
   tok = transformers.AutoTokenizer.from_pretrained(args.tokenizer)
@@ -106,10 +105,11 @@ def peer_main(args) -> None:
 
   rows = texts.map(tokenize, batched=True, remove_columns=texts.column_names, desc='peer tokenize')
   rows = rows.map(group_texts, batched=True, desc='peer group_texts')
+  m = config.model
   bert = transformers.BertConfig(
-      vocab_size=len(tok), hidden_size=MODEL['hidden_size'], num_hidden_layers=MODEL['num_layers'],
-      num_attention_heads=MODEL['num_heads'], intermediate_size=MODEL['intermediate_size'],
-      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=512,
+      vocab_size=len(tok), hidden_size=m.hidden_size, num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
+      intermediate_size=m.intermediate_size, hidden_dropout_prob=m.hidden_dropout,
+      attention_probs_dropout_prob=m.attention_dropout, max_position_embeddings=m.max_position_embeddings,
       pad_token_id=tok.pad_token_id)
   collator = transformers.DataCollatorForLanguageModeling(tok, mlm_probability=0.15)
 
