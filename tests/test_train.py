@@ -192,3 +192,32 @@ def test_gradient_accumulation_with_dropout_on_eight_devices_matches_one_device(
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   for k, r in out.items():
     assert r['same_count'] and r['loss_diff'] < 1e-5 and r['param_diff'] < 1e-5, (k, r)
+
+
+def test_fresh_masks_every_step():
+  """The README's promise: each step draws new masks (from `fold_in(rng, step)`), also on the same batch, and
+  a step's masks depend only on the run's key and the step (so a resumed run redraws them exactly)."""
+  mesh = parallel.make_mesh(1)
+  model, tx, mask_fn, num_predictions, state = setup(mesh, dropout=0.0)
+  seen = []
+
+  def spy(rng, ids, **kwargs):
+    masked = mask_fn(rng, ids, **kwargs)
+    jax.debug.callback(lambda w: seen.append(np.asarray(w)), masked.weights)
+    return masked
+
+  step = train.jit_train_step(model, tx, spy, num_predictions, mesh)
+  batch = parallel.to_global(random_batch(0), mesh)
+  for _ in range(3):
+    state, _ = step(state, batch)
+  jax.effects_barrier()
+  assert len(seen) == 3 and all(w.sum() > 0 for w in seen)
+  for i in range(3):
+    for j in range(i):
+      assert not np.array_equal(seen[i] > 0, seen[j] > 0), f'steps {j} and {i} masked the same positions'
+  # Step 1 again from a state at step 1 (as a resume has it): the same masks as the first time.
+  *_, fresh = setup(mesh, dropout=0.0)
+  state = train.jit_train_step(model, tx, mask_fn, num_predictions, mesh)(fresh, batch)[0]
+  step(state, batch)
+  jax.effects_barrier()
+  np.testing.assert_array_equal(seen[3], seen[1])
