@@ -18,8 +18,14 @@ MASK_ID, SPECIALS = 103, (0, 100, 101, 102, 103)  # BERT uncased: [PAD] [UNK] [C
 def parse_args() -> argparse.Namespace:
   p = argparse.ArgumentParser()
   for name in ('layers', 'hidden', 'heads', 'ffn', 'seq', 'batch'):
-    p.add_argument(f'--{name}', type=int, required=True)
+    p.add_argument(f'--{name}', type=int)  # required without --config
   p.add_argument('--vocab', type=int, default=30522)
+  # The equal-recipe mode: a configs/*.py file whose model, masking rate, batch, length and vocabulary the
+  # workers read (`recipe.py`); `--layers` ... are then ignored.
+  p.add_argument('--config', default=None)
+  p.add_argument('--compile', action='store_true', help='torch workers: torch.compile the model')
+  p.add_argument('--sparse', action='store_true', help='torch ModernBERT: its sparse_prediction (head at masked positions)')
+  p.add_argument('--attn', default='sdpa', help='torch ModernBERT: attn_implementation (sdpa, eager)')
   p.add_argument('--steps', type=int, default=5)
   p.add_argument('--warmup', type=int, default=2)
   p.add_argument('--dtype', default='float32')
@@ -28,7 +34,16 @@ def parse_args() -> argparse.Namespace:
   # `--head_everywhere` computes the MLM head at every position, as the Hugging Face step does.
   p.add_argument('--override', action='append', default=[])
   p.add_argument('--head_everywhere', action='store_true')
-  return p.parse_args()
+  args = p.parse_args()
+  if args.config:
+    import recipe  # pylint: disable=g-import-not-at-top
+    c = recipe.load(args.config)
+    args.layers, args.hidden, args.heads, args.ffn = (c.model.num_layers, c.model.hidden_size, c.model.num_heads,
+                                                      c.model.intermediate_size)
+    args.seq, args.batch, args.vocab, args.mask_rate = c.max_seq_length, c.batch_size, c.model.vocab_size, c.masking.rate
+  elif None in (args.layers, args.hidden, args.heads, args.ffn, args.seq, args.batch):
+    p.error('give --config FILE or all of --layers --hidden --heads --ffn --seq --batch')
+  return args
 
 
 def token_ids(args, step: int) -> np.ndarray:

@@ -7,6 +7,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 import common  # pylint: disable=g-import-not-at-top
+import recipe  # pylint: disable=g-import-not-at-top
 
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
@@ -19,10 +20,14 @@ from mlm_flax.models import make_model
 
 def main() -> None:
   args = common.parse_args()
-  c = default.get_config()
-  c.model.update(num_layers=args.layers, hidden_size=args.hidden, num_heads=args.heads,
-                 intermediate_size=args.ffn, vocab_size=args.vocab, pad_token_id=0,
-                 max_position_embeddings=max(512, args.seq), dtype=args.dtype)
+  if args.config:  # the recipe's own model and optimizer (`recipe.py`)
+    c = recipe.load(args.config)
+    c.model.dtype = args.dtype
+  else:
+    c = default.get_config()
+    c.model.update(num_layers=args.layers, hidden_size=args.hidden, num_heads=args.heads,
+                   intermediate_size=args.ffn, vocab_size=args.vocab, pad_token_id=0,
+                   max_position_embeddings=max(512, args.seq), dtype=args.dtype)
   for item in args.override:
     key, value = item.split('=', 1)
     try:
@@ -31,7 +36,7 @@ def main() -> None:
       pass  # a bare string such as bfloat16
     c.model[key.removeprefix('model.')] = value
   model = make_model(c.model)
-  tx = train.make_optimizer(c.optimizer, 10_000)
+  tx = train.make_optimizer(c.optimizer, c.num_train_steps if args.config else 10_000)
   mesh = parallel.make_mesh()
   mask_fn = functools.partial(masking.mask_tokens, vocab_size=args.vocab, mask_id=common.MASK_ID,
                               special_ids=common.SPECIALS, pad_id=0, rate=args.mask_rate)
