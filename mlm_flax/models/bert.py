@@ -94,7 +94,8 @@ class BertMLM(MaskedLM):
     x = x + self.token_type_embeddings(token_type_ids)
     x = self.embeddings_dropout(self.embeddings_norm(x), deterministic=deterministic, row_ids=row_ids)
     attention_bias = layers.attention_bias(segment_ids)
-    rope = rope_tables(positions, c.hidden_size // c.num_heads, c.global_rope_theta) if c.positions == 'rope' else None
+    rope = rope_tables(positions, c.hidden_size // c.num_heads, c.global_rope_theta,
+                       c.max_position_embeddings) if c.positions == 'rope' else None
     for layer in self.layers:
       x = layer(x, attention_bias, deterministic, row_ids, rope)
     return self.final_norm(x) if self.final_norm is not None else x

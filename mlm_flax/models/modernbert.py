@@ -173,7 +173,7 @@ class ModernBertMLM(MaskedLM):
     head_dim = c.hidden_size // c.num_heads
     thetas = {'full_attention': c.global_rope_theta, 'sliding_attention': c.local_rope_theta}
     types = layer_types(c)
-    rope = {t: rope_tables(positions, head_dim, thetas[t]) for t in set(types)}
+    rope = {t: rope_tables(positions, head_dim, thetas[t], c.max_position_embeddings) for t in set(types)}
     for layer, kind in zip(self.layers, types):
       x = layer(x, biases[kind], *rope[kind], deterministic, row_ids)
     return self.final_norm(x)
