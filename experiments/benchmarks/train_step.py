@@ -31,7 +31,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SIZES = {'small': dict(layers=4, hidden=512, heads=8, ffn=2048),
          'base': dict(layers=12, hidden=768, heads=12, ffn=3072)}
 WORKERS = {'mlm_flax': ('mlm_flax_step.py', 'auto'), 'hf_flax': ('hf_flax_step.py', 'float32'),
-           'torch_fp32': ('torch_step.py', 'float32'), 'torch_bf16': ('torch_step.py', 'bfloat16')}
+           'torch_fp32': ('torch_step.py', 'float32'), 'torch_bf16': ('torch_step.py', 'bfloat16'),
+           # The equal-recipe grid (`--config configs/tiny.py`): each precision of ours, and the PyTorch peer
+           # (`ModernBertForMaskedLM` of the same config) in its variants; its fastest is the peer.
+           'mlm_flax_fp32': ('mlm_flax_step.py', 'float32'), 'mlm_flax_bf16': ('mlm_flax_step.py', 'bfloat16'),
+           'torch_modernbert_fp32': ('torch_modernbert_step.py', 'float32', '--attn=eager'),
+           'torch_modernbert_bf16': ('torch_modernbert_step.py', 'bfloat16', '--attn=eager'),
+           'torch_modernbert_bf16_sdpa': ('torch_modernbert_step.py', 'bfloat16', '--attn=sdpa'),
+           'torch_modernbert_fp32_compile': ('torch_modernbert_step.py', 'float32', '--attn=eager', '--compile'),
+           'torch_modernbert_bf16_compile': ('torch_modernbert_step.py', 'bfloat16', '--attn=eager', '--compile')}
+RECIPE_FRAMEWORKS = ('mlm_flax_fp32,mlm_flax_bf16,torch_modernbert_fp32,torch_modernbert_bf16,torch_modernbert_bf16_sdpa,'
+                     'torch_modernbert_fp32_compile,torch_modernbert_bf16_compile')
 # What run_mlm_flax.py ran on: the last transformers with Flax models and the JAX/Flax of its time.
 HF_REQUIREMENTS = ['transformers==4.46.3', 'flax==0.8.5', 'jax==0.4.30', 'jaxlib==0.4.30', 'optax==0.2.2',
                    'orbax-checkpoint==0.5.20', 'numpy<2']
@@ -77,10 +87,14 @@ def _time(fn) -> float:
 
 
 def run_worker(framework: str, shape: dict, args, python: str, env: dict, extra: tuple = ()) -> dict:
-  script, dtype = WORKERS[framework]
+  script, dtype, *flags = WORKERS[framework]
   cmd = [python, os.path.join(HERE, 'workers', script), '--vocab', str(VOCAB), '--dtype', dtype,
-         '--steps', str(args.steps), '--warmup', str(args.warmup)]
-  cmd += [f'--{k}={v}' for k, v in shape.items()] + list(extra)
+         '--steps', str(args.steps), '--warmup', str(args.warmup), *flags]
+  if args.config:  # the recipe's own shapes and model (the workers read the file)
+    cmd += ['--config', args.config]
+  else:
+    cmd += [f'--{k}={v}' for k, v in shape.items()]
+  cmd += list(extra)
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
   lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
   if proc.returncode or not lines:
@@ -113,7 +127,13 @@ def main() -> None:
   parser.add_argument('--ablation_rounds', type=int, default=3)
   parser.add_argument('--hf_venv', default=os.path.join(HERE, '.hf_flax_venv'))
   parser.add_argument('--out', default=os.path.join(HERE, 'results'))
+  parser.add_argument('--config', default=None,
+                      help='equal-recipe mode: a configs/*.py file (e.g. configs/tiny.py) whose model, batch, length, '
+                           f'vocabulary and masking rate every worker uses; default frameworks {RECIPE_FRAMEWORKS}')
   args = parser.parse_args()
+  if args.config:
+    recipe_main(args)
+    return
   sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
   from mlm_flax import flops  # pylint: disable=g-import-not-at-top
 
@@ -166,6 +186,35 @@ def main() -> None:
     json.dump({'machine': platform.processor() or platform.machine(), 'cpu_count': os.cpu_count(),
                'matmul_peaks': peaks, 'rows': rows, 'ablations': ablation_rows, 'args': vars(args)}, f, indent=2)
   with open(os.path.join(args.out, 'train_step.md'), 'w') as f:
+    f.write(table)
+  print(table)
+
+
+def recipe_main(args) -> None:
+  """The equal-recipe grid: every framework of `--frameworks` (default `RECIPE_FRAMEWORKS`) on the shapes and
+  model of `--config`, `--rounds` alternating rounds; tokens/s and the speed-up of each of ours over the fastest
+  peer of each precision. Writes results/recipe_step.{json,md}."""
+  frameworks = (args.frameworks if args.frameworks != ','.join(WORKERS) else RECIPE_FRAMEWORKS).split(',')
+  env = {**os.environ, 'PYTHONPATH': os.path.dirname(os.path.dirname(HERE))}
+  runs = {f: [] for f in frameworks}
+  for r in range(args.rounds):
+    for f in frameworks[r % len(frameworks):] + frameworks[:r % len(frameworks)]:
+      runs[f].append(run_worker(f, {}, args, sys.executable, env))
+      print(f"{f}: {runs[f][-1]['tokens_per_second']:.0f} tokens/s", flush=True)
+  tps = {f: statistics.median(x['tokens_per_second'] for x in res) for f, res in runs.items()}
+  best_peer = {d: max((t for f, t in tps.items() if f.startswith('torch') and d in f), default=None)
+               for d in ('fp32', 'bf16')}
+  lines = [f'Equal recipe `{os.path.relpath(args.config)}`, median of {args.rounds} alternating rounds of '
+           f'{args.steps} steps:', '', '| framework | tokens/s | vs the fastest peer of its precision |', '|---|---:|---:|']
+  for f, t in tps.items():
+    peer = best_peer['bf16' if 'bf16' in f else 'fp32']
+    lines.append(f"| {f} | {t:.0f} | {'' if f.startswith('torch') or not peer else f'{t / peer:.2f}x'} |")
+  table = '\n'.join(lines) + '\n'
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, 'recipe_step.json'), 'w') as f:
+    json.dump({'machine': platform.processor() or platform.machine(), 'cpu_count': os.cpu_count(), 'runs': runs,
+               'tokens_per_second': tps, 'args': vars(args)}, f, indent=2)
+  with open(os.path.join(args.out, 'recipe_step.md'), 'w') as f:
     f.write(table)
   print(table)
 

@@ -65,7 +65,7 @@ ARM_CONFIGS = {'ours-bert': os.path.join(REPO, 'configs', 'tiny_bert.py')}  # ar
 LABELS = {'ours': 'ours: quick start (tiny.py)', 'ours-15': 'ours, 15% masks',
           'ours-rate-schedule': 'ours, masks 40% -> 15% (linear)', 'ours-seq-warmup': 'ours, seq. length 32/64 warm-up',
           'ours-batch-warmup': 'ours, batch 4/8 warm-up', 'ours-bert': 'ours, BERT (tiny_bert.py)',
-          'peer': 'HF Trainer + BertForMaskedLM (PyTorch)'}
+          'peer': 'HF Trainer + BertForMaskedLM (PyTorch)', 'peer-modernbert': 'HF Trainer + ModernBertForMaskedLM (PyTorch)'}
 
 
 def data_overrides(args) -> dict:
@@ -85,12 +85,12 @@ def peer_main(args) -> None:
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   from mlm_flax import data  # pylint: disable=g-import-not-at-top
-  from mlm_flax.configs import tiny_bert  # pylint: disable=g-import-not-at-top
+  from mlm_flax.configs import tiny, tiny_bert  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(os.cpu_count())
   torch.manual_seed(0)
   cpu = arch.cpu_info()
   bf16 = cpu['avx512_bf16'] or cpu['amx_bf16']  # autocast is slower than f32 without them
-  config = tiny_bert.get_config()  # the peer's model: its BERT's sizes; data as tiny.py's
+  config = (tiny if args.peer == 'modernbert' else tiny_bert).get_config()  # the peer's model; data as tiny.py's
   config.data.update({k[5:]: v for k, v in data_overrides(args).items()})
   texts = data.load_text_splits(config.data, config.seed)['train']
   tok = transformers.AutoTokenizer.from_pretrained(args.tokenizer)
@@ -106,20 +106,27 @@ def peer_main(args) -> None:
   rows = texts.map(tokenize, batched=True, remove_columns=texts.column_names, desc='peer tokenize')
   rows = rows.map(group_texts, batched=True, desc='peer group_texts')
   m = config.model
-  bert = transformers.BertConfig(
-      vocab_size=len(tok), hidden_size=m.hidden_size, num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
-      intermediate_size=m.intermediate_size, hidden_dropout_prob=m.hidden_dropout,
-      attention_probs_dropout_prob=m.attention_dropout, max_position_embeddings=m.max_position_embeddings,
-      pad_token_id=tok.pad_token_id)
-  collator = transformers.DataCollatorForLanguageModeling(tok, mlm_probability=0.15)
+  if args.peer == 'modernbert':  # the equal recipe: configs/tiny.py's model, masks, optimizer
+    make_model = lambda: transformers.ModernBertForMaskedLM(modernbert_config(config, tok))
+    mlm_probability, opt = config.masking.rate, config.optimizer
+    optimizer_args = dict(adam_beta1=opt.b1, adam_beta2=opt.b2, adam_epsilon=opt.eps, weight_decay=opt.weight_decay,
+                          max_grad_norm=opt.grad_clip_norm, torch_compile=args.peer_compile)
+  else:
+    bert = transformers.BertConfig(
+        vocab_size=len(tok), hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_heads, intermediate_size=m.intermediate_size, hidden_dropout_prob=m.hidden_dropout,
+        attention_probs_dropout_prob=m.attention_dropout, max_position_embeddings=m.max_position_embeddings,
+        pad_token_id=tok.pad_token_id)
+    make_model, mlm_probability, optimizer_args = lambda: transformers.BertForMaskedLM(bert), 0.15, {'weight_decay': 0.01}
+  collator = transformers.DataCollatorForLanguageModeling(tok, mlm_probability=mlm_probability)
 
   def trainer(max_steps, callbacks=()):
     targs = transformers.TrainingArguments(
         output_dir=os.path.join(args.out, 'trainer'), per_device_train_batch_size=BATCH, learning_rate=args.lr,
         lr_scheduler_type='linear', warmup_steps=round(WARMUP_FRACTION * max_steps), max_steps=max_steps,
-        weight_decay=0.01, logging_steps=10**9, save_strategy='no', report_to=[], seed=0, bf16=bf16,
-        use_cpu=True, dataloader_num_workers=0, disable_tqdm=True)
-    return transformers.Trainer(model=transformers.BertForMaskedLM(bert), args=targs, train_dataset=rows,
+        logging_steps=10**9, save_strategy='no', report_to=[], seed=0, bf16=bf16,
+        use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, **optimizer_args)
+    return transformers.Trainer(model=make_model(), args=targs, train_dataset=rows,
                                 data_collator=collator, callbacks=list(callbacks))
 
   class Clock(transformers.TrainerCallback):
@@ -170,13 +177,25 @@ def peer_main(args) -> None:
     json.dump(result, f, indent=2)
 
 
+def modernbert_config(config, tok):
+  """transformers' `ModernBertConfig` of `config.model` (through our exporter's mapping: no copied numbers), with
+  eager attention: on CPU it trains ~2x faster than SDPA at these shapes (experiments/benchmarks/README.md)."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  from mlm_flax.interop import modernbert as interop  # pylint: disable=g-import-not-at-top
+  model = {**config.model.to_dict(), 'vocab_size': len(tok), 'pad_token_id': tok.pad_token_id}
+  hf = interop.hf_config_from_model(model, tok)
+  hf.pop('architectures')
+  return transformers.ModernBertConfig(**hf, attn_implementation='eager')
+
+
 def peer_run(args, lr: float, budget_s: float, save_seconds: float, name: str) -> dict:
   out = os.path.join(args.root, name)
   shutil.rmtree(out, ignore_errors=True)
   os.makedirs(out)
   command = [sys.executable, os.path.abspath(__file__), '--_peer', '--lr', str(lr), '--budget_s', str(budget_s),
              '--save_seconds', str(save_seconds), '--out', out, '--tokenizer', os.path.join(args.root, 'tokenizer'),
-             '--root', args.root, '--probe_steps', str(args.peer_probe_steps), '--margin', str(args.margin)]
+             '--root', args.root, '--probe_steps', str(args.peer_probe_steps), '--margin', str(args.margin),
+             '--peer', args.peer] + (['--peer_compile'] if args.peer_compile else [])
   if args.train_files:
     command += ['--train_files', args.train_files] + (['--validation_files', args.validation_files]
                                                      if args.validation_files else [])
@@ -263,6 +282,13 @@ def ours_arm(args, name: str, common: dict, probe: dict, limit_s: float) -> dict
 
 # --- the race ----------------------------------------------------------------------------------------------------
 
+def label(name: str, summary: dict) -> str:
+  """The legend / table name of a run (the peer's names its model)."""
+  if name == 'peer' and summary.get('peer_model', '').startswith('ModernBert'):
+    name = 'peer-modernbert'
+  return LABELS.get(name, name)
+
+
 def time_to(points: list[dict], target: float) -> float | None:
   """Training seconds at which the curve first reaches `target`, interpolated linearly between evaluations."""
   prev = None
@@ -284,7 +310,7 @@ def plot(summary: dict, out: str) -> None:
   for name, r in summary['runs'].items():
     ax.plot([p['train_seconds'] / 60 for p in r['curve']], [p['masked_accuracy'] for p in r['curve']],
             marker='o', ms=3, lw=2.2 if name == 'peer' else 1.4, color='black' if name == 'peer' else None,
-            label=LABELS.get(name, name))
+            label=label(name, summary))
   if summary['peer_final_accuracy'] is not None:
     ax.axhline(summary['peer_final_accuracy'], color='grey', ls='--', lw=1, label="peer's final accuracy")
   ax.axvline(summary['budget_minutes'], color='grey', ls=':', lw=1)
@@ -308,11 +334,14 @@ def markdown(summary: dict) -> str:
     for name, r in summary['runs'].items():
       acc = r['final_eval']['masked_accuracy']
       delta = '-' if base is None or name == 'ours' else f'{acc - base:+.4f}'
-      lines.append(f"| {LABELS.get(name, name)} | {acc:.4f} | {delta} | {r['steps_done']} | {r['stopped_by']} |")
+      lines.append(f"| {label(name, summary)} | {acc:.4f} | {delta} | {r['steps_done']} | {r['stopped_by']} |")
     return '\n'.join(lines + machine_lines(summary))
   lines = [f"# Time to accuracy ({summary['budget_minutes']:g} min each)", '',
-           f"Peer: HF Trainer, learning rate {summary['peer']['learning_rate']:g} (best of the sweep "
-           f"{', '.join(f'{k}: {v:.4f}' for k, v in summary['peer_sweep'].items())}), "
+           f"Peer: HF Trainer, {summary.get('peer_model', 'BertForMaskedLM')}, learning rate "
+           f"{summary['peer']['learning_rate']:g} "
+           + (f"(best of the sweep {', '.join(f'{k}: {v:.4f}' for k, v in summary['peer_sweep'].items())}), "
+              if summary['peer_sweep'] else "(the recipe's), ")
+           + f"{'torch.compile, ' if summary.get('peer_compile') else ''}"
            f"{'bf16 autocast' if summary['peer']['bf16_autocast'] else 'f32'}. Target: the peer's final accuracy "
            f"{summary['peer_final_accuracy']:.4f}. Eval: {summary['eval']['num_masked_tokens']} masked tokens, the "
            'same masks for every run.', '',
@@ -320,7 +349,7 @@ def markdown(summary: dict) -> str:
            '|---|---:|---:|---:|---:|']
   for name, r in summary['runs'].items():
     t, s = r.get('time_to_peer_final'), r.get('speed_up')
-    lines.append(f"| {LABELS.get(name, name)} | {r['final_eval']['masked_accuracy']:.4f} | {r['steps_done']} | "
+    lines.append(f"| {label(name, summary)} | {r['final_eval']['masked_accuracy']:.4f} | {r['steps_done']} | "
                  f"{'not reached' if t is None else f'{t:.0f}'} | {'-' if s is None else f'{s:.2f}x'} |")
   return '\n'.join(lines + machine_lines(summary))
 
@@ -347,6 +376,11 @@ def main() -> None:
   parser.add_argument('--margin', type=float, default=0.97, help='fraction of the estimated steps to schedule')
   parser.add_argument('--train_files', default=None, help='local text instead of the built-in corpus (tests)')
   parser.add_argument('--validation_files', default=None, help='its validation text')
+  parser.add_argument('--peer', default='bert', choices=('bert', 'modernbert'),
+                      help="bert: HF's BERT recipe (tiny_bert.py's sizes, 15%% masks, tuned lr); modernbert: the "
+                           "equal recipe, configs/tiny.py's model, masks and optimizer in transformers")
+  parser.add_argument('--peer_compile', action='store_true', help="the peer's Trainer(torch_compile=True)")
+  parser.add_argument('--dtype', default='float32', help="our model.dtype ('auto': bf16 where the CPU has it)")
   parser.add_argument('--_peer', action='store_true', help=argparse.SUPPRESS)
   parser.add_argument('--lr', type=float, help=argparse.SUPPRESS)
   parser.add_argument('--budget_s', type=float, help=argparse.SUPPRESS)
@@ -363,7 +397,7 @@ def main() -> None:
   started, load_before = time.time(), [round(x, 2) for x in os.getloadavg()]
   os.makedirs(args.root, exist_ok=True)
   limit_s = args.budget_minutes * 60
-  common = {**data_overrides(args), 'model.dtype': 'float32', 'progress_bar': False, 'fill_mask_examples': 0,
+  common = {**data_overrides(args), 'model.dtype': args.dtype, 'progress_bar': False, 'fill_mask_examples': 0,
             'checkpoint_every_steps': 10**9, 'max_checkpoints_to_keep': 1}
 
   # The quick start's tokenizer, trained by the probe, then given to every run and to the peer.
@@ -379,12 +413,13 @@ def main() -> None:
 
   # The peer: the learning-rate sweep at a fraction of the budget, then the best rate at the full budget.
   sweep, runs, target = {}, {}, None
-  for lr in ([] if args.no_peer else [float(x) for x in args.peer_lrs.split(',')]):
+  lrs = [] if args.no_peer else [float(x) for x in args.peer_lrs.split(',')]
+  for lr in lrs if len(lrs) > 1 else []:  # one rate (the equal recipe's): nothing to sweep
     r = peer_run(args, lr, args.sweep_fraction * limit_s, 0, f'peer-sweep-{lr:g}')
     sweep[f'{lr:g}'] = eval_hf(args, r['checkpoints'][-1]['path'], ours_config)['masked_accuracy']
     print(f'peer sweep lr {lr:g}: {sweep[f"{lr:g}"]:.4f}', flush=True)
   if not args.no_peer:
-    best = max(sweep, key=sweep.get)
+    best = max(sweep, key=sweep.get) if sweep else lrs[0]
     peer = peer_run(args, float(best), limit_s, args.peer_save_seconds or limit_s / 10, 'peer')
     curve = []
     for c in peer['checkpoints']:
@@ -415,6 +450,8 @@ def main() -> None:
                      if r['time_to_peer_final'] and peer_time is not None else None)
   summary = {
       'budget_minutes': args.budget_minutes, 'peer_final_accuracy': target, 'peer_sweep': sweep,
+      'peer_model': {'bert': 'BertForMaskedLM', 'modernbert': 'ModernBertForMaskedLM (eager attention)'}[args.peer],
+      'peer_compile': args.peer_compile, 'dtype': args.dtype,
       'peer_sweep_minutes': None if args.no_peer else args.sweep_fraction * args.budget_minutes,
       'peer': {k: v for k, v in runs.get('peer', {}).items() if k not in ('curve', 'final_eval')} or None,
       'runs': runs,
