@@ -468,8 +468,8 @@ def test_a_non_finite_loss_skips_the_update(tiny_bert, tmp_path):
                    log_every_steps=2, **{'data.text_column': 'sentence'})
   results = finetune_lib.finetune(config, tiny_bert, str(tmp_path / 'run'))
   rows = [r for r in writers.read_metrics(str(tmp_path / 'run')) if r['split'] == 'train']
-  assert sum(r['skipped_steps'] for r in rows) == 2  # one batch of two per epoch holds row 5
   assert np.isfinite(results['metrics']['loss']) and all(np.isfinite(r['loss']) for r in rows)
+  assert sum(r['skipped_steps'] for r in rows) == 2  # one batch of two per epoch holds row 5
   config.optimizer.nonfinite = 'stop'
   with pytest.raises(FloatingPointError, match='non-finite loss or gradient'):
     finetune_lib.finetune(config, tiny_bert, str(tmp_path / 'stop'))
@@ -502,7 +502,8 @@ def test_default_recipe_is_the_one_the_readme_states():
   assert (c.optimizer.learning_rate, c.batch_size, c.num_epochs, c.optimizer.warmup_ratio,
           c.optimizer.warmup_steps, c.optimizer.weight_decay, c.optimizer.schedule, c.optimizer.grad_clip_norm) == (
               5e-5, 8, 3, 0.0, None, 0.0, 'linear', 1.0)
-  readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), 'README.md')).read()
+  with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'README.md')) as f:
+    readme = ' '.join(f.read().split())
   assert 'AdamW 5e-5, no warmup, linear decay to 0, weight decay 0, 3 epochs, batch 8' in readme
 
 

@@ -94,9 +94,8 @@ def test_equal_values_written_differently_are_one_point():
   assert len(sweep.make_sweep('train', TINY, ['optimizer.learning_rate=1e-3,1e-4']).points) == 2
 
 
-def test_compare_names_finetuning_metrics_best_and_corrupt_json_files(tmp_path):
-  """A fine-tuning run's results.json metrics are its best step's (`best_*`); a corrupt results.json,
-  config.json or sweep.json is an error naming the file and the fix."""
+def test_compare_names_finetuning_metrics_best(tmp_path):
+  """A fine-tuning run's results.json metrics are its best step's (`best_*`)."""
   run = tmp_path / 'root' / 'ft'
   run.mkdir(parents=True)
   (run / 'config.json').write_text(json.dumps({'task': {'type': 'classification'}, 'seed': 0}))
@@ -104,6 +103,17 @@ def test_compare_names_finetuning_metrics_best_and_corrupt_json_files(tmp_path):
                                                 'metrics': {'accuracy': 0.9, 'test_accuracy': 0.8}}))
   metrics, _ = compare.run_metrics(str(run))
   assert metrics == {'step': 16, 'best_accuracy': 0.9, 'best_test_accuracy': 0.8}
+
+
+def test_corrupt_json_files_are_named_with_the_fix(tmp_path):
+  run = tmp_path / 'root' / 'ft'
+  run.mkdir(parents=True)
+  (run / 'config.json').write_text(json.dumps({'seed': 0}))
+  (run / 'results.json').write_text(json.dumps({'task': 'classification', 'metrics': {'accuracy': 0.9}}))
+  _corrupt_json_files_are_named(tmp_path, run)
+
+
+def _corrupt_json_files_are_named(tmp_path, run):
   for name, where in (('results.json', run), ('config.json', run), ('sweep.json', tmp_path / 'root')):
     path = where / name
     good = path.read_text() if path.exists() else json.dumps({'points': [{'name': 'ft', 'overrides': {}}]})
