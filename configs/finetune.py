@@ -2,8 +2,14 @@
 
 The encoder's architecture comes from `--init MODEL` (a pretraining workdir or a Hugging Face model) and is written
 into `model` at start; only the keys below that do not change the params' shapes can be set here. The returned
-ConfigDict is locked, so a mistyped key is an error that lists the valid ones. Defaults follow the BERT paper's
-GLUE recipe (AdamW 2e-5, 10% linear warmup then linear decay, 3 epochs, batch 32).
+ConfigDict is locked, so a mistyped key is an error that lists the valid ones.
+
+Defaults are `transformers.Trainer`'s (AdamW 5e-5, no warmup, linear decay to 0, weight decay 0, 3 epochs, batch
+8, gradient clipping at 1.0): on small data they give 4x the updates of BERT's GLUE recipe (2e-5, batch 32, 10%
+warmup, weight decay 0.01), which underfits there (MiniLM on 462 docstrings, 5 topics: 0.681 held-out accuracy,
+0.871 with these, as Trainer's defaults in PyTorch; README "Fine-tuning defaults"); on GLUE-sized data both
+recipes make thousands of updates, and 5e-5 is in the BERT paper's own grid. Pass the GLUE recipe explicitly
+to reproduce the paper (`--config.optimizer.*`, `--config.batch_size=32`).
 """
 
 import ml_collections
@@ -28,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.num_epochs = 3  # used when num_train_steps is None
   c.num_train_steps = _optional(int)  # set: train this many steps instead of num_epochs epochs
-  c.batch_size = 32  # global, in examples; each epoch drops the last partial batch (reshuffled per epoch)
+  c.batch_size = 8  # global, in examples; each epoch drops the last partial batch (reshuffled per epoch)
   c.eval_batch_size = 64  # global; every validation/test row is scored once, whatever this is
   c.max_seq_length = 128  # longer inputs are truncated (pairs: the longer text first)
   c.fsdp = 1  # devices that share one copy of params and optimizer state (as in pretraining)
@@ -63,20 +69,27 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.text_column = _optional(str)
   c.data.text_pair_column = _optional(str)
   c.data.label_column = _optional(str)
+  # Label names in id order, comma-separated (e.g. 'O,B-PER,I-PER'): integer labels in the data are ids into
+  # them, strings their names. None: a ClassLabel feature's names, else the sorted unique training labels. Token
+  # classification needs entity tags (IOB / IOBES): data with integer tags (CoNLL files) must set this.
+  c.data.label_names = _optional(str)
   c.data.num_proc = 1  # tokenization processes (datasets.map)
   c.data.cache_dir = _optional(str)  # hub downloads; None: ~/.cache/mlm_flax (or $MLM_FLAX_CACHE)
 
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.learning_rate = 2e-5
-  c.optimizer.warmup_ratio = 0.1  # of the training steps; used when warmup_steps is None
+  c.optimizer.learning_rate = 5e-5
+  c.optimizer.warmup_ratio = 0.0  # of the training steps; used when warmup_steps is None (GLUE recipe: 0.1)
   c.optimizer.warmup_steps = _optional(int)
   c.optimizer.schedule = 'linear'  # decay after warmup: 'linear', 'cosine' or 'constant'
   c.optimizer.end_learning_rate_factor = 0.0
-  c.optimizer.weight_decay = 0.01  # AdamW; never on biases and LayerNorm (1-D params)
+  c.optimizer.weight_decay = 0.0  # AdamW; never on biases and LayerNorm (1-D params) (GLUE recipe: 0.01)
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.999
   c.optimizer.eps = 1e-8
   c.optimizer.grad_clip_norm = 1.0  # 0: no clipping
+  # A step with a non-finite loss, gradient or param: 'skip' leaves params and optimizer state as they were (counted
+  # in the train rows' `skipped_steps`), 'stop' ends the run with an error naming the step (as pretraining).
+  c.optimizer.nonfinite = 'skip'
   # Layer-wise learning-rate decay (ELECTRA, DeBERTa): layer i of L gets learning_rate * layer_decay^(L + 1 - i),
   # the embeddings layer_decay^(L + 1), the head the full rate. None or 1.0: off. Typical: 0.8-0.95.
   c.optimizer.layer_decay = _optional(float)

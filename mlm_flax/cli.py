@@ -27,6 +27,10 @@ from ml_collections import config_flags
 from mlm_flax import configs
 from mlm_flax.sweep import default_workdir  # train's default --workdir (the sweep names its points with it)
 
+# transformers (tokenizers, configs, file utilities here: the models are JAX) advises at import that PyTorch was
+# not found; set before it is imported, so a JAX-only install prints no such line. Set it to '' to see them.
+os.environ.setdefault('TRANSFORMERS_NO_ADVISORY_WARNINGS', '1')
+
 COMMANDS = ('train', 'eval', 'fill-mask', 'classify', 'export', 'import', 'plot', 'finetune', 'sweep', 'compare')
 SWEEP_FLAGS = ('config', 'workdir', 'sweep', 'seeds', 'command', 'dry_run', 'emit')  # the others pass to the points
 DEFAULT_CONFIG = os.path.join(list(configs.__path__)[0], 'tiny.py')  # installed with the package

@@ -4,7 +4,7 @@
 
 A folder with a config.json is a run; any other folder (a sweep's root) stands for the runs in its subfolders.
 Metrics come from each run's metrics.jsonl eval rows (final: the last eval; best: the best eval over the run)
-and, for fine-tuning runs, results.json. Runs whose configs differ only in `seed` are also summarised as
+and, for fine-tuning runs, results.json (`best_*`: the best step's metrics, `test_*` included). Runs whose configs differ only in `seed` are also summarised as
 mean ± std (sample standard deviation) over their seeds. Nothing here imports JAX.
 """
 
@@ -18,6 +18,7 @@ from typing import Any, Sequence
 from mlm_flax import plot, validation
 
 EVAL_METRICS = ('loss', 'masked_accuracy')
+SWEEP_FIX = 'restore it, or delete it to compare the subfolders in name order.'
 LOWER_IS_BETTER = ('loss', 'perplexity')
 
 
@@ -33,8 +34,7 @@ def find_runs(paths: Sequence[str]) -> list[str]:
     names = sorted(n for n in os.listdir(path) if os.path.isfile(os.path.join(path, n, 'config.json')))
     record = os.path.join(path, 'sweep.json')
     if os.path.isfile(record):
-      with open(record) as f:
-        order = [p['name'] for p in json.load(f)['points']]
+      order = [p['name'] for p in validation.read_json(record, SWEEP_FIX)['points']]
       names = [n for n in order if n in names] + [n for n in names if n not in order]
     if not names:
       raise ValueError(f'{path} holds no runs (no config.json in it or its subfolders); pass workdirs of '
@@ -48,8 +48,8 @@ def _better(metric: str, a: float, b: float) -> bool:
 
 
 def run_metrics(workdir: str) -> tuple[dict[str, Any], list[dict]]:
-  """({'step', 'final_<m>', 'best_<m>'}, the metrics.jsonl rows) of one run; results.json metrics (fine-tuning)
-  give `final_<name>` too."""
+  """({'step', 'final_<m>', 'best_<m>'}, the metrics.jsonl rows) of one run; a fine-tuning run's results.json
+  metrics (those of its best step, `test_*` included) give `best_<name>`, and `step` is its best step."""
   path = os.path.join(workdir, 'metrics.jsonl')
   rows = []
   if os.path.isfile(path):
@@ -70,10 +70,10 @@ def run_metrics(workdir: str) -> tuple[dict[str, Any], list[dict]]:
         best = v if _better(m, v, best) else best
       out[f'best_{m}'] = best
   results = os.path.join(workdir, 'results.json')
-  if os.path.isfile(results):
-    with open(results) as f:
-      res = json.load(f)
-    out.update({f'final_{k}': v for k, v in (res.get('metrics') or {}).items()
+  if os.path.isfile(results):  # fine-tuning: the best step's metrics
+    res = validation.read_json(results, 'delete it and run the same `mlm-flax finetune` command again to '
+                               'rewrite it from the checkpoints.')
+    out.update({f'best_{k}': v for k, v in (res.get('metrics') or {}).items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool)})
     out['step'] = res.get('best_step', out['step'])
   return out, rows
@@ -102,8 +102,7 @@ def table(workdirs: Sequence[str]) -> tuple[list[str], list[list[Any]], dict[str
   """(headers, one row per run: name, the config keys whose values differ, step, metrics; each run's rows)."""
   configs, metrics, curves = [], [], {}
   for w, label in zip(workdirs, _label(workdirs)):
-    with open(os.path.join(w, 'config.json')) as f:
-      configs.append(validation.flatten(json.load(f)))
+    configs.append(validation.flatten(validation.read_json(os.path.join(w, 'config.json'), validation.CONFIG_FIX)))
     m, curves[label] = run_metrics(w)
     metrics.append(m)
   keys = sorted({k for c in configs for k in c})

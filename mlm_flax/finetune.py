@@ -1,7 +1,7 @@
 """Fine-tuning: `finetune(config, init, workdir)`, a set-up plus a short loop, on the pretraining pieces.
 
 The encoder's params come from `init` (a pretraining workdir or a Hugging Face model, `tasks.model.load_encoder`),
-the task head is new. Training is pretraining's path: `train.make_optimizer` (AdamW, warmup + decay) with optional
+the task head is new (a task model's output layer is reused only for the same labels, `tasks.model.head_for_labels`). Training is pretraining's path: `train.make_optimizer` (AdamW, warmup + decay) with optional
 layer-wise LR decay, the same Mesh / jit / FSDP shardings, Orbax checkpoints (`checkpoint.Checkpointer`) with exact
 resume (data order a function of (seed, epoch), dropout of (step, global row)), SIGTERM handling, metrics.jsonl and
 TensorBoard. It evaluates every epoch on the whole validation split, keeps the best step's params in `DIR/best/`
@@ -35,7 +35,7 @@ from mlm_flax.tasks import data as task_data
 from mlm_flax.tasks import metrics as task_metrics
 
 TrainState = train.TrainState  # step, params, opt_state, rng: the pretraining state and its checkpoint items
-_NO_PENDING = {'loss_sum': 0.0, 'count': 0.0, 'grad_norm': 0.0, 'steps': 0}  # train sums since the last log
+_NO_PENDING = {'loss_sum': 0.0, 'count': 0.0, 'grad_norm': 0.0, 'steps': 0, 'skipped_steps': 0}  # since the last log
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
@@ -61,6 +61,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     raise ValueError(f'--config.optimizer.warmup_ratio={opt.warmup_ratio} must be a fraction in [0, 1].')
   if opt.learning_rate < 0 or (opt.warmup_steps or 0) < 0:
     raise ValueError('--config.optimizer.learning_rate and --config.optimizer.warmup_steps must be >= 0.')
+  if opt.nonfinite not in ('skip', 'stop'):
+    raise ValueError(f'--config.optimizer.nonfinite={opt.nonfinite!r} is not one of skip, stop.')
   if opt.layer_decay is not None and not 0.0 < opt.layer_decay <= 1.0:
     raise ValueError(f'--config.optimizer.layer_decay={opt.layer_decay} must be in (0, 1] (1 or unset: off).')
   if config.model.dtype not in ('auto', 'float32', 'bfloat16'):
@@ -134,7 +136,8 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int, params: An
 def finetune_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx: optax.GradientTransformation,
                   task: str) -> tuple[TrainState, dict[str, jax.Array]]:
   """One update on the global batch: the mean task loss (over examples, or scored tokens), AdamW. Dropout draws
-  from fold_in(rng, step) per global row, so a resumed run or another mesh drops the same units."""
+  from fold_in(rng, step) per global row, so a resumed run or another mesh drops the same units. A non-finite
+  loss, gradient or param leaves the state as it was (`train.apply_if_finite`, counted in `skipped_steps`)."""
   dropout_rng = jax.random.fold_in(state.rng, state.step)
   row_ids = jnp.arange(batch['input_ids'].shape[0])
 
@@ -146,8 +149,8 @@ def finetune_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx: 
 
   grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
-  return state, {**sums, 'grad_norm': optax.tree.norm(grads)}
+  return train.apply_if_finite(state, optax.apply_updates(state.params, updates), opt_state, sums,
+                               optax.tree.norm(grads))
 
 
 def eval_step(params: Any, batch: dict[str, jax.Array], *, model, task: str) -> tuple[jax.Array, ...]:
@@ -182,17 +185,28 @@ def finetune(config: ml_collections.ConfigDict, init: str | None, workdir: str) 
   os.makedirs(workdir, exist_ok=True)
   if config.seeds == 1:
     return _finetune_seed(config, workdir)
-  train.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
+  parent = _check_parent(config, workdir)
   runs = []
   for k in range(config.seeds):
     seed_config = ml_collections.ConfigDict({**config.to_dict(), 'seed': config.seed + k, 'seeds': 1})
-    result = _finetune_seed(seed_config, os.path.join(workdir, f'seed_{k}'))
+    result = _finetune_seed(seed_config, os.path.join(workdir, f'seed_{k}'), parent if k == 0 else None)
     if result.get('preempted'):
       return result
     runs.append(result['per_seed'][0])
   results = aggregate(config.task.type, runs)
   train.write_json(os.path.join(workdir, 'results.json'), results)
   return results
+
+
+def _check_parent(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
+  """A multi-seed folder's config.json (`seeds` may grow) refuses a changed config before anything is written;
+  returns {path: content}, written by seed 0 once its own checks (init model, data, its resume) pass."""
+  path, new = os.path.join(workdir, 'config.json'), config.to_dict()
+  old = validation.saved_config(workdir)
+  if old is not None:
+    without_seeds = lambda c: {k: v for k, v in c.items() if k != 'seeds'}
+    validation.check_config_change(without_seeds(old), without_seeds(new), workdir)
+  return {path: new}
 
 
 def aggregate(task: str, per_seed: list[dict]) -> dict:
@@ -206,22 +220,28 @@ def aggregate(task: str, per_seed: list[dict]) -> dict:
           'best_step': [r['best_step'] for r in per_seed] if len(per_seed) > 1 else per_seed[0]['best_step']}
 
 
-def _finetune_seed(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def _finetune_seed(config: ml_collections.ConfigDict, workdir: str, parent: dict[str, dict] | None = None) -> dict:
   os.makedirs(workdir, exist_ok=True)
   with (workdir_lock.hold(workdir, enabled=jax.process_index() == 0), preemption.watch() as preempt,
         contextlib.ExitStack() as on_exit):
-    return _run(config, workdir, preempt, on_exit)
+    return _run(config, workdir, preempt, on_exit, parent or {})
 
 
 class _Best:
-  """The best step's params in `DIR/best/<step>` (an Orbax manager keeping one), apart from the resume
-  checkpoints: retention there never touches them. A step saved before a crash is saved again by the rerun
-  with the same values, so an existing one is kept."""
+  """The best step's params in `DIR/best/<step>`, apart from the resume checkpoints: retention there never
+  touches them. `prune` keeps the best step of the last finished resume checkpoint as well as the current one,
+  so a crash never loses the params a resumed run reports; a resumed run prunes what came after its checkpoint
+  (saved again, the same values, if they become best again), and the finished run keeps its best step only."""
 
   def __init__(self, workdir: str):
     self.manager = ocp.CheckpointManager(
         os.path.join(os.path.abspath(workdir), 'best'),
-        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True, enable_async_checkpointing=False))
+        options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True, enable_async_checkpointing=False))
+
+  def prune(self, keep: set[int | None]) -> None:
+    for step in self.manager.all_steps():
+      if step not in keep:
+        self.manager.delete(step)
 
   def save(self, step: int, params: Any, metrics: dict) -> None:
     if step not in self.manager.all_steps():
@@ -237,13 +257,13 @@ class _Best:
 
 
 def _run(config: ml_collections.ConfigDict, workdir: str, preempt: preemption.Watcher,
-         on_exit: contextlib.ExitStack) -> dict:
+         on_exit: contextlib.ExitStack, first_writes: dict[str, dict]) -> dict:
+  """One seed's run; nothing is written to `workdir` (nor `first_writes`, {path: JSON}) before every check passed."""
   from mlm_flax.tasks import model as task_model  # pylint: disable=g-import-not-at-top
   task = config.task.type
   encoder = task_model.load_encoder(config.init, dtype=config.model.dtype)
-  encoder_params, tok = (encoder.params, encoder.head), encoder.tokenizer
+  tok = encoder.tokenizer
   config = resolve_config(config, encoder.model.to_dict())
-  del encoder
   old = validation.saved_config(workdir)
   if old is not None:
     warning = validation.check_config_change(old, config.to_dict(), workdir)
@@ -256,17 +276,20 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preempt: preemption.Wa
       saved_names = json.load(f)['label_names']
   task_rows = task_data.load_task_data(config.data, task, tok, config.max_seq_length, saved_names)
   splits, names = task_rows.splits, task_rows.label_names
-  train.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
-  train.write_json(labels_path, {'task': task, 'num_labels': task_rows.num_labels, 'label_names': names,
-                            'columns': task_rows.columns})
-  if jax.process_index() == 0 and not os.path.isdir(os.path.join(workdir, 'tokenizer')):
-    tokenizer_lib.save_atomic(tok, os.path.join(workdir, 'tokenizer'))
-
+  encoder_params = (encoder.params, task_model.head_for_labels(encoder, task, names))
+  del encoder
   num_train = len(splits['train']['input_ids'])
   steps_per_epoch = num_train // config.batch_size
   if steps_per_epoch == 0:
     raise ValueError(f'The train split has {num_train} examples, fewer than one batch of {config.batch_size}; '
                      'lower --config.batch_size or add examples.')
+  for path, content in first_writes.items():
+    train.write_json(path, content)
+  train.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
+  train.write_json(labels_path, {'task': task, 'num_labels': task_rows.num_labels, 'label_names': names,
+                            'columns': task_rows.columns})
+  if jax.process_index() == 0 and not os.path.isdir(os.path.join(workdir, 'tokenizer')):
+    tokenizer_lib.save_atomic(tok, os.path.join(workdir, 'tokenizer'))
   num_steps = config.num_train_steps or config.num_epochs * steps_per_epoch
   eval_every = config.eval_every_steps or steps_per_epoch
   ckpt_every = config.checkpoint_every_steps or eval_every
@@ -298,7 +321,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preempt: preemption.Wa
     print(f'Resumed from {ckpt.directory} at step {int(state.step)}.', flush=True)
   start_step = int(state.step)
   history, best_step = meta.get('history', []), meta.get('best_step')
-  pending = meta.get('pending', dict(_NO_PENDING))
+  pending = {**_NO_PENDING, **meta.get('pending', {})}
+  saved_best = best_step  # the best step of the last resume checkpoint: its params stay in best/
+  best_ckpt.prune({best_step})  # later ones are a crashed run's, maybe not this run's best
 
   repl = parallel.replicated(mesh)
   p_train_step = jax.jit(functools.partial(finetune_step, model=model, tx=tx, task=task),
@@ -323,13 +348,17 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preempt: preemption.Wa
     step_metrics.append(metrics)
     bar.update(1)
     if step % config.log_every_steps == 0 or step == num_steps:
-      pending = _add_pending(pending, step_metrics)
+      pending = _add_pending(pending, step_metrics, step, config.optimizer.nonfinite)
       step_metrics = []
       row = {'loss': pending['loss_sum'] / max(pending['count'], 1.0),
-             'grad_norm': pending['grad_norm'] / max(pending['steps'], 1),
-             'learning_rate': float(schedule(step - 1)), 'epoch': step / steps_per_epoch}
+             'grad_norm': pending['grad_norm'] / max(pending['steps'] - pending['skipped_steps'], 1),
+             'skipped_steps': pending['skipped_steps'], 'learning_rate': float(schedule(step - 1)),
+             'epoch': step / steps_per_epoch}
       writer.write(step, 'train', row)
       bar.set_postfix(loss=f"{row['loss']:.4f}")
+      if row['skipped_steps'] and jax.process_index() == 0:
+        bar.write(f"step {step}: skipped {row['skipped_steps']} of the last {pending['steps']} steps (non-finite "
+                  'loss or gradient; optimizer.nonfinite=skip)')
       pending = dict(_NO_PENDING)
     if step % eval_every == 0 or step == num_steps:
       result = run_eval(state.params, splits['validation'])
@@ -342,10 +371,12 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preempt: preemption.Wa
         best_ckpt.save(step, state.params, result)
     stop = preempt.should_stop(step) and step < num_steps
     if step % ckpt_every == 0 or step == num_steps or stop:
-      pending = _add_pending(pending, step_metrics)
+      pending = _add_pending(pending, step_metrics, step, config.optimizer.nonfinite)
       step_metrics = []
       ckpt.save(step, state, {'step': step, 'history': history, 'best_step': best_step, 'pending': pending},
-                force=stop)
+                force=stop)  # returns once the previous save is final: its best step may go
+      best_ckpt.prune({saved_best, best_step})
+      saved_best = best_step
     if stop:
       ckpt.wait()
       print(f'Preempted at step {step}; checkpoint saved in {ckpt.directory}; run the same command to resume.',
@@ -353,6 +384,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preempt: preemption.Wa
       return {'step': step, 'preempted': True}
   bar.close()
   ckpt.wait()
+  best_ckpt.prune({best_step})
   results_metrics = dict(_metrics_at(history, best_step))
   results_metrics.pop('num_examples', None)
   if 'test' in splits and 'labels' in splits['test']:
@@ -372,13 +404,16 @@ def _metrics_at(history: list[dict], step: int) -> dict:
   return next(h['metrics'] for h in history if h['step'] == step)
 
 
-def _add_pending(pending: dict, step_metrics: list[dict]) -> dict:
-  """Host sums of the train metrics since the last log (checkpointed, so a resumed run logs the same rows)."""
+def _add_pending(pending: dict, step_metrics: list[dict], step: int, nonfinite: str) -> dict:
+  """Host sums of the train metrics since the last log (checkpointed, so a resumed run logs the same rows).
+  With optimizer.nonfinite='stop', raises at a skipped step (before any checkpoint past it)."""
   out = dict(pending)
   for m in parallel.fetch(step_metrics):
+    train.check_finite(m, step, nonfinite)
     out['loss_sum'] = out['loss_sum'] + float(m['loss_sum'])
     out['count'] = out['count'] + float(m['count'])
     out['grad_norm'] = out['grad_norm'] + float(m['grad_norm'])
+    out['skipped_steps'] += int(m['skipped_steps'])
     out['steps'] += 1
   return out
 

@@ -12,6 +12,7 @@ ROOT/sweep.json records the sweep: a rerun in the same ROOT must have the same c
 overrides, and may only add points. Nothing here imports JAX.
 """
 
+import ast
 import dataclasses
 import hashlib
 import importlib.util
@@ -24,6 +25,8 @@ import signal
 import subprocess
 import sys
 from typing import Any, Sequence
+
+from mlm_flax import validation
 
 COMMIT_MARKER = 'commit_success.txt'  # = checkpoint.COMMIT_MARKER (not imported: that module imports JAX)
 
@@ -112,6 +115,18 @@ def grid(specs: Sequence[str], seeds: int | None = None) -> list[dict[str, str]]
   return points
 
 
+def _parsed(overrides: dict[str, str]) -> tuple:
+  """The overrides as the config will hold them, for telling equal points apart: numbers as floats (`1e-3` is
+  `0.001`), booleans and None as such, other strings as written."""
+  def value(v: str) -> Any:
+    try:
+      parsed = ast.literal_eval(v)
+    except (ValueError, SyntaxError):
+      return {'true': True, 'false': False, 'none': None}.get(v.lower(), v)
+    return float(parsed) if isinstance(parsed, (int, float)) and not isinstance(parsed, bool) else parsed
+  return tuple(sorted((k, repr(value(v))) for k, v in overrides.items()))
+
+
 def make_sweep(command: str, config: str, specs: Sequence[str], seeds: int | None = None,
                overrides: Sequence[str] = (), args: Sequence[str] = ()) -> Sweep:
   """A Sweep of `command` over the grid; `overrides` (`--config.KEY=VALUE`) apply to every point."""
@@ -125,10 +140,11 @@ def make_sweep(command: str, config: str, specs: Sequence[str], seeds: int | Non
     both = common & set(p)
     if both:
       raise ValueError(f'--config.{sorted(both)[0]} is both swept and set for every point; drop one of them.')
-    name = os.path.basename(default_workdir(config, p))
-    if name in seen:
-      raise ValueError(f'two points have the same overrides ({p}); give each value once.')
-    seen[name] = p
+    name, same = os.path.basename(default_workdir(config, p)), _parsed(p)
+    if same in seen:
+      raise ValueError(f'two points have the same overrides ({seen[same]} and {p}: equal values); give each value '
+                       'once.')
+    seen[same] = p
     points.append(Point(name, p))
   return Sweep(command, config, list(overrides), list(args), points)
 
@@ -183,8 +199,8 @@ def _read_record(root: str) -> dict | None:
   path = os.path.join(root, 'sweep.json')
   if not os.path.isfile(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  return validation.read_json(path, 'delete it to record this sweep anew (finished points are still skipped), '
+                              'or use another --workdir.')
 
 
 def _write_record(sweep: Sweep, root: str) -> None:

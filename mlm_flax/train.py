@@ -115,8 +115,15 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx: opt
                                        grad_accum_steps)
   grads = jax.tree.map(lambda g: g / jnp.maximum(metrics['count'], 1.0), grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  grad_norm = optax.tree.norm(grads)
+  return apply_if_finite(state, optax.apply_updates(state.params, updates), opt_state, metrics,
+                         optax.tree.norm(grads))
+
+
+def apply_if_finite(state: TrainState, params: Any, opt_state: Any, metrics: dict[str, jax.Array],
+                    grad_norm: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+  """The next state with `params` and `opt_state`, unless the loss (`metrics['loss_sum']`), the gradient norm or
+  a new param is non-finite: then params and optimizer state stay as they were (in-graph, no host sync) and the
+  step's metrics are zeros but `skipped_steps` = 1. The step counter advances either way."""
   finite = jnp.isfinite(metrics['loss_sum']) & jnp.isfinite(grad_norm) & jax.tree.reduce(
       jnp.logical_and, jax.tree.map(lambda p: jnp.isfinite(p).all(), params))
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -245,7 +252,7 @@ def _pending_from_meta(meta: dict) -> list[dict]:
   return [{k: np.asarray(v, dtypes[k]) for k, v in r.items()} for r in meta.get('pending_metrics', [])]
 
 
-def _check_finite(metrics: dict, step: int, mode: str) -> None:
+def check_finite(metrics: dict, step: int, mode: str) -> None:
   """With optimizer.nonfinite='stop': raises at the first step that was skipped (one host sync)."""
   if mode == 'stop' and float(metrics['skipped_steps']):
     raise FloatingPointError(
@@ -372,7 +379,7 @@ def _log_train(run: _Run, step: int, pending: list[dict], last_time: float, last
   elapsed, steps = now - last_time, step - last_step
   summary = loss.summarize(sums)
   tokens = sum(b * n for b, n in (data.step_shape(run.phases, s) for s in range(last_step, step)))  # warm-ups
-  _check_finite(sums, step, config.optimizer.nonfinite)
+  check_finite(sums, step, config.optimizer.nonfinite)
   summary.update(grad_norm=float(sums['grad_norm']) / max(len(pending) - int(sums['skipped_steps']), 1),
                  skipped_steps=int(sums['skipped_steps']),
                  learning_rate=float(run.schedule(step - 1)),
@@ -424,7 +431,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
     pending.append(metrics)
     if len(pending) > 1:  # keep one step queued, so the bar and ETA follow real progress
       jax.block_until_ready(pending[-2]['count'])
-      _check_finite(pending[-2], step - 1, config.optimizer.nonfinite)
+      check_finite(pending[-2], step - 1, config.optimizer.nonfinite)
     bar.update(1)
     if step % config.log_every_steps == 0 or step == config.num_train_steps:
       now = _log_train(run, step, pending, last_time, last_step, bar)
@@ -439,7 +446,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
     stop = preempt.should_stop(step) and step < config.num_train_steps
     if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps or stop:
       if pending:
-        _check_finite(pending[-1], step, config.optimizer.nonfinite)  # never checkpoint past a bad step
+        check_finite(pending[-1], step, config.optimizer.nonfinite)  # never checkpoint past a bad step
       ckpt.save(step, state, {'step': step, 'data_position': data.checkpoint_position(data_position),
                               **_pending_to_meta(pending)}, force=stop)
     if stop:

@@ -65,6 +65,9 @@ FRACTIONS = ('masking.rate', 'masking.eval_rate', 'masking.final_rate', 'masking
              'data.validation_fraction')  # in [0, 1]; rates in (0, 1]
 
 
+CONFIG_FIX = 'restore it from a copy, or start the run again in a new --workdir.'
+
+
 def _get(config: ml_collections.ConfigDict, key: str):
   node = config
   for part in key.split('.'):
@@ -210,15 +213,27 @@ def config_changes(old: dict, new: dict) -> dict:
   """{key: (old, new)} of the (dotted) keys whose values differ, except FREE_TO_CHANGE ones.
 
   Keys absent from either config (a config.json written by an older version) are not compared, nor
-  FROM_TOKENIZER keys that `new` leaves unset (they are filled from the workdir's tokenizer). The architecture
-  switches compare as resolved (None is the architecture's own value: unset equals that value set; a config
-  from before a switch existed had its own value), and are reported as written.
+  FROM_TOKENIZER keys that `new` leaves unset (they are filled from the workdir's tokenizer), nor model keys
+  the architecture of both never reads (`local_attention` of a BERT). The architecture switches compare as
+  resolved (None is the architecture's own value: unset equals that value set; a config from before a switch
+  existed had its own value), and are reported as written.
   """
   new = json.loads(json.dumps(new))  # JSON: tuples as lists, like config.json
+  unused = _unused_model_keys(old, new)
   old_raw, new_raw = flatten(old), flatten(new)
   old, new = flatten(_with_resolved_switches(old)), flatten(_with_resolved_switches(new))
   return {k: (old_raw.get(k, old[k]), new_raw.get(k, v)) for k, v in new.items()
-          if k in old and old[k] != v and k not in FREE_TO_CHANGE and not (v is None and k in FROM_TOKENIZER)}
+          if k in old and old[k] != v and k not in FREE_TO_CHANGE and not (v is None and k in FROM_TOKENIZER)
+          and k not in unused}
+
+
+def _unused_model_keys(old: dict, new: dict) -> set[str]:
+  """`model.KEY` of the keys neither config's architecture reads (`model_config.unused_keys`)."""
+  models = [c.get('model') for c in (old, new)]
+  if not all(isinstance(m, dict) for m in models):
+    return set()
+  both = set(model_config.unused_keys(models[0])) & set(model_config.unused_keys(models[1]))
+  return {f'model.{k}' for k in both}
 
 
 def check_config_change(old: dict, new: dict, workdir: str) -> str | None:
@@ -248,6 +263,16 @@ def check_config_change(old: dict, new: dict, workdir: str) -> str | None:
           f'not that of a run started with num_train_steps={steps[1]} (use a new --workdir for that).')
 
 
+def read_json(path: str, fix: str) -> object:
+  """The JSON in `path`; a file that is not JSON (cut short, edited) raises ValueError naming it and `fix`."""
+  with open(path) as f:
+    text = f.read()
+  try:
+    return json.loads(text)
+  except ValueError as e:
+    raise ValueError(f'{path} is not valid JSON ({e}); {fix}') from None
+
+
 def saved_config(workdir: str) -> dict | None:
   """The config.json of the run `workdir` holds; None when there is no run to continue: no config.json,
   or weights imported by `mlm-flax import` that no checkpoint has trained yet (that config.json is the
@@ -257,8 +282,7 @@ def saved_config(workdir: str) -> dict | None:
   trained = os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints))
   if not os.path.isfile(path) or (not trained and os.path.isdir(os.path.join(workdir, 'imported'))):
     return None
-  with open(path) as f:
-    return json.load(f)
+  return read_json(path, CONFIG_FIX)
 
 
 def check_resume(config: ml_collections.ConfigDict, workdir: str) -> str | None:

@@ -164,3 +164,16 @@ def test_default_workdir_names_the_overrides():
   assert unsafe[0] != unsafe[1]  # replaced characters: the hash keeps them apart
   assert long.startswith('workdirs/tiny-model.key0=1+model.key1=10+')
   assert long != cli.default_workdir(tiny, {f'model.key{i}': 10 ** i for i in range(21)})
+
+
+def test_a_jax_only_install_gets_no_pytorch_advice_from_transformers():
+  """Without torch, `import transformers` advises that PyTorch was not found; our CLI (JAX models, transformers
+  for tokenizers) silences it. Torch is hidden with sys.modules['torch'] = None (find_spec then finds nothing)."""
+  env = {k: v for k, v in os.environ.items() if k != 'TRANSFORMERS_NO_ADVISORY_WARNINGS'}
+  hide = "import sys; sys.modules['torch'] = None; "
+  run = lambda code: subprocess.run([sys.executable, '-c', hide + code], capture_output=True, text=True, env=env,
+                                    timeout=300)
+  plain = run('import transformers')
+  assert 'PyTorch was not found' in plain.stderr  # the shim works: transformers sees no torch
+  ours = run('import mlm_flax.cli; import transformers; from mlm_flax.data import tokenizer')
+  assert ours.returncode == 0 and 'PyTorch was not found' not in ours.stderr + ours.stdout, ours.stderr

@@ -1,6 +1,7 @@
 """A workdir holds one run: resuming refuses every config change that alters the run's maths (and allows
 the rest); imported weights keep their architecture, take compute keys from the config, and resume."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -13,8 +14,10 @@ import pytest
 
 from conftest import tiny_config
 from mlm_flax import validation
+from mlm_flax.models import config as model_config
 
 CLI = [sys.executable, '-m', 'mlm_flax.cli']
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cli(*args, timeout=600):
@@ -49,7 +52,8 @@ def _other(value):
 def test_every_key_that_changes_the_maths_is_refused_with_old_and_new_values():
   old = _saved()
   free = set(validation.FREE_TO_CHANGE) | {'num_train_steps'}
-  refused = [k for k, _ in _flat(old) if k not in free]
+  unused = {f'model.{k}' for k in model_config.unused_keys(old['model'])}  # BERT never reads local_attention
+  refused = [k for k, _ in _flat(old) if k not in free | unused]
   assert {'seed', 'batch_size', 'max_seq_length', 'grad_accum_steps', 'masking.rate', 'masking.strategy',
           'optimizer.learning_rate', 'optimizer.warmup_steps', 'data.dataset', 'data.tokenizer_vocab_size',
           'model.hidden_size', 'model.hidden_dropout', 'model.vocab_size'} <= set(refused)
@@ -87,6 +91,30 @@ def test_tokenizer_filled_keys_left_unset_and_keys_of_older_versions_are_not_cha
   assert validation.config_changes(old, new) == {}
   del old['grad_accum_steps']  # a config.json written before the key existed
   assert validation.config_changes(old, _saved(grad_accum_steps=2)) == {}
+
+
+def test_keys_the_architecture_never_reads_may_change_and_the_domain_adaptation_rerun_resumes(tmp_path):
+  """configs/tiny_bert.py inherits tiny.py's local_attention=64 (it was 128): BERT never reads it, so the
+  domain-adaptation workdirs saved with 128 resume; ModernBERT reads it, so there it is a change."""
+  spec = importlib.util.spec_from_file_location(
+      '_domain_adaptation_config', os.path.join(ROOT, 'experiments', 'domain_adaptation', 'config.py'))
+  experiment_config = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(experiment_config)
+  c = experiment_config.get_config()
+  saved = json.loads(json.dumps(c.to_dict()))
+  saved['model'].update(local_attention=128, vocab_size=4096, pad_token_id=0)
+  with open(tmp_path / 'config.json', 'w') as f:
+    json.dump(saved, f)
+  assert c.model.type == 'bert' and c.model.local_attention == 64
+  assert validation.check_resume(c, str(tmp_path)) is None
+  modern = _saved(**{'model.type': 'modernbert', 'model.norm_position': None})
+  with pytest.raises(ValueError, match='model.local_attention: 128 -> 64'):
+    validation.check_config_change(modern, _saved(**{'model.type': 'modernbert', 'model.norm_position': None,
+                                                     'model.local_attention': 64}), '/runs/a')
+  rope = _saved(**{'model.positions': 'rope'})  # a BERT with RoPE reads global_rope_theta
+  with pytest.raises(ValueError, match='model.global_rope_theta'):
+    validation.check_config_change(rope, _saved(**{'model.positions': 'rope', 'model.global_rope_theta': 1e4}),
+                                   '/runs/a')
 
 
 def test_check_resume_reads_the_workdir(tmp_path):

@@ -86,6 +86,46 @@ def test_points_are_named_from_their_overrides_and_stable(tmp_path):
   assert bad.returncode == 2 and "Did you mean 'learning_rate'" in bad.stderr
 
 
+def test_equal_values_written_differently_are_one_point():
+  with pytest.raises(ValueError, match='two points have the same overrides'):
+    sweep.make_sweep('train', TINY, ['optimizer.learning_rate=1e-3,0.001'])
+  with pytest.raises(ValueError, match='two points have the same overrides'):
+    sweep.make_sweep('train', TINY, ['progress_bar=false,False'])
+  assert len(sweep.make_sweep('train', TINY, ['optimizer.learning_rate=1e-3,1e-4']).points) == 2
+
+
+def test_compare_names_finetuning_metrics_best(tmp_path):
+  """A fine-tuning run's results.json metrics are its best step's (`best_*`)."""
+  run = tmp_path / 'root' / 'ft'
+  run.mkdir(parents=True)
+  (run / 'config.json').write_text(json.dumps({'task': {'type': 'classification'}, 'seed': 0}))
+  (run / 'results.json').write_text(json.dumps({'task': 'classification', 'best_step': 16,
+                                                'metrics': {'accuracy': 0.9, 'test_accuracy': 0.8}}))
+  metrics, _ = compare.run_metrics(str(run))
+  assert metrics == {'step': 16, 'best_accuracy': 0.9, 'best_test_accuracy': 0.8}
+
+
+def test_corrupt_json_files_are_named_with_the_fix(tmp_path):
+  run = tmp_path / 'root' / 'ft'
+  run.mkdir(parents=True)
+  (run / 'config.json').write_text(json.dumps({'seed': 0}))
+  (run / 'results.json').write_text(json.dumps({'task': 'classification', 'metrics': {'accuracy': 0.9}}))
+  _corrupt_json_files_are_named(tmp_path, run)
+
+
+def _corrupt_json_files_are_named(tmp_path, run):
+  for name, where in (('results.json', run), ('config.json', run), ('sweep.json', tmp_path / 'root')):
+    path = where / name
+    good = path.read_text() if path.exists() else json.dumps({'points': [{'name': 'ft', 'overrides': {}}]})
+    path.write_text(good[:-3])  # cut short
+    with pytest.raises(ValueError, match=f'{path} is not valid JSON .*; (restore|delete) it'):
+      compare.compare([str(tmp_path / 'root')])
+    path.write_text(good)
+  (tmp_path / 'root' / 'sweep.json').write_text('{')
+  with pytest.raises(ValueError, match='sweep.json is not valid JSON .*; delete it to record this sweep anew'):
+    sweep.run(sweep.make_sweep('train', TINY, ['seed=1']), str(tmp_path / 'root'), dry_run=True)
+
+
 def test_slurm_emission_and_a_changed_grid(tmp_path):
   """--emit slurm writes an array job (one index per point, the local sweep's commands and workdirs) and
   commands.txt; index i runs point i. A rerun may add points, never drop or change them."""

@@ -151,3 +151,27 @@ def stdlib_docs(cache_dir: str) -> dict[str, str]:
 
 
 CORPORA: dict[str, Callable[[str], dict[str, str]]] = {'stdlib_docs': stdlib_docs}
+
+
+# A small real classification task (the fine-tuning defaults' check, `experiments/finetune_defaults`): which of
+# five standard-library package families a docstring comes from. 578 docstrings: 462 train, 116 held out.
+TOPIC_FAMILIES = ('asyncio', 'email', 'logging', 'unittest', 'xml')
+
+
+def docstring_topics(families: tuple[str, ...] = TOPIC_FAMILIES, size: int = 578,
+                     held_out_every: int = 5) -> dict[str, list[dict]]:
+  """{'train', 'test'}: rows `{'text', 'label', 'source'}`, the label a docstring's top-level package.
+
+  Deterministic for a Python version (its stdlib): unique texts ranked by a stable hash of their source, the
+  first `size` kept, every `held_out_every`-th of them held out (578 and 5: 462 train, 116 test). Split by
+  docstring, not module: a package's modules appear on both sides, as topics do in news classification.
+  """
+  seen, docs = set(), []
+  for source, text in _stdlib_documents():
+    family = source.split('.')[0]
+    if family in families and text not in seen:
+      seen.add(text)
+      docs.append({'text': text, 'label': family, 'source': source})
+  docs = sorted(docs, key=lambda d: _stable_hash(d['source']))[:size]
+  return {'train': [d for i, d in enumerate(docs) if i % held_out_every],
+          'test': [d for i, d in enumerate(docs) if not i % held_out_every]}

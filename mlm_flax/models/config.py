@@ -137,6 +137,21 @@ def upgraded(model_cfg: Mapping[str, Any]) -> dict:
   return values
 
 
+# Keys only ModernBERT reads (its attention pattern and per-layer RoPE bases); `global_rope_theta` is also the
+# RoPE base of other types with positions='rope'.
+MODERNBERT_ONLY = ('layer_types', 'global_attn_every_n_layers', 'local_attention', 'local_rope_theta',
+                   'global_rope_theta')
+
+
+def unused_keys(model_cfg: Mapping[str, Any]) -> tuple[str, ...]:
+  """The `model` keys that the config's architecture never reads (a changed value changes nothing), e.g.
+  `local_attention` of a BERT; compared configs skip them."""
+  if model_cfg.get('type', 'bert') == 'modernbert':
+    return ()
+  rope = resolved_switches(model_cfg)['positions'] == 'rope'
+  return tuple(k for k in MODERNBERT_ONLY if not (rope and k == 'global_rope_theta'))
+
+
 def resolved_switches(model_cfg: Mapping[str, Any]) -> dict:
   """{switch: value} of a `model` config (a dict, possibly from an older config.json), None resolved to its
   type's own value as `ModelConfig.resolved` does; for comparing runs' architectures without building a model."""

@@ -10,6 +10,7 @@ label unseen in training, a non-numeric regression column) are ValueErrors namin
 
 import dataclasses
 import glob
+import logging
 import os
 from typing import Any
 
@@ -54,7 +55,13 @@ def _load_files(pattern: str, key: str, cache: str) -> datasets.Dataset:
   if None in builders or len(builders) > 1:
     raise ValueError(f'data.{key} = {pattern!r} matches {len(files)} files that are not all of one type among '
                      f'{", ".join(sorted(_BUILDERS))}; use one of those types.')
-  return datasets.load_dataset(builders.pop(), data_files={'train': files}, split='train', cache_dir=cache)
+  try:
+    return datasets.load_dataset(builders.pop(), data_files={'train': files}, split='train', cache_dir=cache)
+  except ValueError as e:  # a header-only csv: datasets' 'Instruction "train" corresponds to no data!'
+    if 'corresponds to no data' not in str(e):
+      raise
+    raise ValueError(f'The {key.removesuffix("_files")} split is empty: data.{key} = {pattern!r} ({", ".join(files)}) '
+                     'holds no rows (a header at most); add examples to it.') from None
 
 
 def load_raw(data_cfg: ml_collections.ConfigDict) -> dict[str, datasets.Dataset]:
@@ -149,10 +156,41 @@ def _label_feature(ds: datasets.Dataset, column: str) -> Any:
   return feature.feature if _is_list(feature) else feature
 
 
-def label_names(task: str, train: datasets.Dataset, column: str) -> list[str] | None:
-  """Class names: a ClassLabel's names, else the sorted unique training labels; None for regression."""
+def parse_label_names(spec: str | None) -> list[str] | None:
+  """`data.label_names` ('O,B-LOC,I-LOC': the names in id order) as a list; None when unset."""
+  if spec is None:
+    return None
+  names = [n.strip() for n in spec.split(',')]
+  if len(names) < 2 or not all(names) or len(set(names)) < len(names):
+    raise ValueError(f'data.label_names={spec!r} must list at least two distinct, non-empty names in label id '
+                     "order, comma-separated (e.g. 'O,B-LOC,I-LOC').")
+  return names
+
+
+def check_tag_names(names: list[str]) -> None:
+  """Refuses token-classification names seqeval cannot read as entity tags: each must be `O` or `X-TYPE` with
+  X one of B, I, E, S, L, U (IOB, IOBES, BILOU); integer tags (CoNLL files: '0', '1', ...) would score F1 = 0."""
+  bad = [n for n in names if n != 'O' and not (len(n) > 2 and n[0] in 'BIESLU' and n[1] in '-_')]
+  if bad:
+    raise ValueError(f'token_classification label names {", ".join(repr(n) for n in bad[:3])} are not IOB/IOBES '
+                     'tags, so entity F1 cannot be scored; set data.label_names to the tag names in id order '
+                     "(e.g. --config.data.label_names='O,B-PER,I-PER,B-LOC,I-LOC') or label the words with "
+                     'tags like B-LOC, I-LOC, O.')
+
+
+def label_names(task: str, train: datasets.Dataset, column: str, given: list[str] | None = None
+                ) -> list[str] | None:
+  """Class names: `given` (data.label_names), a ClassLabel's names, else the sorted unique training labels;
+  None for regression. Token-classification names must be entity tags (`check_tag_names`)."""
   if task == 'regression':
     return None
+  names = given or _found_label_names(task, train, column)
+  if task == 'token_classification':
+    check_tag_names(names)
+  return names
+
+
+def _found_label_names(task: str, train: datasets.Dataset, column: str) -> list[str]:
   feature = _label_feature(train, column)
   if isinstance(feature, datasets.ClassLabel):
     return list(feature.names)
@@ -167,8 +205,10 @@ def label_names(task: str, train: datasets.Dataset, column: str) -> list[str] | 
   return names
 
 
-def _label_ids(task: str, ds: datasets.Dataset, column: str, names: list[str] | None, split: str) -> list:
-  """Each row's label as a class index (or float for regression), refusing labels unseen in training."""
+def _label_ids(task: str, ds: datasets.Dataset, column: str, names: list[str] | None, split: str,
+               by_index: bool = False) -> list:
+  """Each row's label as a class index (or float for regression), refusing labels unseen in training.
+  `by_index` (names from data.label_names): integer values are ids into `names`, other values names."""
   feature = _label_feature(ds, column)
   values = ds[column]
   if task == 'regression':
@@ -186,9 +226,14 @@ def _label_ids(task: str, ds: datasets.Dataset, column: str, names: list[str] | 
   else:
     index = {n: i for i, n in enumerate(names)}
     key = lambda v: str(_plain(v))
+    if by_index:  # data.label_names: integer values are ids into it, strings its names
+      index.update({i: i for i in range(len(names))})
+      key = lambda v: _plain(v) if isinstance(_plain(v), int) else str(v)
 
   def lookup(v, row):
-    i = index.get(key(v)) if v is not None else None
+    if v is None:
+      raise ValueError(f'The {split} split has no label in row {row} (column {column!r}); label or drop it.')
+    i = index.get(key(v))
     if i is None:
       raise ValueError(f'The {split} split has label {v!r} (row {row}, column {column!r}) that the train split '
                        f'never has (train labels: {", ".join(names)}); fix the label or add train examples of it.')
@@ -205,7 +250,17 @@ def _unlabeled(ds: datasets.Dataset, column: str) -> bool:
     return True
   if isinstance(ds.features[column], datasets.ClassLabel):
     return bool(len(ds)) and all(v == -1 for v in ds[column])
-  return False
+  return bool(len(ds)) and all(v is None for v in ds[column])  # an empty csv column
+
+
+def _check_texts(ds: datasets.Dataset, columns: dict, split: str) -> None:
+  """Refuses rows without text (a None would train as an empty input), naming the count and the first row."""
+  for key in ('text', 'text_pair'):
+    if columns[key]:
+      missing = [i for i, v in enumerate(ds[columns[key]]) if v is None]
+      if missing:
+        raise ValueError(f'The {split} split has {len(missing)} rows without text in column {columns[key]!r} '
+                         f'(first: row {missing[0]}); fill or drop them.')
 
 
 def _tokenize_fn(tokenizer: Any, task: str, columns: dict, max_seq_length: int):
@@ -225,6 +280,8 @@ def _tokenize_fn(tokenizer: Any, task: str, columns: dict, max_seq_length: int):
     if '_labels' in batch:
       if task == 'token_classification':
         out['labels'] = [_first_sub_token_labels(enc.word_ids(i), row) for i, row in enumerate(batch['_labels'])]
+        out['_cut_words'] = [len(row) - 1 - max((w for w in enc.word_ids(i) if w is not None), default=-1)
+                             for i, row in enumerate(batch['_labels'])]  # words past max_seq_length
       else:
         out['labels'] = batch['_labels']
     return out
@@ -242,8 +299,9 @@ def _first_sub_token_labels(word_ids: list[int | None], word_labels: list[int]) 
 
 
 def tokenize(ds: datasets.Dataset, tokenizer: Any, task: str, columns: dict, labels: list | None,
-             max_seq_length: int, num_proc: int = 1) -> dict[str, np.ndarray]:
-  """Rows of one split as numpy arrays (see the module docstring); `labels` from `_label_ids` or None."""
+             max_seq_length: int, num_proc: int = 1, split: str = 'this') -> dict[str, np.ndarray]:
+  """Rows of one split as numpy arrays (see the module docstring); `labels` from `_label_ids` or None. Logs a
+  warning with the number of labelled words cut by `max_seq_length` (not scored, absent from the gold)."""
   keep = [c for c in (columns['text'], columns['text_pair']) if c]
   ds = ds.select_columns(keep)
   if labels is not None:
@@ -253,6 +311,13 @@ def tokenize(ds: datasets.Dataset, tokenizer: Any, task: str, columns: dict, lab
                      "model's tokenizer is not one: save it with a tokenizer.json.")
   ds = ds.map(_tokenize_fn(tokenizer, task, columns, max_seq_length), batched=True, remove_columns=ds.column_names,
               num_proc=num_proc if num_proc > 1 and len(ds) > 1000 else None)
+  if '_cut_words' in ds.column_names:
+    cut = np.asarray(ds['_cut_words'])
+    if cut.sum():
+      logging.warning('%d words of %d rows of the %s split lie past max_seq_length=%d: their labels are not '
+                      'trained on nor scored (absent from the gold); raise --config.max_seq_length to keep them.',
+                      cut.sum(), np.count_nonzero(cut), split, max_seq_length)
+    ds = ds.remove_columns('_cut_words')
   dtypes = {'labels': np.float32 if task == 'regression' else np.int32}
   return {k: np.asarray(ds[k], dtypes.get(k, np.int32)) for k in ds.column_names}
 
@@ -275,10 +340,15 @@ def load_task_data(data_cfg: ml_collections.ConfigDict, task: str, tokenizer: An
         _check_column(ds, columns[key], f'{key}_column', split)
     if split != 'test':
       _check_column(ds, columns['label'], 'label_column', split)
-  names = label_names(task, raw['train'], columns['label']) if names is None else names
+    _check_texts(ds, columns, split)
+  given = parse_label_names(data_cfg.get('label_names'))
+  names = label_names(task, raw['train'], columns['label'], given) if names is None else names
   splits = {}
   for split, ds in raw.items():
     scored = not (split == 'test' and _unlabeled(ds, columns['label']))
-    labels = _label_ids(task, ds, columns['label'], names, split) if scored else None
-    splits[split] = tokenize(ds, tokenizer, task, columns, labels, max_seq_length, data_cfg.num_proc)
+    if not scored:
+      logging.warning('The test split has no labels (column %r missing or empty): it is not scored, results.json '
+                      'gets no test_* metrics; label it to score it.', columns['label'])
+    labels = _label_ids(task, ds, columns['label'], names, split, given is not None) if scored else None
+    splits[split] = tokenize(ds, tokenizer, task, columns, labels, max_seq_length, data_cfg.num_proc, split)
   return TaskData(splits=splits, label_names=names, columns=columns)

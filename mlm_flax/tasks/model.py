@@ -230,6 +230,36 @@ def finetuned_info(path: str, config: ml_collections.ConfigDict) -> dict | None:
           'classifier_pooling': pooling or config.get('classifier_pooling') or 'cls'}
 
 
+# The head's output layer per architecture (one row per label): label-specific, unlike the pooler or transform.
+OUTPUT_LAYERS = ('classifier', 'out_proj')
+
+
+def head_for_labels(encoder: Encoder, task: str, label_names: list[str] | None) -> dict:
+  """The head params of `encoder` a `task` run with `label_names` (id order) starts from.
+
+  MODEL without a task head (a pretraining workdir, a masked LM): its head params as they are (BERT's pooler,
+  ModernBERT's prediction head). MODEL with one: its output layer (`OUTPUT_LAYERS`) only for the same task and
+  the same labels as a set, its rows reordered to `label_names`' ids; otherwise that layer starts fresh (logged),
+  so a 3-way NLI head never scores another dataset's label order.
+  """
+  head = dict(encoder.head or {})
+  outputs = [k for k in OUTPUT_LAYERS if k in head]
+  if encoder.task is None or not outputs:
+    return head
+  new = ['LABEL_0'] if task == 'regression' else list(label_names or [])
+  old = list(encoder.labels or [])
+  if encoder.task == task and len(set(old)) == len(old) == len(new) and set(old) == set(new):
+    order = np.asarray([old.index(n) for n in new])
+    for k in outputs:  # Dense kernel [features, labels], bias [labels]: labels on the last axis
+      head[k] = jax.tree.map(lambda x: np.asarray(x)[..., order], head[k])
+    return head
+  logging.warning('the %s head of the init model is for labels %s, this %s task has %s: its %s starts fresh.',
+                  encoder.task, old, task, new, '/'.join(outputs))
+  for k in outputs:
+    del head[k]
+  return head
+
+
 def task_params_from_encoder(encoder: Encoder | Mapping, fresh_task_params: Any, head: Mapping | None = None) -> Any:
   """`fresh_task_params` (`init_task_params`) with the encoder's params and the head params whose shapes fit
   (a classifier for another number of labels stays fresh, with a warning).
