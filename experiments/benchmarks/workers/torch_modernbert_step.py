@@ -1,13 +1,11 @@
 """The equal-recipe PyTorch peer's step: transformers `ModernBertForMaskedLM` built from the recipe's model keys
 (`configs/tiny.py` through `interop.modernbert.hf_config_from_model`: no copied numbers), `torch.optim.AdamW`
 with the recipe's betas, eps, weight decay and clipping, host masking at the recipe's rate (as
-`DataCollatorForLanguageModeling`), the head at every position (as `ModernBertForMaskedLM` computes it when
-given labels of the whole row... it gathers the masked positions itself with `sparse_prediction`, see
-`--sparse`). `--dtype bfloat16` runs under `torch.autocast('cpu', bfloat16)`, `--compile` wraps the model in
+`DataCollatorForLanguageModeling`), the head at every position (`--sparse`: only at the masked positions, the
+model's `sparse_prediction`). `--dtype bfloat16` runs under `torch.autocast('cpu', bfloat16)`, `--compile` wraps the model in
 `torch.compile`.
 """
 
-import contextlib
 import os
 import sys
 import types
@@ -15,6 +13,7 @@ import types
 sys.path.insert(0, os.path.dirname(__file__))
 import common  # pylint: disable=g-import-not-at-top
 import recipe  # pylint: disable=g-import-not-at-top
+import torch_step  # pylint: disable=g-import-not-at-top
 
 import torch  # pylint: disable=g-import-not-at-top
 import transformers
@@ -41,22 +40,7 @@ def main() -> None:
   optim = torch.optim.AdamW(model.parameters(), lr=opt.learning_rate, betas=(opt.b1, opt.b2), eps=opt.eps,
                             weight_decay=opt.weight_decay)
   forward = torch.compile(model) if args.compile else model
-  batches = []
-  for i in range(args.warmup + args.steps):
-    inputs, labels = common.bert_mask(args, common.token_ids(args, i), i)
-    batches.append((torch.from_numpy(inputs).long(), torch.from_numpy(labels)))
-  autocast = (torch.autocast('cpu', dtype=torch.bfloat16) if args.dtype == 'bfloat16'
-              else contextlib.nullcontext())
-
-  def run(i):
-    inputs, labels = batches[i]
-    with autocast:
-      loss = forward(input_ids=inputs, attention_mask=torch.ones_like(inputs), labels=labels).loss
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip_norm)
-    optim.step()
-    optim.zero_grad(set_to_none=True)
-
+  run = torch_step.make_run(args, model, forward, optim, opt.grad_clip_norm)
   result = common.timed(args, run, lambda: None)
   result.update(devices=1, dtype=args.dtype, framework='torch_modernbert', torch_threads=torch.get_num_threads(),
                 compile=args.compile, sparse=args.sparse, attn=args.attn)

@@ -15,15 +15,8 @@ import torch  # pylint: disable=g-import-not-at-top
 import transformers
 
 
-def main() -> None:
-  args = common.parse_args()
-  torch.manual_seed(0)
-  torch.set_num_threads(os.cpu_count())
-  config = transformers.BertConfig(vocab_size=args.vocab, num_hidden_layers=args.layers, hidden_size=args.hidden,
-                                   num_attention_heads=args.heads, intermediate_size=args.ffn,
-                                   max_position_embeddings=max(512, args.seq))
-  model = transformers.BertForMaskedLM(config).train()
-  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
+def make_run(args, model, forward, opt, clip_norm: float):
+  """run(i): one step on batch i (host-masked as HF collators do, prepared before timing), autocast in bf16."""
   batches = []
   for i in range(args.warmup + args.steps):
     inputs, labels = common.bert_mask(args, common.token_ids(args, i), i)
@@ -34,12 +27,24 @@ def main() -> None:
   def run(i):
     inputs, labels = batches[i]
     with autocast:
-      loss = model(input_ids=inputs, attention_mask=torch.ones_like(inputs), labels=labels).loss
+      loss = forward(input_ids=inputs, attention_mask=torch.ones_like(inputs), labels=labels).loss
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
     opt.step()
     opt.zero_grad(set_to_none=True)
+  return run
 
+
+def main() -> None:
+  args = common.parse_args()
+  torch.manual_seed(0)
+  torch.set_num_threads(os.cpu_count())
+  config = transformers.BertConfig(vocab_size=args.vocab, num_hidden_layers=args.layers, hidden_size=args.hidden,
+                                   num_attention_heads=args.heads, intermediate_size=args.ffn,
+                                   max_position_embeddings=max(512, args.seq))
+  model = transformers.BertForMaskedLM(config).train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
+  run = make_run(args, model, model, opt, 1.0)
   result = common.timed(args, run, lambda: None)
   result.update(devices=1, dtype=args.dtype, framework='torch', torch_threads=torch.get_num_threads())
   common.report(result)
