@@ -104,7 +104,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 1e-3
   c.optimizer.warmup_steps = 100
-  c.optimizer.schedule = 'linear'  # decay after warmup: 'linear', 'cosine' or 'constant'
+  # 'adamw', or 'stable_adamw' (ModernBERT's: each tensor's step divided by max(1, RMS(g / sqrt(v)))).
+  c.optimizer.type = 'adamw'
+  # After warmup: 'linear', 'cosine' or 'constant' decay, or 'wsd' (warmup-stable-decay, ModernBERT's trapezoid:
+  # the peak until the last `decay_fraction` of the steps, then a `decay_shape` cool-down: 'linear' or '1-sqrt').
+  # With 'wsd', a run resumed with more num_train_steps before its cool-down is the run that had them all along.
+  c.optimizer.schedule = 'linear'
+  c.optimizer.decay_fraction = 0.1
+  c.optimizer.decay_shape = 'linear'
   c.optimizer.end_learning_rate_factor = 0.0
   c.optimizer.weight_decay = 0.01
   c.optimizer.b1 = 0.9
@@ -115,6 +122,16 @@ def get_config() -> ml_collections.ConfigDict:
   # (counted in the `skipped_steps` metric); 'stop' ends the run with an error naming the step. Either
   # way no non-finite state is applied or checkpointed.
   c.optimizer.nonfinite = 'skip'
+
+  # The pretraining objective (mlm_flax/objectives/): 'mlm' (masked LM), or 'electra' (replaced-token detection:
+  # a generator MLM `generator_hidden_fraction` as wide and `generator_layers_fraction` as deep, sharing the
+  # embeddings, fills the masks; the discriminator learns which tokens were replaced; loss = generator MLM loss
+  # + disc_weight x discriminator loss, as Clark et al. 2020).
+  c.objective = ml_collections.ConfigDict()
+  c.objective.type = 'mlm'
+  c.objective.generator_hidden_fraction = 0.25
+  c.objective.generator_layers_fraction = 1.0
+  c.objective.disc_weight = 50.0
 
   c.lock()
   return c

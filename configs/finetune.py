@@ -80,7 +80,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.optimizer.learning_rate = 5e-5
   c.optimizer.warmup_ratio = 0.0  # of the training steps; used when warmup_steps is None (GLUE recipe: 0.1)
   c.optimizer.warmup_steps = _optional(int)
-  c.optimizer.schedule = 'linear'  # decay after warmup: 'linear', 'cosine' or 'constant'
+  c.optimizer.type = 'adamw'  # or 'stable_adamw' (as pretraining: configs/default.py)
+  # After warmup: 'linear', 'cosine', 'constant', or 'wsd' (the peak until the last `decay_fraction` of the steps,
+  # then a 'linear' or '1-sqrt' cool-down).
+  c.optimizer.schedule = 'linear'
+  c.optimizer.decay_fraction = 0.1
+  c.optimizer.decay_shape = 'linear'
   c.optimizer.end_learning_rate_factor = 0.0
   c.optimizer.weight_decay = 0.0  # AdamW; never on biases and LayerNorm (1-D params) (GLUE recipe: 0.01)
   c.optimizer.b1 = 0.9

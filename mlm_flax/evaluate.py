@@ -14,44 +14,31 @@ import numpy as np
 from jax.sharding import Mesh
 
 from mlm_flax import data, parallel
-from mlm_flax.objectives import masking
-from mlm_flax.objectives import mlm as loss
+from mlm_flax.objectives import make_objective
+from mlm_flax.objectives.mlm import mask_rows  # pylint: disable=unused-import  # evaluate.mask_rows, as before
 
 EVAL_STREAM = 0x5EED
 
 
-def mask_rows(mask_fn: loss.MaskFn, rng: jax.Array, row_ids: jax.Array, ids: jax.Array,
-              maskable: jax.Array) -> masking.Masked:
-  """`mask_fn` applied to each row [length] of `ids` with its own key `fold_in(rng, row_id)`."""
-  def one(row_id, row, can):
-    masked = mask_fn(jax.random.fold_in(rng, row_id), row[None], maskable=can[None])
-    return jax.tree.map(lambda x: x[0], masked)
-  return jax.vmap(one)(row_ids, ids, maskable)
-
-
-def eval_step(params: Any, batch: dict[str, jax.Array], rng: jax.Array, *, model, mask_fn: loss.MaskFn,
-              num_predictions: int, baseline_token: int | None = None) -> dict[str, jax.Array]:
+def eval_step(params: Any, batch: dict[str, jax.Array], rng: jax.Array, *, objective) -> dict[str, jax.Array]:
   """Summed metrics of one batch; `batch['row_ids']` (the rows' indices in the split) pick the masks."""
-  masked = mask_rows(mask_fn, rng, batch['row_ids'], batch['input_ids'], batch['segment_ids'] > 0)
-  _, sums = loss.mlm_loss(params, model, batch, masked, num_predictions, baseline_token=baseline_token)
-  return sums
+  aux, totals = objective.prepare_eval(rng, batch)
+  return objective.loss(params, batch, aux, totals, rng=None)[1]
 
 
 class Evaluator:
-  """Holds the jitted eval step for one model; call it with params and packed rows."""
+  """Holds the jitted eval step of one objective (its eval masks); call it with params and packed rows."""
 
-  def __init__(self, model, mask_fn: loss.MaskFn, num_predictions: int, mesh: Mesh, seed: int,
-               baseline_token: int | None = None):
-    self.mesh = mesh
+  def __init__(self, objective, mesh: Mesh, seed: int):
+    self.mesh, self.objective = mesh, objective
     self.rng = jax.random.fold_in(jax.random.PRNGKey(seed), EVAL_STREAM)
-    self.step = jax.jit(
-        functools.partial(eval_step, model=model, mask_fn=mask_fn, num_predictions=num_predictions,
-                          baseline_token=baseline_token),
-        in_shardings=(None, parallel.data_sharding(mesh), None),  # params as they come (replicated or FSDP)
-        out_shardings=parallel.replicated(mesh))
+    self.step = jax.jit(functools.partial(eval_step, objective=objective),
+                        in_shardings=(None, parallel.data_sharding(mesh), None),  # params as they come (or FSDP)
+                        out_shardings=parallel.replicated(mesh))
 
   def __call__(self, params: Any, rows: dict[str, np.ndarray], batch_size: int, max_batches: int = 0) -> dict:
-    """Masked-token loss, accuracy, perplexity and counts over `rows` (all of them unless `max_batches`)."""
+    """The objective's eval metrics (masked-token loss, accuracy, perplexity, counts for MLM) over `rows` (all of
+    them unless `max_batches`)."""
     pending = []
     rows = {**rows, 'row_ids': np.arange(len(rows['input_ids']), dtype=np.int32)}  # padding rows get 0: unmasked
     batches = data.eval_batches(rows, batch_size, jax.process_index(), jax.process_count())
@@ -59,7 +46,8 @@ class Evaluator:
       if max_batches and i >= max_batches:
         break
       pending.append(self.step(params, parallel.to_global(batch, self.mesh), self.rng))
-    return loss.summarize(jax.tree.map(lambda *x: np.sum(np.asarray(x, np.float64)), *parallel.fetch(pending)))
+    sums = jax.tree.map(lambda *x: np.sum(np.asarray(x, np.float64), axis=0), *parallel.fetch(pending))
+    return self.objective.summarize(sums)
 
 
 def evaluate_workdir(workdir: str, split: str = 'validation', files: str | None = None) -> dict:
@@ -81,6 +69,6 @@ def evaluate_workdir(workdir: str, split: str = 'validation', files: str | None 
   rows = data.packed_rows(texts, mlm.tokenizer, config.max_seq_length, config.data.get('packing', 'documents'),
                           config.data.num_proc, data.cache_dir(config.data))
   mesh = parallel.make_mesh()
-  evaluator = Evaluator(mlm.model, *loss.make_mask_fn(config, mlm.tokenizer, 'eval'), mesh, config.seed)
+  evaluator = Evaluator(make_objective(config, mlm.tokenizer, 'eval'), mesh, config.seed)
   params = jax.device_put(mlm.params, parallel.replicated(mesh))
   return {'step': mlm.step, **evaluator(params, rows, config.eval_batch_size)}

@@ -1,8 +1,10 @@
-"""Fine-tuning: `finetune(config, init, workdir)`, a set-up plus a short loop, on the pretraining pieces.
+"""Fine-tuning: `finetune(config, init, workdir)`, the set-up of a fine-tuning run on the one loop (`loop.py`).
 
 The encoder's params come from `init` (a pretraining workdir or a Hugging Face model, `tasks.model.load_encoder`),
-the task head is new (a task model's output layer is reused only for the same labels, `tasks.model.head_for_labels`). Training is pretraining's path: `train.make_optimizer` (AdamW, warmup + decay) with optional
-layer-wise LR decay, the same Mesh / jit / FSDP shardings, Orbax checkpoints (`checkpoint.Checkpointer`) with exact
+the task head is new (a task model's output layer is reused only for the same labels,
+`tasks.model.head_for_labels`). Training is pretraining's path: the task loss as an objective
+(`objectives.tasks.TaskObjective`) in `train.train_step`, `optim.make_optimizer` (AdamW or StableAdamW, warmup +
+decay) with optional layer-wise LR decay, the same Mesh / jit / FSDP shardings, non-finite guard, Orbax checkpoints (`checkpoint.Checkpointer`) with exact
 resume (data order a function of (seed, epoch), dropout of (step, global row)), SIGTERM handling, metrics.jsonl and
 TensorBoard. It evaluates every epoch on the whole validation split, keeps the best step's params in `DIR/best/`
 (apart from the resume checkpoints, so retention never deletes them) and writes `DIR/results.json`:
@@ -15,7 +17,6 @@ import functools
 import json
 import math
 import os
-import re
 from typing import Any
 
 import jax
@@ -24,9 +25,8 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from tqdm.auto import tqdm
 
-from mlm_flax import checkpoint, parallel, preemption, train, validation, workdir_lock, writers
+from mlm_flax import checkpoint, loop, optim, parallel, preemption, train, validation, workdir_lock, writers
 from mlm_flax import data as data_lib
 from mlm_flax.data import tokenizer as tokenizer_lib
 from mlm_flax.models import position_offset
@@ -35,7 +35,6 @@ from mlm_flax.tasks import data as task_data
 from mlm_flax.tasks import metrics as task_metrics
 
 TrainState = train.TrainState  # step, params, opt_state, rng: the pretraining state and its checkpoint items
-_NO_PENDING = {'loss_sum': 0.0, 'count': 0.0, 'grad_norm': 0.0, 'steps': 0, 'skipped_steps': 0}  # since the last log
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
@@ -55,8 +54,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     if value is not None and value < 1:
       raise ValueError(f'--config.{key}={value} must be at least 1.')
   opt = config.optimizer
-  if opt.schedule not in ('linear', 'cosine', 'constant'):
-    raise ValueError(f'--config.optimizer.schedule={opt.schedule!r} is not one of linear, cosine, constant.')
+  for key, valid in (('schedule', optim.SCHEDULES), ('type', optim.OPTIMIZERS), ('decay_shape', optim.DECAY_SHAPES)):
+    if opt.get(key) is not None and opt[key] not in valid:
+      raise ValueError(f'--config.optimizer.{key}={opt[key]!r} is not one of {", ".join(valid)}.')
+  if not 0.0 <= opt.get('decay_fraction', 0.1) <= 1.0:
+    raise ValueError(f'--config.optimizer.decay_fraction={opt.decay_fraction} must be a fraction in [0, 1].')
   if not 0.0 <= opt.warmup_ratio <= 1.0:
     raise ValueError(f'--config.optimizer.warmup_ratio={opt.warmup_ratio} must be a fraction in [0, 1].')
   if opt.learning_rate < 0 or (opt.warmup_steps or 0) < 0:
@@ -108,49 +110,10 @@ def resolve_config(config: ml_collections.ConfigDict, encoder_model: dict) -> ml
   return resolved
 
 
-def layer_scales(params: Any, num_layers: int, decay: float) -> Any:
-  """Per-leaf learning-rate factors of layer-wise decay: `decay ** (num_layers + 1 - depth)`, where depth is 0 for
-  the embeddings, i + 1 for `layer_i` and num_layers + 1 for the rest (final norm, pooler, task head)."""
-  def depth(path) -> int:
-    names = [str(getattr(k, 'key', k)) for k in path]
-    for name in names:
-      if m := re.fullmatch(r'layer_(\d+)', name):
-        return int(m.group(1)) + 1
-    if names[0] == 'encoder' and any('embedding' in n for n in names):
-      return 0
-    return num_layers + 1
-  return jax.tree_util.tree_map_with_path(lambda p, _: decay ** (num_layers + 1 - depth(p)), params)
-
-
 def make_optimizer(config: ml_collections.ConfigDict, num_steps: int, params: Any) -> optax.GradientTransformation:
-  """`train.make_optimizer` (AdamW, clipping, warmup then decay) with warmup from `warmup_ratio` when
-  `warmup_steps` is unset, then layer-wise LR decay (`optimizer.layer_decay`) as a per-leaf scale of the update."""
-  opt = schedule_config(config, num_steps)
-  tx = train.make_optimizer(opt, num_steps)
-  if opt.layer_decay is None or opt.layer_decay == 1.0:
-    return tx
-  scales = layer_scales(params, config.model.num_layers, opt.layer_decay)
-  return optax.chain(tx, optax.stateless(lambda updates, _: jax.tree.map(lambda u, s: u * s, updates, scales)))
-
-
-def finetune_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx: optax.GradientTransformation,
-                  task: str) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One update on the global batch: the mean task loss (over examples, or scored tokens), AdamW. Dropout draws
-  from fold_in(rng, step) per global row, so a resumed run or another mesh drops the same units. A non-finite
-  loss, gradient or param leaves the state as it was (`train.apply_if_finite`, counted in `skipped_steps`)."""
-  dropout_rng = jax.random.fold_in(state.rng, state.step)
-  row_ids = jnp.arange(batch['input_ids'].shape[0])
-
-  def loss_fn(params):
-    logits = model.apply({'params': params}, batch['input_ids'], batch['segment_ids'], batch['token_type_ids'],
-                         deterministic=False, row_ids=row_ids, rngs={'dropout': dropout_rng})
-    sums = task_loss.task_loss(logits, batch['labels'], jnp.ones(row_ids.shape, jnp.float32), task)
-    return sums['loss_sum'] / jnp.maximum(sums['count'], 1.0), sums
-
-  grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  return train.apply_if_finite(state, optax.apply_updates(state.params, updates), opt_state, sums,
-                               optax.tree.norm(grads))
+  """`optim.make_optimizer` (AdamW or StableAdamW, clipping, warmup then decay) with warmup from `warmup_ratio`
+  when `warmup_steps` is unset, and layer-wise LR decay (`optimizer.layer_decay`) over the encoder's layers."""
+  return optim.make_optimizer(schedule_config(config, num_steps), num_steps, params, config.model.num_layers)
 
 
 def eval_step(params: Any, batch: dict[str, jax.Array], *, model, task: str) -> tuple[jax.Array, ...]:
@@ -228,29 +191,53 @@ def _finetune_seed(config: ml_collections.ConfigDict, workdir: str, parent: dict
 
 
 class _Best:
-  """The best step's params in `DIR/best/<step>`, apart from the resume checkpoints: retention there never
-  touches them. `prune` keeps the best step of the last finished resume checkpoint as well as the current one,
-  so a crash never loses the params a resumed run reports; a resumed run prunes what came after its checkpoint
-  (saved again, the same values, if they become best again), and the finished run keeps its best step only."""
+  """The best step by `metric` (higher is better) and its params in `DIR/best/<step>`, apart from the resume
+  checkpoints: retention there never touches them. After each checkpoint, `best/` keeps the best step of that
+  (finished) checkpoint as well as the current one, so a crash never loses the params a resumed run reports; a
+  resumed run prunes what came after its checkpoint (saved again, the same values, if they become best again),
+  and the finished run keeps its best step only."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, metric: str):
+    self.metric, self.history, self.step, self.saved = metric, [], None, None
     self.manager = ocp.CheckpointManager(
         os.path.join(os.path.abspath(workdir), 'best'),
         options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True, enable_async_checkpointing=False))
+
+  def resume(self, meta: dict) -> None:
+    """Takes the evaluations and best step of a resumed checkpoint's metadata."""
+    self.history, self.step = meta.get('history', []), meta.get('best_step')
+    self.saved = self.step  # the best step of the last resume checkpoint: its params stay in best/
+    self.prune({self.step})  # later ones are a crashed run's, maybe not this run's best
+
+  def metrics(self, step: int | None = None) -> dict:
+    step = self.step if step is None else step
+    return next(h['metrics'] for h in self.history if h['step'] == step)
+
+  def update(self, step: int, params: Any, result: dict) -> None:
+    """Records an evaluation; saves the params when it is the best so far."""
+    self.history.append({'step': step, 'metrics': result})
+    if self.step is None or result[self.metric] > self.metrics()[self.metric]:
+      self.step = step
+      if step not in self.manager.all_steps():
+        self.manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                                        meta=ocp.args.JsonSave({'step': step, 'metrics': result})))
+
+  def meta(self) -> dict:
+    return {'history': self.history, 'best_step': self.step}
+
+  def after_save(self) -> None:
+    self.prune({self.saved, self.step})
+    self.saved = self.step
 
   def prune(self, keep: set[int | None]) -> None:
     for step in self.manager.all_steps():
       if step not in keep:
         self.manager.delete(step)
 
-  def save(self, step: int, params: Any, metrics: dict) -> None:
-    if step not in self.manager.all_steps():
-      self.manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                                      meta=ocp.args.JsonSave({'step': step, 'metrics': metrics})))
-
-  def restore(self, step: int, like: Any) -> Any:
+  def restore(self, like: Any) -> Any:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
-    return self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))['params']
+    return self.manager.restore(self.step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract)))['params']
 
   def close(self) -> None:
     self.manager.close()
@@ -313,109 +300,53 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preempt: preemption.Wa
 
   ckpt = checkpoint.Checkpointer(workdir, config.max_checkpoints_to_keep)
   on_exit.callback(ckpt.close)
-  best_ckpt = _Best(workdir)
-  on_exit.callback(best_ckpt.close)
+  best = _Best(workdir, config.metric_for_best)
+  on_exit.callback(best.close)
   meta = {}
   if ckpt.latest_step() is not None:
     state, meta = ckpt.restore(state)
     print(f'Resumed from {ckpt.directory} at step {int(state.step)}.', flush=True)
   start_step = int(state.step)
-  history, best_step = meta.get('history', []), meta.get('best_step')
-  pending = {**_NO_PENDING, **meta.get('pending', {})}
-  saved_best = best_step  # the best step of the last resume checkpoint: its params stay in best/
-  best_ckpt.prune({best_step})  # later ones are a crashed run's, maybe not this run's best
+  best.resume(meta)
 
-  repl = parallel.replicated(mesh)
-  p_train_step = jax.jit(functools.partial(finetune_step, model=model, tx=tx, task=task),
-                         in_shardings=(shardings, parallel.data_sharding(mesh)), out_shardings=(shardings, repl),
-                         donate_argnums=0)
   p_eval_step = jax.jit(functools.partial(eval_step, model=model, task=task),
-                        in_shardings=(shardings.params, parallel.data_sharding(mesh)), out_shardings=repl)
+                        in_shardings=(shardings.params, parallel.data_sharding(mesh)),
+                        out_shardings=parallel.replicated(mesh))
   run_eval = functools.partial(evaluate, p_eval_step=p_eval_step, config=config, mesh=mesh, label_names=names,
                                pad_token_id=tok.pad_token_id or 0)
   writer = writers.MetricWriter(workdir, resume_step=start_step)
   on_exit.callback(writer.close)
-  schedule = train.make_schedule(schedule_config(config, num_steps), num_steps)
   batches = data_lib.train_batches(splits['train'], config.batch_size, config.seed, start_step,
                                    jax.process_index(), jax.process_count())
-  best_name = config.metric_for_best
-  bar = tqdm(total=num_steps, initial=start_step, unit='step', dynamic_ncols=True,
-             disable=not config.progress_bar or jax.process_index() != 0)
-  on_exit.callback(bar.close)
-  step_metrics = []
-  for step in range(start_step + 1, num_steps + 1):
-    state, metrics = p_train_step(state, parallel.to_global(next(batches), mesh))
-    step_metrics.append(metrics)
-    bar.update(1)
-    if step % config.log_every_steps == 0 or step == num_steps:
-      pending = _add_pending(pending, step_metrics, step, config.optimizer.nonfinite)
-      step_metrics = []
-      row = {'loss': pending['loss_sum'] / max(pending['count'], 1.0),
-             'grad_norm': pending['grad_norm'] / max(pending['steps'] - pending['skipped_steps'], 1),
-             'skipped_steps': pending['skipped_steps'], 'learning_rate': float(schedule(step - 1)),
-             'epoch': step / steps_per_epoch}
-      writer.write(step, 'train', row)
-      bar.set_postfix(loss=f"{row['loss']:.4f}")
-      if row['skipped_steps'] and jax.process_index() == 0:
-        bar.write(f"step {step}: skipped {row['skipped_steps']} of the last {pending['steps']} steps (non-finite "
-                  'loss or gradient; optimizer.nonfinite=skip)')
-      pending = dict(_NO_PENDING)
-    if step % eval_every == 0 or step == num_steps:
-      result = run_eval(state.params, splits['validation'])
-      writer.write(step, 'eval', result)
-      history.append({'step': step, 'metrics': result})
-      bar.write(f'step {step} (epoch {step / steps_per_epoch:.2f}): validation '
-                + ' '.join(f'{k} {v:.4f}' for k, v in result.items() if k != 'num_examples'))
-      if best_step is None or result[best_name] > _metrics_at(history, best_step)[best_name]:
-        best_step = step
-        best_ckpt.save(step, state.params, result)
-    stop = preempt.should_stop(step) and step < num_steps
-    if step % ckpt_every == 0 or step == num_steps or stop:
-      pending = _add_pending(pending, step_metrics, step, config.optimizer.nonfinite)
-      step_metrics = []
-      ckpt.save(step, state, {'step': step, 'history': history, 'best_step': best_step, 'pending': pending},
-                force=stop)  # returns once the previous save is final: its best step may go
-      best_ckpt.prune({saved_best, best_step})
-      saved_best = best_step
-    if stop:
-      ckpt.wait()
-      print(f'Preempted at step {step}; checkpoint saved in {ckpt.directory}; run the same command to resume.',
-            flush=True)
-      return {'step': step, 'preempted': True}
-  bar.close()
-  ckpt.wait()
-  best_ckpt.prune({best_step})
-  results_metrics = dict(_metrics_at(history, best_step))
+  objective = task_loss.TaskObjective(model, task)
+  outcome = loop.run_loop(loop.Run(
+      state=state, start_step=start_step, num_steps=num_steps,
+      step=train.jit_step(objective, tx, mesh, state_sharding=shardings),
+      batches=((parallel.to_global(b, mesh), None) for b in batches), summarize=objective.summarize,
+      evaluate=lambda params: run_eval(params, splits['validation']),
+      schedule=optim.make_schedule(schedule_config(config, num_steps), num_steps), writer=writer, ckpt=ckpt,
+      log_every=config.log_every_steps, eval_every=eval_every, checkpoint_every=ckpt_every,
+      nonfinite=config.optimizer.nonfinite, tokens_per_step=lambda s: config.batch_size * config.max_seq_length,
+      progress_bar=config.progress_bar, hparams=config.to_dict(), pending=loop.pending_from_meta(meta),
+      on_eval=best.update, checkpoint_meta=lambda _: best.meta(), after_save=best.after_save,
+      row_extras=lambda step: {'epoch': step / steps_per_epoch}), preempt)
+  if outcome.preempted:
+    return {'step': outcome.step, 'preempted': True}
+  best.prune({best.step})
+  results_metrics = dict(best.metrics())
   results_metrics.pop('num_examples', None)
   if 'test' in splits and 'labels' in splits['test']:
-    best_params = state.params if best_step == num_steps else best_ckpt.restore(best_step, state.params)
+    params = outcome.state.params
+    best_params = params if best.step == num_steps else best.restore(params)
     test = run_eval(best_params, splits['test'])
     if start_step < num_steps:  # logged once, after the last step (a rerun of a finished run adds no row)
-      writer.write(num_steps, 'test', {**test, 'best_step': best_step})
+      writer.write(num_steps, 'test', {**test, 'best_step': best.step})
     results_metrics.update({f'test_{k}': v for k, v in test.items() if k != 'num_examples'})
   results = {'task': task, 'metrics': results_metrics,
-             'per_seed': [{'seed': config.seed, 'best_step': best_step, 'metrics': results_metrics}],
-             'best_step': best_step}
+             'per_seed': [{'seed': config.seed, 'best_step': best.step, 'metrics': results_metrics}],
+             'best_step': best.step}
   train.write_json(os.path.join(workdir, 'results.json'), results)
   return results
-
-
-def _metrics_at(history: list[dict], step: int) -> dict:
-  return next(h['metrics'] for h in history if h['step'] == step)
-
-
-def _add_pending(pending: dict, step_metrics: list[dict], step: int, nonfinite: str) -> dict:
-  """Host sums of the train metrics since the last log (checkpointed, so a resumed run logs the same rows).
-  With optimizer.nonfinite='stop', raises at a skipped step (before any checkpoint past it)."""
-  out = dict(pending)
-  for m in parallel.fetch(step_metrics):
-    train.check_finite(m, step, nonfinite)
-    out['loss_sum'] = out['loss_sum'] + float(m['loss_sum'])
-    out['count'] = out['count'] + float(m['count'])
-    out['grad_norm'] = out['grad_norm'] + float(m['grad_norm'])
-    out['skipped_steps'] += int(m['skipped_steps'])
-    out['steps'] += 1
-  return out
 
 
 def schedule_config(config: ml_collections.ConfigDict, num_steps: int) -> ml_collections.ConfigDict:

@@ -1,4 +1,5 @@
-"""Training: TrainState, optimizer, `train_step`, and the loop `train_and_evaluate(config, workdir)`."""
+"""Pretraining: TrainState, the one `train_step` (any objective), and `train_and_evaluate(config, workdir)`, the
+set-up of a pretraining run on the one loop (`loop.run_loop`)."""
 
 import contextlib
 import dataclasses
@@ -6,7 +7,6 @@ import functools
 import json
 import os
 import shutil
-import time
 from typing import Any, Callable
 
 import flax
@@ -15,15 +15,19 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
-from mlm_flax import (checkpoint, data, evaluate, flops, inference, parallel, preemption, validation, workdir_lock,
-                      writers)
+from mlm_flax import (checkpoint, data, evaluate, flops, inference, loop, parallel, preemption, validation,
+                      workdir_lock, writers)
 from mlm_flax.data import tokenizer
+from mlm_flax.loop import check_finite
 from mlm_flax.models import make_model
-from mlm_flax.objectives import masking
+from mlm_flax.objectives import make_objective
 from mlm_flax.objectives import mlm as loss
 from mlm_flax.objectives.mlm import make_mask_fn
+from mlm_flax.optim import make_optimizer, make_schedule
+
+__all__ = ['TrainState', 'apply_if_finite', 'check_finite', 'create_train_state', 'jit_step', 'jit_train_step',
+           'make_mask_fn', 'make_optimizer', 'make_schedule', 'train_and_evaluate', 'train_step']
 
 
 @flax.struct.dataclass
@@ -34,32 +38,11 @@ class TrainState:
   rng: jax.Array  # base key: step s uses fold_in(rng, s), so a resumed run draws the same masks
 
 
-def make_schedule(opt: ml_collections.ConfigDict, num_train_steps: int) -> optax.Schedule:
-  """Linear warmup to `learning_rate`, then linear / cosine decay (or constant)."""
-  peak, warmup = opt.learning_rate, min(opt.warmup_steps, num_train_steps)
-  end = peak * opt.end_learning_rate_factor
-  decay_steps = max(num_train_steps - warmup, 1)
-  decay = {'linear': optax.linear_schedule(peak, end, decay_steps),
-           'cosine': optax.cosine_decay_schedule(peak, decay_steps, alpha=opt.end_learning_rate_factor),
-           'constant': optax.constant_schedule(peak)}
-  if opt.schedule not in decay:
-    raise ValueError(f"optimizer.schedule={opt.schedule!r}; use one of {sorted(decay)}")
-  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay[opt.schedule]], [warmup])
-
-
-def make_optimizer(opt: ml_collections.ConfigDict, num_train_steps: int) -> optax.GradientTransformation:
-  """AdamW with global-norm clipping; no weight decay on biases and LayerNorm (1-D params)."""
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
-  return optax.chain(
-      optax.clip_by_global_norm(opt.grad_clip_norm) if opt.grad_clip_norm else optax.identity(),
-      optax.adamw(make_schedule(opt, num_train_steps), b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                  weight_decay=opt.weight_decay, mask=decay_mask))
-
-
 def create_train_state(rng: jax.Array, model, tx: optax.GradientTransformation, seq_len: int) -> TrainState:
+  """A fresh state; `model` is an objective (`init_params`) or an MLM linen module."""
+  objective = model if hasattr(model, 'init_params') else loss.MLM(model, None, 0)
   init_rng, state_rng = jax.random.split(rng)
-  ids = jnp.zeros((1, seq_len), jnp.int32)
-  params = model.init(init_rng, ids, jnp.ones_like(ids))['params']
+  params = objective.init_params(init_rng, seq_len)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng)
 
 
@@ -69,51 +52,39 @@ def _micro_batches(tree: Any, n: int) -> Any:
   return jax.tree.map(lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), tree)
 
 
-def _loss_sum_and_grads(params, model, batch, masked: masking.Masked, num_predictions: int, dropout_rng,
-                        grad_accum_steps: int):
-  """Summed metrics and the gradient of the summed loss, over `grad_accum_steps` micro-batches. Dropout draws
-  per row from `batch['row_ids']`, so the micro-batches together drop exactly what the full batch does."""
-  def sum_loss(p, b, m, rng):
-    _, metrics = loss.mlm_loss(p, model, b, m, num_predictions, rng)
-    return metrics['loss_sum'], metrics
-
-  grad_fn = jax.grad(sum_loss, has_aux=True)
+def _grads(objective, params: Any, batch: dict, aux: Any, totals: dict, dropout_rng: jax.Array,
+           grad_accum_steps: int) -> tuple[Any, dict]:
+  """The gradient of the objective's loss and its summed metrics, over `grad_accum_steps` micro-batches (the loss
+  is normalised by the whole batch's `totals`, so their gradients sum to the full batch's). Dropout draws per
+  row from `batch['row_ids']`, so the micro-batches together drop exactly what the full batch does."""
+  grad_fn = jax.grad(functools.partial(objective.loss, totals=totals), has_aux=True)
   if grad_accum_steps == 1:
-    grads, metrics = grad_fn(params, batch, masked, dropout_rng)
-    return grads, metrics
+    return grad_fn(params, batch, aux, rng=dropout_rng)
 
   def accumulate(carry, xs):  # one dropout key: rows draw by their `row_ids`, as in the full batch
-    grads, metrics = grad_fn(params, *xs, dropout_rng)
-    return jax.tree.map(jnp.add, carry, (grads, metrics)), None
+    out = grad_fn(params, *xs, rng=dropout_rng)
+    return jax.tree.map(jnp.add, carry, out), None
 
-  micro = (_micro_batches(batch, grad_accum_steps), _micro_batches(masked, grad_accum_steps))
-  shapes = jax.eval_shape(grad_fn, params, *jax.tree.map(lambda x: x[0], micro), dropout_rng)
+  micro = (_micro_batches(batch, grad_accum_steps), _micro_batches(aux, grad_accum_steps))
+  shapes = jax.eval_shape(lambda b, a: grad_fn(params, b, a, rng=dropout_rng), *jax.tree.map(lambda x: x[0], micro))
   zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
-  (grads, metrics), _ = jax.lax.scan(accumulate, zeros, micro)
-  return grads, metrics
+  return jax.lax.scan(accumulate, zeros, micro)[0]
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx: optax.GradientTransformation,
-               mask_fn: loss.MaskFn, num_predictions: int | Callable[[int], int],
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, objective, tx: optax.GradientTransformation,
                grad_accum_steps: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One update on the global batch: mask in-graph, forward, token-weighted CE, AdamW.
+  """One update on the global batch, for any objective (`mlm_flax.objectives`): prepare in-graph (masks, from
+  fold_in(rng, step): fresh every step, the same on resume), loss and gradient, optimizer update.
 
-  The loss is the mean over the masked tokens of the whole global batch, also when the batch is
-  split into `grad_accum_steps` micro-batches (summed gradients, divided by the global count; dropout is
-  drawn per global row, so that is the same update with dropout too).
+  The loss is normalised over the whole global batch, also when the batch is split into `grad_accum_steps`
+  micro-batches (dropout is drawn per global row, so that is the same update with dropout too).
   A step with a non-finite loss, gradient or updated param leaves params and optimizer state as they
   were (in-graph, no host sync); its metrics count only in `skipped_steps`.
-  The masking rate may depend on the step (`masking.rate_schedule`); `num_predictions` may be a function of
-  the batch's sequence length (sequence-length warm-up: one compiled step per length).
   """
-  mask_rng, dropout_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
-  masked = mask_fn(mask_rng, batch['input_ids'], maskable=batch['segment_ids'] > 0, step=state.step)
-  if callable(num_predictions):
-    num_predictions = num_predictions(batch['input_ids'].shape[-1])
+  prepare_rng, dropout_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
   batch = {**batch, 'row_ids': jnp.arange(batch['input_ids'].shape[0])}  # global rows: dropout draws by them
-  grads, metrics = _loss_sum_and_grads(state.params, model, batch, masked, num_predictions, dropout_rng,
-                                       grad_accum_steps)
-  grads = jax.tree.map(lambda g: g / jnp.maximum(metrics['count'], 1.0), grads)
+  aux, totals = objective.prepare(prepare_rng, batch, state.step)
+  grads, metrics = _grads(objective, state.params, batch, aux, totals, dropout_rng, grad_accum_steps)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   return apply_if_finite(state, optax.apply_updates(state.params, updates), opt_state, metrics,
                          optax.tree.norm(grads))
@@ -142,18 +113,22 @@ def state_shardings(mesh: jax.sharding.Mesh, state: TrainState) -> TrainState:
                        opt_state=parallel.state_sharding(mesh, state.opt_state))
 
 
-def jit_train_step(model, tx: optax.GradientTransformation, mask_fn: loss.MaskFn,
-                   num_predictions: int | Callable[[int], int],
-                   mesh: jax.sharding.Mesh, grad_accum_steps: int = 1, state_sharding: Any = None):
-  """`train_step` jitted over `mesh`: batch split over all devices, state donated and kept in
+def jit_step(objective, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh, grad_accum_steps: int = 1,
+             state_sharding: Any = None):
+  """`train_step` of `objective` jitted over `mesh`: batch split over all devices, state donated and kept in
   `state_sharding` (default: replicated, i.e. data parallelism; see `state_shardings` for FSDP)."""
   repl = parallel.replicated(mesh)
   state_sharding = repl if state_sharding is None else state_sharding
-  return jax.jit(
-      functools.partial(train_step, model=model, tx=tx, mask_fn=mask_fn, num_predictions=num_predictions,
-                        grad_accum_steps=grad_accum_steps),
-      in_shardings=(state_sharding, parallel.data_sharding(mesh)), out_shardings=(state_sharding, repl),
-      donate_argnums=0)
+  return jax.jit(functools.partial(train_step, objective=objective, tx=tx, grad_accum_steps=grad_accum_steps),
+                 in_shardings=(state_sharding, parallel.data_sharding(mesh)), out_shardings=(state_sharding, repl),
+                 donate_argnums=0)
+
+
+def jit_train_step(model, tx: optax.GradientTransformation, mask_fn: loss.MaskFn,
+                   num_predictions: int | Callable[[int], int],
+                   mesh: jax.sharding.Mesh, grad_accum_steps: int = 1, state_sharding: Any = None):
+  """The MLM `train_step` of `model` (masking by `mask_fn`, `num_predictions` per row) jitted over `mesh`."""
+  return jit_step(loss.MLM(model, mask_fn, num_predictions), tx, mesh, grad_accum_steps, state_sharding)
 
 
 def resolve_config(config: ml_collections.ConfigDict, tok) -> ml_collections.ConfigDict:
@@ -240,27 +215,6 @@ def warm_start_params(config: ml_collections.ConfigDict, target: Any) -> Any:
   return params
 
 
-def _pending_to_meta(pending: list[dict]) -> dict:
-  """Metrics of the steps since the last log, so a resumed run logs exactly what an uninterrupted one does."""
-  rows = parallel.fetch(pending)
-  return {'pending_metrics': [{k: np.asarray(v).item() for k, v in r.items()} for r in rows],
-          'pending_dtypes': {k: np.asarray(v).dtype.name for k, v in rows[0].items()} if rows else {}}
-
-
-def _pending_from_meta(meta: dict) -> list[dict]:
-  dtypes = meta.get('pending_dtypes', {})
-  return [{k: np.asarray(v, dtypes[k]) for k, v in r.items()} for r in meta.get('pending_metrics', [])]
-
-
-def check_finite(metrics: dict, step: int, mode: str) -> None:
-  """With optimizer.nonfinite='stop': raises at the first step that was skipped (one host sync)."""
-  if mode == 'stop' and float(metrics['skipped_steps']):
-    raise FloatingPointError(
-        f'non-finite loss or gradient at step {step}; stopped (optimizer.nonfinite=stop) without applying '
-        'it, and the last checkpoint is untouched. Lower optimizer.learning_rate, set '
-        'optimizer.grad_clip_norm, or use optimizer.nonfinite=skip.')
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from `workdir` if it holds a checkpoint), evaluates, checkpoints.
 
@@ -279,29 +233,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 @dataclasses.dataclass
-class _Run:
-  """Everything the training loop needs, built by `_set_up`."""
-  config: ml_collections.ConfigDict  # resolved: vocab size and pad id from the tokenizer
-  tok: Any
-  splits: dict[str, Any]
-  eval_rows: dict[str, np.ndarray]
-  model: Any
-  state: TrainState
-  start_step: int
-  pending: list[dict]  # metrics of the steps since the last log (a resumed run's come from the checkpoint)
-  train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]  # jitted over the mesh
-  batches: Any  # (global batch, data position) per step, prepared on a background thread
-  evaluator: evaluate.Evaluator
-  writer: writers.MetricWriter
-  ckpt: checkpoint.Checkpointer
-  schedule: optax.Schedule
-  phases: list[tuple[int, int, int]]  # (first step, batch size, sequence length): warm-ups, then the full shape
-  flops_per_token: float
-  peak_flops: float
+class _Pretraining(loop.Run):
+  """The loop's `Run` of a pretraining run, and what its set-up and final report need besides."""
+  config: ml_collections.ConfigDict | None = None  # resolved: vocab size and pad id from the tokenizer
+  tok: Any = None
+  splits: dict[str, Any] | None = None
+  objective: Any = None
 
 
-def _set_up(config: ml_collections.ConfigDict, workdir: str, on_exit: contextlib.ExitStack) -> _Run:
-  """Data, tokenizer, resolved config, model, optimizer, state (fresh, imported or resumed), jitted step,
+def _initial_state(config: ml_collections.ConfigDict, objective, tx: optax.GradientTransformation, mesh,
+                   ckpt: checkpoint.Checkpointer) -> tuple[TrainState, Any, dict]:
+  """The state to start from (fresh, resumed, warm-started or imported), its shardings and the checkpoint's meta."""
+  init = functools.partial(create_train_state, model=objective, tx=tx, seq_len=config.max_seq_length)
+  shardings = state_shardings(mesh, jax.eval_shape(init, jax.random.PRNGKey(config.seed)))
+  state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
+  fresh_opt = lambda params: jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+  if ckpt.latest_step() is not None:
+    state, meta = ckpt.restore(state)
+    print(f'Resumed from {ckpt.directory} at step {int(state.step)}.')
+    return state, shardings, meta
+  if config.init_from:
+    params = warm_start_params(config, state.params)
+    state = state.replace(params=params, opt_state=fresh_opt(params))
+  elif ckpt.has_imported():
+    params = ckpt.restore_imported(state.params)
+    state = state.replace(params=params, opt_state=fresh_opt(params))
+  return state, shardings, {}
+
+
+def _unigram_baseline(rows: dict[str, np.ndarray], tok) -> int:
+  """The most frequent non-special training token: the unigram baseline always predicts it."""
+  counts = np.bincount(rows['input_ids'][rows['segment_ids'] > 0], minlength=len(tok))
+  counts[list(tokenizer.special_token_ids(tok))] = 0
+  return int(counts.argmax())
+
+
+def _set_up(config: ml_collections.ConfigDict, workdir: str, on_exit: contextlib.ExitStack) -> _Pretraining:
+  """Data, tokenizer, resolved config, objective, optimizer, state (fresh, imported or resumed), jitted step,
   evaluator, metric writer and the prefetched batches; what must be released at exit goes on `on_exit`."""
   ckpt = checkpoint.Checkpointer(workdir, config.max_checkpoints_to_keep)
   on_exit.callback(ckpt.close)  # however the run ends, in-flight saves are finalised (or fail loudly)
@@ -322,37 +290,17 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str, on_exit: contextlib
   eval_rows = pack(splits['validation'])
 
   mesh = parallel.make_mesh(fsdp=config.fsdp)
-  model = make_model(config.model)
+  objective = make_objective(config, tok)
+  if len(data.shape_phases(config)) > 1:  # shorter rows first: each length its own prediction budget
+    objective = dataclasses.replace(objective, num_predictions=functools.partial(loss.prediction_budget, config))
   tx = make_optimizer(config.optimizer, config.num_train_steps)
-  mask_fn, num_predictions = make_mask_fn(config, tok)
-
-  init = functools.partial(create_train_state, model=model, tx=tx, seq_len=config.max_seq_length)
-  shardings = state_shardings(mesh, jax.eval_shape(init, jax.random.PRNGKey(config.seed)))
-  state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
-  pending, meta = [], {}
-  if ckpt.latest_step() is not None:
-    state, meta = ckpt.restore(state)
-    pending = _pending_from_meta(meta)
-    print(f'Resumed from {ckpt.directory} at step {int(state.step)}.')
-  elif config.init_from:
-    params = warm_start_params(config, state.params)
-    state = state.replace(params=params, opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(params))
-  elif ckpt.has_imported():
-    params = ckpt.restore_imported(state.params)
-    state = state.replace(params=params, opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(params))
+  state, shardings, meta = _initial_state(config, objective, tx, mesh, ckpt)
   start_step = int(state.step)
-
-  warmup = len(data.shape_phases(config)) > 1  # shorter rows first: each length its own prediction budget
-  budget = functools.partial(loss.prediction_budget, config) if warmup else num_predictions
-  p_train_step = jit_train_step(model, tx, mask_fn, budget, mesh, config.grad_accum_steps, shardings)
-  rows = eval_rows if train_rows is None else train_rows
-  counts = np.bincount(rows['input_ids'][rows['segment_ids'] > 0], minlength=len(tok))
-  counts[list(tokenizer.special_token_ids(tok))] = 0
-  baseline = int(counts.argmax())  # the unigram baseline predicts the most frequent training token
-  evaluator = evaluate.Evaluator(model, *make_mask_fn(config, tok, 'eval'), mesh, config.seed,
-                                 baseline_token=baseline)
+  baseline = _unigram_baseline(eval_rows if train_rows is None else train_rows, tok)
+  eval_objective = dataclasses.replace(make_objective(config, tok, 'eval'), baseline_token=baseline)
+  evaluator = evaluate.Evaluator(eval_objective, mesh, config.seed)
   writer = writers.MetricWriter(workdir, resume_step=start_step, config=config.to_dict())
-
+  on_exit.callback(writer.close)
   batches = data.train_iterator(config, splits['train'] if train_rows is None else train_rows, tok, mesh,
                                 start_step, meta.get('data_position'),  # prepared on a background thread
                                 pack_at=lambda n: pack(splits['train'], max_seq_length=n))
@@ -362,47 +310,24 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str, on_exit: contextlib
   if jax.process_index() == 0:
     print(f'{flops_per_token / 1e6:.1f} MFLOPs per training token; peak {peak / 1e12:.3g} TFLOP/s '
           f'({peak_source}) for MFU.')
-  return _Run(config=config, tok=tok, splits=splits, eval_rows=eval_rows, model=model, state=state,
-              start_step=start_step, pending=pending, train_step=p_train_step, batches=batches,
-              evaluator=evaluator, writer=writer, ckpt=ckpt,
-              schedule=make_schedule(config.optimizer, config.num_train_steps), phases=data.shape_phases(config),
-              flops_per_token=flops_per_token,
-              peak_flops=peak)
+  phases = data.shape_phases(config)
+  return _Pretraining(
+      state=state, start_step=start_step, num_steps=config.num_train_steps,
+      step=jit_step(objective, tx, mesh, config.grad_accum_steps, shardings), batches=batches,
+      summarize=objective.summarize,
+      evaluate=lambda params: evaluator(params, eval_rows, config.eval_batch_size, config.max_eval_batches),
+      schedule=make_schedule(config.optimizer, config.num_train_steps), writer=writer, ckpt=ckpt,
+      log_every=config.log_every_steps, eval_every=config.eval_every_steps,
+      checkpoint_every=config.checkpoint_every_steps, nonfinite=config.optimizer.nonfinite,
+      tokens_per_step=lambda s: int(np.prod(data.step_shape(phases, s))), progress_bar=config.progress_bar,
+      hparams=config.to_dict(), pending=loop.pending_from_meta(meta), flops_per_token=flops_per_token,
+      peak_flops=peak, checkpoint_meta=lambda position: {'data_position': data.checkpoint_position(position)},
+      config=config, tok=tok, splits=splits, objective=objective)
 
 
-def _log_train(run: _Run, step: int, pending: list[dict], last_time: float, last_step: int, bar: tqdm) -> float:
-  """Writes the train row of the steps since `last_step` (their metrics: `pending`) up to `step`; returns the
-  time it was measured at."""
-  config = run.config
-  sums = jax.tree.map(lambda *x: np.sum(x), *parallel.fetch(pending))  # the only sync point
-  now = time.time()
-  elapsed, steps = now - last_time, step - last_step
-  summary = loss.summarize(sums)
-  tokens = sum(b * n for b, n in (data.step_shape(run.phases, s) for s in range(last_step, step)))  # warm-ups
-  check_finite(sums, step, config.optimizer.nonfinite)
-  summary.update(grad_norm=float(sums['grad_norm']) / max(len(pending) - int(sums['skipped_steps']), 1),
-                 skipped_steps=int(sums['skipped_steps']),
-                 learning_rate=float(run.schedule(step - 1)),
-                 tokens_per_second=tokens / elapsed)
-  summary['mfu'] = summary['tokens_per_second'] * run.flops_per_token / run.peak_flops
-  run.writer.write(step, 'train', summary)
-  if summary['skipped_steps'] and jax.process_index() == 0:
-    print(f"step {step}: skipped {summary['skipped_steps']} of the last {len(pending)} steps (non-finite "
-          'loss or gradient; optimizer.nonfinite=skip)', flush=True)
-  bar.set_postfix(loss=f"{summary['loss']:.3f}", acc=f"{summary['masked_accuracy']:.3f}",
-                  tok_s=f"{summary['tokens_per_second']:.0f}", mfu=f"{summary['mfu']:.0%}")
-  if bar.disable and jax.process_index() == 0:  # no bar (logs, notebooks): one line per log step
-    eta = (config.num_train_steps - step) * elapsed / steps
-    print(f"step {step}/{config.num_train_steps}: loss {summary['loss']:.4f} masked_accuracy "
-          f"{summary['masked_accuracy']:.4f} {summary['tokens_per_second']:.0f} tokens/s "
-          f"MFU {summary['mfu']:.1%} ETA {eta:.0f}s",
-          flush=True)
-  return now
-
-
-def _show_fill_mask(run: _Run, params: Any) -> None:
+def _show_fill_mask(run: _Pretraining, model: Any, params: Any) -> None:
   """Fill-mask on a few held-out sentences, printed (process 0)."""
-  mlm = inference.MLM(config=run.config, params=params, tokenizer=run.tok, model=run.model)
+  mlm = inference.MLM(config=run.config, params=params, tokenizer=run.tok, model=model)
   print('Fill-mask on held-out sentences:')
   for text, answer in inference.held_out_examples(run.splits['validation']['text'], run.tok,
                                                   run.config.fill_mask_examples):
@@ -414,56 +339,16 @@ def _show_fill_mask(run: _Run, params: Any) -> None:
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt: preemption.Watcher,
                         on_exit: contextlib.ExitStack) -> dict:
   run = _set_up(config, workdir, on_exit)
-  config, state, pending, ckpt = run.config, run.state, run.pending, run.ckpt
-
-  def run_eval(step: int, log: bool = True) -> dict:
-    result = run.evaluator(state.params, run.eval_rows, config.eval_batch_size, config.max_eval_batches)
-    if log:
-      run.writer.write(step, 'eval', result)
-    return {'step': step, **result}
-
-  last_time, last_step, result = time.time(), run.start_step, None
-  bar = tqdm(total=config.num_train_steps, initial=run.start_step, unit='step', dynamic_ncols=True,
-             disable=not config.progress_bar or jax.process_index() != 0)
-  for step in range(run.start_step + 1, config.num_train_steps + 1):
-    batch, data_position = next(run.batches)
-    state, metrics = run.train_step(state, batch)
-    pending.append(metrics)
-    if len(pending) > 1:  # keep one step queued, so the bar and ETA follow real progress
-      jax.block_until_ready(pending[-2]['count'])
-      check_finite(pending[-2], step - 1, config.optimizer.nonfinite)
-    bar.update(1)
-    if step % config.log_every_steps == 0 or step == config.num_train_steps:
-      now = _log_train(run, step, pending, last_time, last_step, bar)
-      pending, last_time, last_step = [], now, step
-    if step % config.eval_every_steps == 0 or step == config.num_train_steps:
-      result = run_eval(step)
-      bar.write(f"step {step}: eval loss {result['loss']:.4f} masked_accuracy "
-                f"{result['masked_accuracy']:.4f} (unigram baseline {result['unigram_baseline_accuracy']:.4f})")
-      last_time = time.time()  # eval time is not training throughput
-      if step == config.num_train_steps:  # before the last checkpoint: a finished run always has its HParams
-        run.writer.write_hparams(config.to_dict(), result)
-    stop = preempt.should_stop(step) and step < config.num_train_steps
-    if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps or stop:
-      if pending:
-        check_finite(pending[-1], step, config.optimizer.nonfinite)  # never checkpoint past a bad step
-      ckpt.save(step, state, {'step': step, 'data_position': data.checkpoint_position(data_position),
-                              **_pending_to_meta(pending)}, force=stop)
-    if stop:
-      ckpt.wait()
-      ckpt.close()
-      run.writer.close()
-      bar.close()
-      print(f'Preempted at step {step}; checkpoint saved in {ckpt.directory}; run the same command to resume.',
-            flush=True)
-      return {'step': step, 'preempted': True}
-  bar.close()
+  outcome = loop.run_loop(run, preempt)
+  if outcome.preempted:
+    return {'step': outcome.step, 'preempted': True}
+  result = outcome.result
   if result is None:  # nothing left to train: report, but do not log the same eval twice
-    result = run_eval(run.start_step, log=False)
-    run.writer.write_hparams(config.to_dict(), result)
-  ckpt.wait()
-  ckpt.close()
-  run.writer.close()
-  if config.fill_mask_examples and jax.process_index() == 0:
-    _show_fill_mask(run, state.params)
+    result = {'step': run.start_step, **run.evaluate(outcome.state.params)}
+    run.writer.write_hparams(run.config.to_dict(), result)
+  else:
+    result = {'step': outcome.step, **result}
+  mlm = run.objective.mlm_model(outcome.state.params)
+  if run.config.fill_mask_examples and mlm is not None and jax.process_index() == 0:
+    _show_fill_mask(run, *mlm)
   return result

@@ -17,6 +17,7 @@ from typing import Iterable
 import ml_collections
 
 from mlm_flax import models
+from mlm_flax.objectives import OBJECTIVES
 from mlm_flax.models import config as model_config
 
 CHOICES = {
@@ -28,8 +29,12 @@ CHOICES = {
     'model.hidden_act': ('gelu', 'gelu_new', 'gelu_pytorch_tanh', 'relu', 'silu'),
     'model.dtype': ('auto', 'float32', 'bfloat16', 'float16'),
     'model.param_dtype': ('float32', 'bfloat16', 'float16'),
-    'optimizer.schedule': ('linear', 'cosine', 'constant'),
+    # Copies of optim.SCHEDULES, optim.DECAY_SHAPES and optim.OPTIMIZERS (optim imports JAX).
+    'optimizer.schedule': ('linear', 'cosine', 'constant', 'wsd'),
+    'optimizer.decay_shape': ('linear', '1-sqrt'),
+    'optimizer.type': ('adamw', 'stable_adamw'),
     'optimizer.nonfinite': ('skip', 'stop'),
+    'objective.type': tuple(OBJECTIVES),
     'model.attention': ('auto', 'einsum', 'dot_product_attention'),
     # Copies of masking.STRATEGIES, masking.RATE_SCHEDULES, data.PACKING_MODES and data.tokenizer.TOKENIZER_TYPES
     # (those modules import JAX, datasets, transformers; tests/test_resume_config.py checks the copies are equal).
@@ -62,7 +67,8 @@ POSITIVE = ('num_train_steps', 'batch_size', 'eval_batch_size', 'max_seq_length'
 WANDB_MISSING = ('--config.logging.wandb=True needs Weights & Biases, which is not installed: pip install -e '
                  '".[wandb]" (or pip install wandb), or set --config.logging.wandb=False.')
 FRACTIONS = ('masking.rate', 'masking.eval_rate', 'masking.final_rate', 'masking.mask_prob', 'masking.random_prob',
-             'data.validation_fraction')  # in [0, 1]; rates in (0, 1]
+             'data.validation_fraction', 'optimizer.decay_fraction', 'objective.generator_hidden_fraction',
+             'objective.generator_layers_fraction')  # in [0, 1]; rates in (0, 1]
 
 
 CONFIG_FIX = 'restore it from a copy, or start the run again in a new --workdir.'
@@ -254,6 +260,13 @@ def check_config_change(old: dict, new: dict, workdir: str) -> str | None:
   if steps is None:
     return None
   opt = flatten(new)
+  if opt.get('optimizer.schedule') == 'wsd':
+    start = steps[0] - min(int(round(opt.get('optimizer.decay_fraction', 0.1) * steps[0])),
+                           steps[0] - min(opt['optimizer.warmup_steps'], steps[0]))
+    return (f'note: num_train_steps changed from {steps[0]} to {steps[1]}. With the warmup-stable-decay schedule '
+            f'the learning rate stays at its peak until the cool-down (the old run\'s began after step {start}): '
+            f'resumed from a checkpoint at or before step {start}, this is the run that had num_train_steps='
+            f'{steps[1]} from the start; from a later one, its cool-down is cut short and restarts at the peak.')
   decay = ('constant' if opt['optimizer.schedule'] == 'constant' else
            f"{opt['optimizer.schedule']} decay to {opt['optimizer.end_learning_rate_factor']} x learning_rate")
   return (f'warning: num_train_steps changed from {steps[0]} to {steps[1]}. The learning-rate schedule '

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 from mlm_flax import evaluate, parallel
+from mlm_flax.objectives import mlm
 from test_train import random_batch, setup
 
 _DEVICES = r'''
@@ -32,7 +33,7 @@ def eval_rows(n: int = 100) -> dict[str, np.ndarray]:
 def evaluate_rows(num_devices: int, batch_size: int) -> dict:
   mesh = parallel.make_mesh(num_devices)
   model, _, mask_fn, num_predictions, state = setup(mesh, dropout=0.1)  # eval never drops out
-  evaluator = evaluate.Evaluator(model, mask_fn, num_predictions, mesh, seed=0, baseline_token=7)
+  evaluator = evaluate.Evaluator(mlm.MLM(model, mask_fn, num_predictions, baseline_token=7), mesh, seed=0)
   return evaluator(state.params, eval_rows(), batch_size)
 
 

@@ -13,6 +13,7 @@ so every process packs the same rows.
 """
 
 import hashlib
+import json
 import os
 import tempfile
 from typing import TYPE_CHECKING

@@ -6,6 +6,7 @@ across steps, batches and hosts; the loss that is differentiated is normalised b
 the number of masked tokens in the *global* batch.
 """
 
+import dataclasses
 import functools
 import math
 from typing import Any, Callable
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from mlm_flax.data import tokenizer
+from mlm_flax.models import make_model
 from mlm_flax.objectives import masking
 from mlm_flax.objectives.masking import Masked
 
@@ -59,6 +61,16 @@ def make_mask_fn(config: ml_collections.ConfigDict, tok, split: str = 'train') -
   return fn, prediction_budget(config, config.max_seq_length, split)
 
 
+def mask_rows(mask_fn: MaskFn, rng: jax.Array, row_ids: jax.Array, ids: jax.Array,
+              maskable: jax.Array) -> Masked:
+  """`mask_fn` applied to each row [length] of `ids` with its own key `fold_in(rng, row_id)`: masks that depend on
+  the row's index in its split, not on the batch it is in (evaluation)."""
+  def one(row_id, row, can):
+    masked = mask_fn(jax.random.fold_in(rng, row_id), row[None], maskable=can[None])
+    return jax.tree.map(lambda x: x[0], masked)
+  return jax.vmap(one)(row_ids, ids, maskable)
+
+
 def gather_predictions(masked: Masked, num_predictions: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Positions [batch, P] of the masked tokens (padded with weight 0), their targets and weights."""
   _, positions = jax.lax.top_k(masked.weights, num_predictions)
@@ -95,3 +107,44 @@ def summarize(sums: dict[str, float]) -> dict[str, float]:
   if 'baseline_correct' in sums:
     out['unigram_baseline_accuracy'] = float(sums['baseline_correct']) / count
   return out
+
+
+@dataclasses.dataclass(frozen=True)
+class MLM:
+  """The masked-LM objective of one model, in the interface of `mlm_flax.objectives` (train step, evaluator,
+  loop). `num_predictions` may be a function of the sequence length (sequence-length warm-up)."""
+  model: nn.Module
+  mask_fn: MaskFn
+  num_predictions: int | Callable[[int], int]
+  baseline_token: int | None = None  # eval: also count the accuracy of always predicting this token
+
+  def init_params(self, rng: jax.Array, seq_len: int) -> Any:
+    ids = jnp.zeros((1, seq_len), jnp.int32)
+    return self.model.init(rng, ids, jnp.ones_like(ids))['params']
+
+  def prepare(self, rng: jax.Array, batch: dict[str, jax.Array], step: jax.Array) -> tuple[Masked, dict]:
+    masked = self.mask_fn(rng, batch['input_ids'], maskable=batch['segment_ids'] > 0, step=step)
+    return masked, {'count': masked.weights.sum()}
+
+  def prepare_eval(self, rng: jax.Array, batch: dict[str, jax.Array]) -> tuple[Masked, dict]:
+    """Evaluation's masks: row r of the split (`batch['row_ids']`) masked with fold_in(rng, r)."""
+    masked = mask_rows(self.mask_fn, rng, batch['row_ids'], batch['input_ids'], batch['segment_ids'] > 0)
+    return masked, {'count': masked.weights.sum()}
+
+  def loss(self, params: Any, batch: dict[str, jax.Array], masked: Masked, totals: dict,
+           rng: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    n = self.num_predictions
+    n = n(batch['input_ids'].shape[-1]) if callable(n) else n
+    _, sums = mlm_loss(params, self.model, batch, masked, n, rng, self.baseline_token)
+    return sums['loss_sum'] / jnp.maximum(totals['count'], 1.0), sums
+
+  def summarize(self, sums: dict[str, float]) -> dict[str, float]:
+    return summarize(sums)
+
+  def mlm_model(self, params: Any) -> tuple[nn.Module, Any]:
+    return self.model, params
+
+
+def make(config: ml_collections.ConfigDict, tok, split: str = 'train') -> MLM:
+  """The MLM objective of a resolved config: its model and the masking of `split`."""
+  return MLM(make_model(config.model), *make_mask_fn(config, tok, split))

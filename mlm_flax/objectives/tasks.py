@@ -7,6 +7,9 @@ over devices and an evaluation batch with padding rows (weight 0) give exact mea
 per row, for an evaluation whose sums do not depend on the batch size.
 """
 
+import dataclasses
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -39,3 +42,27 @@ def predictions(logits: jax.Array, task: str) -> jax.Array:
   if task == 'regression':
     return logits[:, 0].astype(jnp.float32)
   return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskObjective:
+  """A fine-tuning task's loss in the objective interface (`mlm_flax.objectives`) that `train.train_step` takes:
+  the mean loss over the global batch's examples (or scored tokens), dropout drawn per global row."""
+  model: Any
+  task: str
+
+  def prepare(self, rng: jax.Array, batch: dict[str, jax.Array], step: jax.Array) -> tuple[None, dict]:
+    labels = batch['labels']  # the loss is over examples, or scored tokens for token classification
+    count = jnp.sum(labels != IGNORE) if self.task == 'token_classification' else labels.shape[0]
+    return None, {'count': jnp.asarray(count, jnp.float32)}
+
+  def loss(self, params: Any, batch: dict[str, jax.Array], aux: None, totals: dict,
+           rng: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    logits = self.model.apply({'params': params}, batch['input_ids'], batch['segment_ids'],
+                              batch['token_type_ids'], deterministic=rng is None, row_ids=batch.get('row_ids'),
+                              rngs=None if rng is None else {'dropout': rng})
+    sums = task_loss(logits, batch['labels'], jnp.ones(batch['input_ids'].shape[:1], jnp.float32), self.task)
+    return sums['loss_sum'] / jnp.maximum(totals['count'], 1.0), sums
+
+  def summarize(self, sums: dict[str, float]) -> dict[str, float]:
+    return {'loss': float(sums['loss_sum']) / max(float(sums['count']), 1.0)}
