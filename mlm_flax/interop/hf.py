@@ -22,12 +22,13 @@ from mlm_flax.interop import bert, modernbert, tree_get, tree_set
 from mlm_flax.models import make_model, position_offset
 
 # Hugging Face `model_type` / our `model.type` -> the module mapping that architecture (key map, configs).
-MAPPINGS = {'bert': bert, 'roberta': bert, 'modernbert': modernbert}
+MAPPINGS = {'bert': bert, 'roberta': bert, 'electra': bert, 'modernbert': modernbert}
 
 
 def _mapping(model_type: str):
   if model_type not in MAPPINGS:
-    raise ValueError(f"model_type {model_type!r} is not supported; use a BERT, RoBERTa or ModernBERT checkpoint.")
+    raise ValueError(f"model_type {model_type!r} is not supported; use a BERT, RoBERTa, ELECTRA or ModernBERT "
+                     "checkpoint.")
   return MAPPINGS[model_type]
 
 
@@ -173,7 +174,7 @@ def load_hf_task(path: str | os.PathLike, dtype: str = 'float32') -> tuple[ml_co
   hf = read_hf_config(path)
   info = task_info(hf)
   state = read_state_dict(path)
-  if hf.get('model_type', 'bert') in ('bert', 'roberta'):
+  if hf.get('model_type', 'bert') in ('bert', 'roberta', 'electra'):
     state = bert.legacy_names_renamed(state)
   prefix = bert.prefix_of(state, hf.get('model_type', 'bert')).rstrip('.')
   head, used = {}, set()
