@@ -227,7 +227,7 @@ def _loss_fn(setup, batch, masked, num, disc_weight, gen_count, disc_count, drop
 def test_micro_batches_sum_to_the_full_batch_loss_and_gradient(setup):
   params = setup[0]
   batch, masked, num = _batch()
-  counts = masked.weights.sum(), (batch['segment_ids'] > 0).sum()
+  counts = electra.batch_counts(batch, masked)
   (loss, sums), grads = _loss_fn(setup, batch, masked, num, 50.0, *counts)(params)
   halves = []
   for rows in (slice(0, 2), slice(2, 4)):
@@ -258,7 +258,7 @@ def test_a_sample_equal_to_the_original_is_labelled_original(setup, monkeypatch)
 def test_gradients_sampling_and_shared_embeddings(setup):
   params = setup[0]
   batch, masked, num = _batch()
-  counts = masked.weights.sum(), (batch['segment_ids'] > 0).sum()
+  counts = electra.batch_counts(batch, masked)
   grad = lambda w: _loss_fn(setup, batch, masked, num, w, *counts, dropout=False)(params)[1]
   gen_only, both = grad(0.0), grad(1.0)
   disc_only = jax.tree.map(lambda a, b: a - b, both, gen_only)  # the loss is linear in disc_weight

@@ -3,8 +3,8 @@
 `load_hf` reads a Hugging Face folder (or hub name) into (config, params, tokenizer, module); `load_hf_task` reads
 it for a task model (encoder, task head, labels); `export` writes a masked LM or a task model
 (`*For{Sequence,Token}Classification`); `import_to_workdir` starts a workdir from one. The mapping of each
-architecture (key map, head key map, config.json conversion, tied decoder) is its own module (`bert.py` for BERT
-and RoBERTa, `modernbert.py`), chosen by the model type through `MAPPINGS`.
+architecture (key map, head key map, config.json conversion, tied decoder) is its own module (`bert.py` for BERT,
+RoBERTa and ELECTRA, `modernbert.py`), chosen by the model type through `MAPPINGS`.
 """
 
 import functools
@@ -128,8 +128,8 @@ def _config_and_params(path: str, state: dict[str, np.ndarray], dtype: str,
 
 
 def load_hf(path: str | os.PathLike, dtype: str = 'float32') -> tuple[ml_collections.ConfigDict, Any, Any, Any]:
-  """(config, params, tokenizer, module) of a Hugging Face BERT/RoBERTa/ModernBERT masked LM (or encoder-only
-  model: fresh head, with a warning), computing in `dtype`; `inference.load` wraps them in an `MLM`."""
+  """(config, params, tokenizer, module) of a Hugging Face BERT/RoBERTa/ELECTRA/ModernBERT masked LM (or
+  encoder-only model: fresh head, with a warning), computing in `dtype`; `inference.load` wraps them in an `MLM`."""
   from mlm_flax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   path = resolve(path)
   config, params, fresh = _config_and_params(path, read_state_dict(path), dtype)

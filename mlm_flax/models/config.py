@@ -13,8 +13,8 @@ from typing import Any, Mapping
 
 # Keys whose default is None (filled from the tokenizer, or "the architecture's own"): the type their values
 # take, for the config's FieldReferences (a None default otherwise accepts no typed override).
-OPTIONAL_TYPES = {'vocab_size': int, 'embedding_size': int, 'pad_token_id': int, 'mlp': str, 'norm': str, 'positions': str,
-                  'norm_position': str, 'attention_bias': bool, 'mlp_bias': bool, 'norm_bias': bool,
+OPTIONAL_TYPES = {'vocab_size': int, 'embedding_size': int, 'pad_token_id': int, 'mlp': str, 'norm': str,
+                  'positions': str, 'norm_position': str, 'attention_bias': bool, 'mlp_bias': bool, 'norm_bias': bool,
                   'decoder_bias': bool, 'classifier_bias': bool}
 BIASES = ('attention_bias', 'mlp_bias', 'norm_bias', 'decoder_bias', 'classifier_bias')
 # The architecture switches: None means the architecture's own value (`OWN`), resolved by `ModelConfig.resolved`.

@@ -145,6 +145,12 @@ def _forward(params: Any, generator: nn.Module, discriminator: nn.Module, batch:
       jnp.float32)
 
 
+def batch_counts(batch: dict[str, jax.Array], masked: Masked) -> tuple[jax.Array, jax.Array]:
+  """(gen_count, disc_count) of a whole batch (f32): its scored masked tokens and its real tokens
+  (`segment_ids > 0`); computed once per step and passed to every micro-batch's `electra_loss`."""
+  return masked.weights.sum(), (batch['segment_ids'] > 0).sum().astype(jnp.float32)
+
+
 def electra_loss(params: Any, generator: nn.Module, discriminator: nn.Module, batch: dict[str, jax.Array],
                  masked: Masked, num_predictions: int, sample_rng: jax.Array, dropout_rng: jax.Array | None,
                  disc_weight: float, gen_count: jax.Array, disc_count: jax.Array
