@@ -14,7 +14,7 @@ import transformers  # pylint: disable=g-import-not-at-top
 from test_hf import _bert_tokenizer  # pylint: disable=g-import-not-at-top
 from mlm_flax import inference  # pylint: disable=g-import-not-at-top
 from mlm_flax.interop import electra as electra_hf  # pylint: disable=g-import-not-at-top
-from mlm_flax.models import make_model  # pylint: disable=g-import-not-at-top
+from mlm_flax.models import architecture, make_model  # pylint: disable=g-import-not-at-top
 from mlm_flax.objectives import electra, masking  # pylint: disable=g-import-not-at-top
 from mlm_flax.tasks import model as task_lib  # pylint: disable=g-import-not-at-top
 
@@ -99,6 +99,10 @@ def test_embedding_size_unset_leaves_the_bert_params_unchanged():
   assert narrow['embeddings_project']['kernel'] == (12, 36)
   assert narrow['word_embeddings']['embedding'] == (101, 12) and narrow['head_transform']['kernel'] == (36, 12)
   assert set(narrow) - set(shapes(without)) == {'embeddings_project'}
+  with pytest.raises(ValueError, match='embedding_size'):
+    make_model(dict(MODEL, embedding_size=0)).init(jax.random.PRNGKey(0), ids, ids + 1)
+  with pytest.raises(ValueError, match='embedding_size=12 is not supported for ModernBERT'):
+    architecture('modernbert').check_config(dict(MODEL, type='modernbert', num_heads=6, embedding_size=12))
 
 
 def test_generator_config_and_shared_embeddings():

@@ -113,6 +113,8 @@ MODEL = BertMLM
 def check_config(cfg: ModelConfig) -> None:
   """Raises ValueError for a BERT/RoBERTa config that cannot build (beyond `validation.validate_config`'s checks)."""
   c = cfg.resolved
+  if c.embedding_size is not None and c.embedding_size < 1:
+    raise ValueError(f'model.embedding_size={c.embedding_size} must be at least 1; or leave it unset (hidden_size).')
   if c.positions == 'rope' and (c.hidden_size // c.num_heads) % 2:
     raise ValueError(f'model.positions=\'rope\' needs an even head size; hidden_size / num_heads = '
                      f'{c.hidden_size // c.num_heads}; change model.num_heads.')
