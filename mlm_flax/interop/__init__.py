@@ -1,6 +1,7 @@
 """Interop with other libraries' checkpoints: `hf.py` (Hugging Face: load, export, import into a workdir), with one
-mapping module per architecture (`bert.py`, `modernbert.py`). A new architecture adds its mapping here and an
-entry in `hf.MAPPINGS`.
+mapping module per architecture (`bert.py` for BERT, RoBERTa and ELECTRA, `modernbert.py`); `electra.py` the
+ELECTRA objective's generator/discriminator pair. A new architecture adds its mapping here and an entry in
+`hf.MAPPINGS`.
 """
 
 from typing import Any, Mapping

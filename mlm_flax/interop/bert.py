@@ -1,4 +1,7 @@
-"""Hugging Face mapping of BERT and RoBERTa masked LMs (`BertForMaskedLM`, `RobertaForMaskedLM`).
+"""Hugging Face mapping of BERT, RoBERTa and ELECTRA masked LMs (`BertForMaskedLM`, `RobertaForMaskedLM`,
+`ElectraForMaskedLM`: BERT's layers under `electra.`, its embeddings `embedding_size` wide with
+`embeddings_project` where that differs from the hidden size, its head `generator_predictions` +
+`generator_lm_head`).
 
 Our layer names follow BERT's, so the mapping is one table (`_EMBEDDINGS`, `_LAYER`, `_HEAD`) read in both
 directions. Linear weights are transposed (torch stores [out, in]). The MLM decoder is tied to the word
@@ -17,7 +20,7 @@ import numpy as np
 from mlm_flax.interop import check_exportable, read_tensor, tree_get as _get, tree_set as _set
 from mlm_flax.models.config import OWN
 
-ARCHITECTURES = {'bert': 'BertForMaskedLM', 'roberta': 'RobertaForMaskedLM'}
+ARCHITECTURES = {'bert': 'BertForMaskedLM', 'roberta': 'RobertaForMaskedLM', 'electra': 'ElectraForMaskedLM'}
 # The switch values the Hugging Face classes have (BERT's own: gelu MLP, LayerNorm, learned positions, post-LN,
 # every bias); a model with others trains but does not export.
 EXPORTABLE = OWN['bert']
@@ -25,7 +28,8 @@ EXPORTABLE = OWN['bert']
 # Task models (`mlm_flax.models.heads`): the Hugging Face class of each head.
 TASK_ARCHITECTURES = {t: {'classification': f'{t.title()}ForSequenceClassification',
                           'regression': f'{t.title()}ForSequenceClassification',
-                          'token_classification': f'{t.title()}ForTokenClassification'} for t in ('bert', 'roberta')}
+                          'token_classification': f'{t.title()}ForTokenClassification'}
+                      for t in ('bert', 'roberta', 'electra')}
 
 _LAYER = {  # ours (under layer_{i}) -> HF (under {prefix}.encoder.layer.{i}.)
     ('query',): 'attention.self.query', ('key',): 'attention.self.key', ('value',): 'attention.self.value',
@@ -37,8 +41,11 @@ _EMBEDDINGS = {('word_embeddings',): 'embeddings.word_embeddings', ('position_em
 _HEAD = {'bert': {('head_transform',): 'cls.predictions.transform.dense',
                   ('head_norm',): 'cls.predictions.transform.LayerNorm', ('head_bias',): 'cls.predictions.bias'},
          'roberta': {('head_transform',): 'lm_head.dense', ('head_norm',): 'lm_head.layer_norm',
-                     ('head_bias',): 'lm_head.bias'}}
-_DECODER = {'bert': 'cls.predictions.decoder', 'roberta': 'lm_head.decoder'}
+                     ('head_bias',): 'lm_head.bias'},
+         'electra': {('head_transform',): 'generator_predictions.dense',
+                     ('head_norm',): 'generator_predictions.LayerNorm', ('head_bias',): 'generator_lm_head.bias'}}
+_DECODER = {'bert': 'cls.predictions.decoder', 'roberta': 'lm_head.decoder', 'electra': 'generator_lm_head'}
+_PROJECT = {('embeddings_project',): 'embeddings_project'}  # ELECTRA's embedding_size -> hidden_size
 _BUFFERS = ('embeddings.position_ids', 'embeddings.token_type_ids')  # index buffers some exports carry
 
 
@@ -53,14 +60,15 @@ def _leaves(ours: tuple, hf: str) -> list[tuple[tuple, str, bool]]:
   return [(ours + ('kernel',), hf + '.weight', True), (ours + ('bias',), hf + '.bias', False)]
 
 
-def key_map(model_type: str, num_layers: int, prefix: str | None = None,
-            tied: bool = True) -> list[tuple[tuple, str, bool]]:
-  """Every (our param path, HF state-dict key, transpose?) of a BERT/RoBERTa masked LM; with `tied=False`
-  also the decoder weight ([vocab, hidden] on both sides)."""
+def key_map(model_type: str, num_layers: int, prefix: str | None = None, tied: bool = True,
+            project: bool = False) -> list[tuple[tuple, str, bool]]:
+  """Every (our param path, HF state-dict key, transpose?) of a BERT/RoBERTa/ELECTRA masked LM; with
+  `tied=False` also the decoder weight ([vocab, embedding width] on both sides); with `project` ELECTRA's
+  `embeddings_project`."""
   prefix = model_type if prefix is None else prefix
   dot = f'{prefix}.' if prefix else ''
   out = []
-  for ours, hf in _EMBEDDINGS.items():
+  for ours, hf in (_EMBEDDINGS | _PROJECT if project else _EMBEDDINGS).items():
     out += _leaves(ours, dot + hf)
   for i in range(num_layers):
     for ours, hf in _LAYER.items():
@@ -72,9 +80,21 @@ def key_map(model_type: str, num_layers: int, prefix: str | None = None,
   return out
 
 
+def projects(model: Any) -> bool:
+  """Whether the `model` config's embeddings are narrower (or wider) than its hidden states (`embeddings_project`)."""
+  width = model.get('embedding_size')
+  return width is not None and width != model['hidden_size']
+
+
+def model_key_map(model: Any, prefix: str | None = None, tied: bool = True) -> list[tuple[tuple, str, bool]]:
+  """`key_map` of a `model` config (its type, layers and embeddings projection)."""
+  return key_map(model['type'], model['num_layers'], prefix, tied, projects(model))
+
+
 def encoder_key_map(model: Any) -> list[tuple[tuple, str, bool]]:
-  """`key_map` of the encoder alone (a task model's `encoder` params; HF keys with the `bert.`/`roberta.` prefix)."""
-  return [e for e in key_map(model['type'], model['num_layers']) if not e[0][0].startswith('head')]
+  """`key_map` of the encoder alone (a task model's `encoder` params; HF keys with the `bert.`/`roberta.`/
+  `electra.` prefix)."""
+  return [e for e in model_key_map(model) if not e[0][0].startswith('head')]
 
 
 def head_key_map(model: Any, task: str, prefix: str | None = None) -> list[tuple[tuple, str, bool]]:
@@ -97,11 +117,13 @@ def head_config(task: str, classifier_dropout: float, classifier_pooling: str) -
 
 
 def model_config_from_hf(hf: dict) -> dict:
-  """Our `model` config values from a BERT/RoBERTa config.json."""
+  """Our `model` config values from a BERT/RoBERTa/ELECTRA config.json."""
   model_type = hf.get('model_type', 'bert')
   act = hf.get('hidden_act', 'gelu')
   if act not in ('gelu', 'gelu_new', 'relu'):
     raise ValueError(f'hidden_act {act!r} is not supported (gelu, gelu_new, relu).')
+  if model_type == 'electra' and act != 'gelu':  # its generator head is exact GELU whatever hidden_act says
+    raise ValueError(f'hidden_act {act!r}: only ELECTRA checkpoints with hidden_act "gelu" are supported.')
   positions = hf.get('position_embedding_type', 'absolute')
   if positions != 'absolute':
     raise ValueError(f'position_embedding_type {positions!r} is not supported: only absolute position embeddings '
@@ -114,15 +136,26 @@ def model_config_from_hf(hf: dict) -> dict:
               pad_token_id=hf.get('pad_token_id', 0) or 0,
               hidden_dropout=hf.get('hidden_dropout_prob', 0.1),
               attention_dropout=hf.get('attention_probs_dropout_prob', 0.1), norm_position='post',
-              tie_word_embeddings=bool(hf.get('tie_word_embeddings', True)))
+              tie_word_embeddings=bool(hf.get('tie_word_embeddings', True)),
+              embedding_size=hf['embedding_size'] if model_type == 'electra' else None)
 
 
 def hf_config_from_model(model: ml_collections.ConfigDict, tok) -> dict:
-  """A BERT/RoBERTa config.json for our `model` config; ValueError (`check_exportable`) for switches that
-  `BertForMaskedLM`/`RobertaForMaskedLM` cannot represent (pre-LN, a gated MLP, RMSNorm, RoPE, no biases)."""
+  """A BERT/RoBERTa/ELECTRA config.json for our `model` config; ValueError (`check_exportable`) for switches
+  that `BertForMaskedLM`/`RobertaForMaskedLM`/`ElectraForMaskedLM` cannot represent (pre-LN, a gated MLP,
+  RMSNorm, RoPE, no biases; an `embedding_size` other than hidden_size outside ELECTRA; ELECTRA's head is GELU)."""
   check_exportable(model, EXPORTABLE, ARCHITECTURES[model['type']])
+  electra = model['type'] == 'electra'
+  if projects(model) and not electra:
+    raise ValueError(f'cannot export to Hugging Face: {ARCHITECTURES[model["type"]]} has no embeddings_project '
+                     f'(model.embedding_size={model["embedding_size"]}, hidden_size={model["hidden_size"]}); export '
+                     'it as ELECTRA (model.type=electra) or leave model.embedding_size unset.')
+  if electra and model.hidden_act != 'gelu':
+    raise ValueError(f'cannot export to Hugging Face: ElectraForMaskedLM\'s head is exact GELU, this model\'s '
+                     f'model.hidden_act={model.hidden_act!r}; export needs model.hidden_act=\'gelu\'.')
   max_pos = model.max_position_embeddings
-  return {'architectures': [ARCHITECTURES[model.type]], 'model_type': model.type,
+  extra = {'embedding_size': model.get('embedding_size') or model.hidden_size} if electra else {}
+  return {**extra, 'architectures': [ARCHITECTURES[model.type]], 'model_type': model.type,
           'vocab_size': model.vocab_size, 'hidden_size': model.hidden_size,
           'num_hidden_layers': model.num_layers, 'num_attention_heads': model.num_heads,
           'intermediate_size': model.intermediate_size, 'hidden_act': model.hidden_act,
@@ -182,7 +215,7 @@ def params_from_state_dict(state: dict[str, np.ndarray], model: dict, init_param
   params, fresh, used = {}, [], {_HEAD[model['type']][('head_bias',)]}
   if tied:
     used.add(decoder + '.weight')  # the word embeddings (`decoder_is_tied` checked they are equal)
-  for ours, hf, transpose in key_map(model['type'], model['num_layers'], prefix.rstrip('.'), tied):
+  for ours, hf, transpose in model_key_map(model, prefix.rstrip('.'), tied):
     if ours == ('head_bias',) and decoder + '.bias' in state:
       hf = decoder + '.bias'
     if hf in state:
@@ -209,11 +242,11 @@ def state_dict_from_params(params: Any, model: ml_collections.ConfigDict) -> dic
   """A HF `*ForMaskedLM` state dict in f32 (decoder weight: the word embeddings, or our untied `decoder`)."""
   state = {}
   tied = model.get('tie_word_embeddings', True)
-  for ours, hf, transpose in key_map(model.type, model.num_layers, tied=tied):
+  for ours, hf, transpose in model_key_map(model, tied=tied):
     value = np.asarray(_get(params, ours), np.float32)
     state[hf] = np.ascontiguousarray(value.T if transpose else value)
   head = _DECODER[model.type]
   if tied:
     state[f'{head}.weight'] = state[f'{model.type}.embeddings.word_embeddings.weight']
-  state[f'{head}.bias'] = state['cls.predictions.bias' if model.type == 'bert' else 'lm_head.bias']
+  state[f'{head}.bias'] = state[_HEAD[model.type][('head_bias',)]]
   return state

@@ -3,8 +3,8 @@
 `load_hf` reads a Hugging Face folder (or hub name) into (config, params, tokenizer, module); `load_hf_task` reads
 it for a task model (encoder, task head, labels); `export` writes a masked LM or a task model
 (`*For{Sequence,Token}Classification`); `import_to_workdir` starts a workdir from one. The mapping of each
-architecture (key map, head key map, config.json conversion, tied decoder) is its own module (`bert.py` for BERT
-and RoBERTa, `modernbert.py`), chosen by the model type through `MAPPINGS`.
+architecture (key map, head key map, config.json conversion, tied decoder) is its own module (`bert.py` for BERT,
+RoBERTa and ELECTRA, `modernbert.py`), chosen by the model type through `MAPPINGS`.
 """
 
 import functools
@@ -22,12 +22,13 @@ from mlm_flax.interop import bert, modernbert, tree_get, tree_set
 from mlm_flax.models import make_model, position_offset
 
 # Hugging Face `model_type` / our `model.type` -> the module mapping that architecture (key map, configs).
-MAPPINGS = {'bert': bert, 'roberta': bert, 'modernbert': modernbert}
+MAPPINGS = {'bert': bert, 'roberta': bert, 'electra': bert, 'modernbert': modernbert}
 
 
 def _mapping(model_type: str):
   if model_type not in MAPPINGS:
-    raise ValueError(f"model_type {model_type!r} is not supported; use a BERT, RoBERTa or ModernBERT checkpoint.")
+    raise ValueError(f"model_type {model_type!r} is not supported; use a BERT, RoBERTa, ELECTRA or ModernBERT "
+                     "checkpoint.")
   return MAPPINGS[model_type]
 
 
@@ -127,8 +128,8 @@ def _config_and_params(path: str, state: dict[str, np.ndarray], dtype: str,
 
 
 def load_hf(path: str | os.PathLike, dtype: str = 'float32') -> tuple[ml_collections.ConfigDict, Any, Any, Any]:
-  """(config, params, tokenizer, module) of a Hugging Face BERT/RoBERTa/ModernBERT masked LM (or encoder-only
-  model: fresh head, with a warning), computing in `dtype`; `inference.load` wraps them in an `MLM`."""
+  """(config, params, tokenizer, module) of a Hugging Face BERT/RoBERTa/ELECTRA/ModernBERT masked LM (or
+  encoder-only model: fresh head, with a warning), computing in `dtype`; `inference.load` wraps them in an `MLM`."""
   from mlm_flax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   path = resolve(path)
   config, params, fresh = _config_and_params(path, read_state_dict(path), dtype)
@@ -173,7 +174,7 @@ def load_hf_task(path: str | os.PathLike, dtype: str = 'float32') -> tuple[ml_co
   hf = read_hf_config(path)
   info = task_info(hf)
   state = read_state_dict(path)
-  if hf.get('model_type', 'bert') in ('bert', 'roberta'):
+  if hf.get('model_type', 'bert') in ('bert', 'roberta', 'electra'):
     state = bert.legacy_names_renamed(state)
   prefix = bert.prefix_of(state, hf.get('model_type', 'bert')).rstrip('.')
   head, used = {}, set()

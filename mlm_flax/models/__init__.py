@@ -19,7 +19,7 @@ from typing import Any, Mapping
 from mlm_flax.models.config import ModelConfig, position_offset
 
 # model.type -> the module of this package that implements it.
-ARCHITECTURES = {'bert': 'bert', 'roberta': 'bert', 'modernbert': 'modernbert'}
+ARCHITECTURES = {'bert': 'bert', 'roberta': 'bert', 'electra': 'bert', 'modernbert': 'modernbert'}
 
 __all__ = ['ARCHITECTURES', 'ModelConfig', 'architecture', 'make_model', 'position_offset', 'resolve_dtype']
 

@@ -67,12 +67,16 @@ class BertMLM(MaskedLM):
     init = nn.initializers.normal(c.initializer_range)
     embed = functools.partial(nn.Embed, embedding_init=init, param_dtype=c.param_jnp_dtype)
     norm = functools.partial(layers.norm, c.norm, c.layer_norm_eps, c.norm_bias, c.param_jnp_dtype)
-    self.word_embeddings = embed(c.vocab_size, c.hidden_size)
+    width = c.embedding_width
+    self.word_embeddings = embed(c.vocab_size, width)
     # positions='rope': no position embeddings, RoPE in every layer instead.
-    self.position_embeddings = embed(c.max_position_embeddings, c.hidden_size) if c.positions == 'learned' else None
-    self.token_type_embeddings = embed(c.type_vocab_size, c.hidden_size)
+    self.position_embeddings = embed(c.max_position_embeddings, width) if c.positions == 'learned' else None
+    self.token_type_embeddings = embed(c.type_vocab_size, width)
     self.embeddings_norm = norm()
     self.embeddings_dropout = Dropout(c.hidden_dropout)
+    # ELECTRA's narrower (or wider) embeddings: projected to the hidden size (Hugging Face `embeddings_project`).
+    self.embeddings_project = (None if width == c.hidden_size else Dense(
+        c.hidden_size, dtype=c.compute_dtype, param_dtype=c.param_jnp_dtype, init_std=c.initializer_range))
     # remat: keep only each layer's input for the backward pass and recompute the rest (less memory,
     # ~1/3 more compute); `deterministic` (argument 3, counting self) is static.
     layer = nn.remat(Layer, static_argnums=(3,)) if c.remat else Layer
@@ -93,6 +97,8 @@ class BertMLM(MaskedLM):
       x = x + self.position_embeddings(positions + c.position_offset)
     x = x + self.token_type_embeddings(token_type_ids)
     x = self.embeddings_dropout(self.embeddings_norm(x), deterministic=deterministic, row_ids=row_ids)
+    if self.embeddings_project is not None:
+      x = self.embeddings_project(x)
     attention_bias = layers.attention_bias(segment_ids)
     rope = rope_tables(positions, c.hidden_size // c.num_heads, c.global_rope_theta,
                        c.max_position_embeddings) if c.positions == 'rope' else None
@@ -107,6 +113,8 @@ MODEL = BertMLM
 def check_config(cfg: ModelConfig) -> None:
   """Raises ValueError for a BERT/RoBERTa config that cannot build (beyond `validation.validate_config`'s checks)."""
   c = cfg.resolved
+  if c.embedding_size is not None and c.embedding_size < 1:
+    raise ValueError(f'model.embedding_size={c.embedding_size} must be at least 1; or leave it unset (hidden_size).')
   if c.positions == 'rope' and (c.hidden_size // c.num_heads) % 2:
     raise ValueError(f'model.positions=\'rope\' needs an even head size; hidden_size / num_heads = '
                      f'{c.hidden_size // c.num_heads}; change model.num_heads.')

@@ -13,8 +13,8 @@ from typing import Any, Mapping
 
 # Keys whose default is None (filled from the tokenizer, or "the architecture's own"): the type their values
 # take, for the config's FieldReferences (a None default otherwise accepts no typed override).
-OPTIONAL_TYPES = {'vocab_size': int, 'pad_token_id': int, 'mlp': str, 'norm': str, 'positions': str,
-                  'norm_position': str, 'attention_bias': bool, 'mlp_bias': bool, 'norm_bias': bool,
+OPTIONAL_TYPES = {'vocab_size': int, 'embedding_size': int, 'pad_token_id': int, 'mlp': str, 'norm': str,
+                  'positions': str, 'norm_position': str, 'attention_bias': bool, 'mlp_bias': bool, 'norm_bias': bool,
                   'decoder_bias': bool, 'classifier_bias': bool}
 BIASES = ('attention_bias', 'mlp_bias', 'norm_bias', 'decoder_bias', 'classifier_bias')
 # The architecture switches: None means the architecture's own value (`OWN`), resolved by `ModelConfig.resolved`.
@@ -22,7 +22,7 @@ SWITCHES = ('mlp', 'norm', 'positions', 'norm_position', *BIASES)
 _BERT = dict(mlp='gelu', norm='layernorm', positions='learned', norm_position='post', attention_bias=True,
              mlp_bias=True, norm_bias=True, decoder_bias=True, classifier_bias=True)
 # Each model type's own value of every switch (one entry per type of `mlm_flax.models.ARCHITECTURES`).
-OWN = {'bert': _BERT, 'roberta': _BERT,
+OWN = {'bert': _BERT, 'roberta': _BERT, 'electra': _BERT,
        'modernbert': dict(mlp='geglu', norm='layernorm', positions='rope', norm_position='pre', attention_bias=False,
                           mlp_bias=False, norm_bias=False, decoder_bias=True, classifier_bias=False)}
 
@@ -30,9 +30,15 @@ OWN = {'bert': _BERT, 'roberta': _BERT,
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """The `model` sub-config: architecture, sizes, precision and per-architecture options."""
-  type: str = 'bert'  # a key of `mlm_flax.models.ARCHITECTURES`: 'bert', 'roberta' (position offset) or 'modernbert'
+  # A key of `mlm_flax.models.ARCHITECTURES`: 'bert', 'roberta' (position offset), 'electra' (BERT with Hugging
+  # Face ELECTRA's names and classification head) or 'modernbert'.
+  type: str = 'bert'
   num_layers: int = 4
   hidden_size: int = 256
+  # Width of the token, position and token-type embeddings (and of the MLM head's transform, norm and tied
+  # decoder); None: hidden_size. Another width adds `embeddings_project` (embedding_size -> hidden_size), as
+  # Hugging Face ELECTRA: a small ELECTRA generator shares the discriminator's embeddings. BERT/RoBERTa only.
+  embedding_size: int | None = None
   num_heads: int = 4
   intermediate_size: int = 1024
   vocab_size: int | None = None  # None: from the tokenizer
@@ -116,6 +122,11 @@ class ModelConfig:
     """`param_dtype` as a jnp.dtype."""
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     return jnp.dtype(self.param_dtype)
+
+  @property
+  def embedding_width(self) -> int:
+    """The embeddings' width: `embedding_size`, or `hidden_size` when unset."""
+    return self.hidden_size if self.embedding_size is None else self.embedding_size
 
   @property
   def position_offset(self) -> int:

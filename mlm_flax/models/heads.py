@@ -6,9 +6,12 @@ embeddings (tied) or an own `decoder` [vocab, hidden], plus `head_bias`. `Masked
 `word_embeddings`, then `setup_head`) and defines `encode`; `__call__` and `decode` are this class's, and so are
 the head's param names (`head_transform`, `head_norm`, `head_bias`, `decoder`) that the Hugging Face mappings read.
 
+ELECTRA's discriminator: `DiscriminatorHead`, one replaced-or-original logit per token (`objectives/electra.py`).
+
 Task heads (fine-tuning, `mlm_flax/tasks/`), one per architecture, each the Hugging Face head exactly:
 - BERT (`BertForSequenceClassification`): pooler (dense + tanh) on [CLS] → dropout → `classifier`;
 - RoBERTa (`RobertaClassificationHead`): <s> → dropout → `dense` → tanh → dropout → `out_proj`;
+- ELECTRA (`ElectraClassificationHead`): RoBERTa's with exact GELU instead of tanh;
 - ModernBERT (`ModernBertForSequenceClassification`): [CLS] or the mean over real tokens (`classifier_pooling`)
   → `dense`, activation, `norm` (`ModernBertPredictionHead`) → dropout → `classifier`;
 - token classification: BERT/RoBERTa dropout → `classifier` per token; ModernBERT its prediction head first.
@@ -42,14 +45,14 @@ class MaskedLM(nn.Module):
     """Builds the head (call it at the end of `setup`): its switches (`classifier_bias`, `norm`, `norm_bias`,
     `decoder_bias`, `tie_word_embeddings`) from the resolved config; `transform_std`: the dense layer's init."""
     c = self.config.resolved
-    self.head_transform = layers.Dense(c.hidden_size, dtype=c.compute_dtype, param_dtype=c.param_jnp_dtype,
+    self.head_transform = layers.Dense(c.embedding_width, dtype=c.compute_dtype, param_dtype=c.param_jnp_dtype,
                                        use_bias=c.classifier_bias, init_std=transform_std)
     self.head_norm = layers.norm(c.norm, c.layer_norm_eps, c.norm_bias, c.param_jnp_dtype)
     self.head_bias = (self.param('head_bias', nn.initializers.zeros, (c.vocab_size,), c.param_jnp_dtype)
                       if c.decoder_bias and self.mlm_head else None)
     # An untied decoder [vocab, hidden] (Hugging Face `tie_word_embeddings=False`); tied by default.
     self.decoder = (None if c.tie_word_embeddings or not self.mlm_head else self.param(
-        'decoder', nn.initializers.normal(c.initializer_range), (c.vocab_size, c.hidden_size), c.param_jnp_dtype))
+        'decoder', nn.initializers.normal(c.initializer_range), (c.vocab_size, c.embedding_width), c.param_jnp_dtype))
 
   def encode(self, input_ids: jax.Array, segment_ids: jax.Array, positions: jax.Array | None = None,
              token_type_ids: jax.Array | None = None, deterministic: bool = True,
@@ -72,6 +75,19 @@ class MaskedLM(nn.Module):
     embedding = self.word_embeddings.embedding if self.decoder is None else self.decoder
     logits = layers.decode(x, embedding, c.vocab_multiple, c.compute_dtype)
     return logits if self.head_bias is None else logits + self.head_bias
+
+
+class DiscriminatorHead(nn.Module):
+  """ELECTRA's replaced-token detection head (`ElectraDiscriminatorPredictions`): `dense` (hidden -> hidden),
+  the activation `hidden_act`, `dense_prediction` (hidden -> 1); one f32 logit per token [batch, len]."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = self.config.resolved
+    dense = functools.partial(Dense, dtype=c.compute_dtype, param_dtype=c.param_jnp_dtype, init_std=c.initializer_range)
+    x = layers.activation(c.hidden_act)(dense(c.hidden_size, name='dense')(x))
+    return dense(1, name='dense_prediction')(x)[..., 0].astype(jnp.float32)
 
 
 TASKS = ('classification', 'regression', 'token_classification')
@@ -112,6 +128,7 @@ class BertHead(Head):
 
 class RobertaHead(Head):
   """`RobertaClassificationHead` / `RobertaForTokenClassification`'s dropout + classifier."""
+  activation = staticmethod(jnp.tanh)  # between `dense` and `out_proj`
 
   @nn.compact
   def __call__(self, x: jax.Array, segment_ids: jax.Array, deterministic: bool = True,
@@ -120,8 +137,14 @@ class RobertaHead(Head):
     if self.task == 'token_classification':
       return self.classify(x, deterministic, row_ids)
     drop = functools.partial(Dropout(self.classifier_dropout), deterministic=deterministic, row_ids=row_ids)
-    x = jnp.tanh(self.dense(self.config.hidden_size, 'dense')(drop(x[:, 0])))
+    x = self.activation(self.dense(self.config.hidden_size, 'dense')(drop(x[:, 0])))
     return self.dense(self.num_labels, 'out_proj')(drop(x))
+
+
+class ElectraHead(RobertaHead):
+  """`ElectraClassificationHead` (RoBERTa's with exact GELU, as the ELECTRA authors used) /
+  `ElectraForTokenClassification`'s dropout + classifier."""
+  activation = staticmethod(layers.activation('gelu'))
 
 
 class ModernBertHead(Head):
@@ -146,7 +169,7 @@ class ModernBertHead(Head):
 
 
 # model.type -> its head; the sequence poolings of the heads that have more than [CLS]
-HEADS = {'bert': BertHead, 'roberta': RobertaHead, 'modernbert': ModernBertHead}
+HEADS = {'bert': BertHead, 'roberta': RobertaHead, 'electra': ElectraHead, 'modernbert': ModernBertHead}
 POOLING_SUPPORT = {'modernbert': POOLINGS}
 
 

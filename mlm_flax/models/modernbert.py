@@ -83,6 +83,9 @@ def check_config(model_cfg: ModelConfig | Mapping[str, Any]) -> None:
   if c.norm_position not in (None, 'pre'):
     raise ValueError(f'model.norm_position={c.norm_position!r}: ModernBERT is pre-LN by definition; leave '
                      "model.norm_position unset (or 'pre'), or use model.type=bert for a post-LN encoder.")
+  if c.embedding_size not in (None, c.hidden_size):
+    raise ValueError(f'model.embedding_size={c.embedding_size} is not supported for ModernBERT (its embeddings are '
+                     'hidden_size wide); leave it unset, or use model.type=bert.')
   if not c.tie_word_embeddings:
     raise ValueError('model.tie_word_embeddings=False is not supported for ModernBERT (its decoder is the token '
                      'embeddings); leave it True.')

@@ -78,21 +78,34 @@ def gather_predictions(masked: Masked, num_predictions: int) -> tuple[jax.Array,
   return positions, take(masked.targets), take(masked.weights)
 
 
+def masked_logits(params: Any, model: nn.Module, batch: dict[str, jax.Array], masked: Masked, positions: jax.Array,
+                  dropout_rng: jax.Array | None = None) -> jax.Array:
+  """The masked LM's logits [batch, P, vocab] at `positions` [batch, P] of `masked.inputs`. Dropout is on iff
+  `dropout_rng`; it draws per row from `batch['row_ids']` (the rows' indices in the global batch) when the batch
+  has them."""
+  return model.apply({'params': params}, masked.inputs, batch['segment_ids'], batch['positions'],
+                     masked_positions=positions, deterministic=dropout_rng is None, row_ids=batch.get('row_ids'),
+                     rngs=None if dropout_rng is None else {'dropout': dropout_rng})
+
+
+def prediction_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:
+  """Summed cross-entropy (`loss_sum`, in f32), `count` and `correct` of `logits` [batch, P, vocab] at
+  `targets` [batch, P], weighted by `weights` [batch, P]."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+  ce = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  return {'loss_sum': (ce * weights).sum(), 'count': weights.sum(),
+          'correct': ((logits.argmax(-1) == targets) * weights).sum()}
+
+
 def mlm_loss(params: Any, model: nn.Module, batch: dict[str, jax.Array], masked: Masked,
              num_predictions: int, dropout_rng: jax.Array | None = None,
              baseline_token: int | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Mean cross-entropy over masked tokens, and summed metrics. Dropout is on iff `dropout_rng`; it draws per
   row from `batch['row_ids']` (the rows' indices in the global batch) when the batch has them."""
   positions, targets, weights = gather_predictions(masked, num_predictions)
-  logits = model.apply({'params': params}, masked.inputs, batch['segment_ids'], batch['positions'],
-                       masked_positions=positions, deterministic=dropout_rng is None, row_ids=batch.get('row_ids'),
-                       rngs=None if dropout_rng is None else {'dropout': dropout_rng})
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-  ce = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-  count = weights.sum()
-  loss_sum = (ce * weights).sum()
-  metrics = {'loss_sum': loss_sum, 'count': count,
-             'correct': ((logits.argmax(-1) == targets) * weights).sum()}
+  logits = masked_logits(params, model, batch, masked, positions, dropout_rng)
+  metrics = prediction_sums(logits, targets, weights)
+  loss_sum, count = metrics['loss_sum'], metrics['count']
   if baseline_token is not None:  # accuracy of always predicting the most frequent token
     metrics['baseline_correct'] = ((targets == baseline_token) * weights).sum()
   return loss_sum / jnp.maximum(count, 1.0), metrics

@@ -115,7 +115,8 @@ def split_step(init: str) -> tuple[str, int | None]:
 def load_encoder(init: str, dtype: str | None = None) -> Encoder:
   """The encoder (and any task head) of `init`: a pretraining workdir `DIR` or `DIR:STEP` (latest step by
   default, or its imported weights), a fine-tuned workdir (its task and labels too), a Hugging Face folder of
-  a BERT/RoBERTa/ModernBERT `*ForMaskedLM`, `*Model` or `*For{Sequence,Token}Classification`, or a hub name.
+  a BERT/RoBERTa/ELECTRA/ModernBERT `*ForMaskedLM`, `*Model` (`ElectraForPreTraining`: its encoder) or
+  `*For{Sequence,Token}Classification`, or a hub name.
 
   `dtype`: the compute dtype (`model.dtype`); None keeps the workdir's, or training's default for a Hugging
   Face model.

@@ -1,0 +1,210 @@
+"""ELECTRA (Clark et al. 2020): replaced-token detection with a small MLM generator.
+
+A generator (a masked LM of the discriminator's architecture, `generator_hidden_fraction` as wide) fills the
+masked positions with samples from its own predictions (no gradient through sampling); the discriminator reads
+the original ids with those samples in place and predicts, for every real token, whether it was replaced (a sample
+equal to the original counts as original, as in the paper). Loss = generator MLM loss + `disc_weight` (λ = 50)
+· discriminator loss. Both share the whole embeddings block (word, position and token-type embeddings and their
+norm), as the original code and Hugging Face's `ElectraForMaskedLM` do: the generator's embeddings are the
+discriminator's embedding width (`model.embedding_size`) followed by its `embeddings_project`.
+
+Params: `{'generator': masked LM params minus the shared embeddings, 'discriminator': {'encoder', 'head'}}`
+(`generator_params` puts the shared embeddings back, so both losses' gradients reach them). Metrics are sums,
+additive over micro-batches, steps and hosts, as `mlm.mlm_loss`'s; the losses are normalised by the *global*
+counts passed in, so summing micro-batch gradients gives the full batch's gradient exactly.
+"""
+
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mlm_flax.models import ARCHITECTURES, ModelConfig, architecture, heads, make_model
+from mlm_flax.objectives import mlm
+from mlm_flax.objectives.masking import Masked
+
+# `objective.*` keys of ELECTRA and their defaults (the paper's: a quarter-width generator, λ = 50).
+DEFAULTS = {'generator_hidden_fraction': 0.25, 'generator_layers_fraction': 1.0, 'disc_weight': 50.0}
+# The embeddings block the generator takes from the discriminator's encoder (those the architecture has).
+SHARED = ('word_embeddings', 'position_embeddings', 'token_type_embeddings', 'embeddings_norm')
+
+
+def option(objective: Mapping[str, Any] | None, key: str) -> Any:
+  """`objective[key]` (a ConfigDict or dict; None or a missing key: `DEFAULTS[key]`)."""
+  value = None if objective is None else objective.get(key)
+  return DEFAULTS[key] if value is None else value
+
+
+def check_architecture(model_type: str) -> None:
+  """Raises ValueError for an architecture ELECTRA cannot share embeddings with (only the BERT-module ones)."""
+  if ARCHITECTURES.get(model_type) != 'bert':
+    raise ValueError(f'objective.type=electra needs a BERT-style encoder (model.type bert, roberta or electra), '
+                     f'not model.type={model_type!r}: the generator shares the discriminator\'s embeddings through '
+                     'an embeddings projection that only those have; set model.type=bert.')
+
+
+def _as_dict(model: Mapping[str, Any] | ModelConfig) -> dict:
+  if isinstance(model, ModelConfig):
+    return {k: getattr(model, k) for k in model.__dataclass_fields__}
+  return dict(model.to_dict() if hasattr(model, 'to_dict') else model)
+
+
+def generator_model_config(model: Mapping[str, Any] | ModelConfig, objective: Mapping[str, Any] | None) -> dict:
+  """The generator's `model` config: `generator_hidden_fraction` of the discriminator's width, heads and
+  intermediate size (heads at least 1 and dividing the width, as the original's max(1, ...)),
+  `generator_layers_fraction` of its layers, and the discriminator's embedding width (embeddings shared)."""
+  m = _as_dict(model)
+  check_architecture(m['type'])
+  frac = float(option(objective, 'generator_hidden_fraction'))
+  hidden = max(1, int(round(m['hidden_size'] * frac)))
+  num_heads = max(1, int(round(m['num_heads'] * frac)))
+  while hidden % num_heads:
+    num_heads -= 1
+  layers = max(1, int(round(m['num_layers'] * float(option(objective, 'generator_layers_fraction')))))
+  return dict(m, hidden_size=hidden, num_heads=num_heads, num_layers=layers,
+              intermediate_size=max(1, int(round(m['intermediate_size'] * frac))),
+              embedding_size=m.get('embedding_size') or m['hidden_size'])
+
+
+class Discriminator(nn.Module):
+  """The architecture's encoder (`MODEL(mlm_head=False)`, params under `encoder`) + `heads.DiscriminatorHead`
+  (`head`): one replaced-token logit [batch, len] per token, in f32."""
+  config: ModelConfig
+
+  def setup(self):
+    self.encoder = architecture(self.config.type).MODEL(self.config, mlm_head=False)
+    self.head = heads.DiscriminatorHead(self.config)
+
+  def __call__(self, input_ids: jax.Array, segment_ids: jax.Array, positions: jax.Array | None = None,
+               token_type_ids: jax.Array | None = None, deterministic: bool = True,
+               row_ids: jax.Array | None = None) -> jax.Array:
+    return self.head(self.encoder.encode(input_ids, segment_ids, positions, token_type_ids, deterministic, row_ids))
+
+
+def make_models(model_cfg: Mapping[str, Any] | ModelConfig,
+                objective: Mapping[str, Any] | None) -> tuple[nn.Module, Discriminator]:
+  """(generator, discriminator) linen modules of the discriminator's `model` config and the `objective` config."""
+  cfg = model_cfg if isinstance(model_cfg, ModelConfig) else ModelConfig.from_dict(_as_dict(model_cfg))
+  generator = make_model(generator_model_config(cfg, objective))
+  cfg.resolved.compute_dtype  # pylint: disable=pointless-statement  # resolve 'auto' now, as make_model does
+  return generator, Discriminator(cfg)
+
+
+def init_params(rng: jax.Array, model_cfg: Mapping[str, Any] | ModelConfig, objective: Mapping[str, Any] | None,
+                seq_len: int) -> dict:
+  """Fresh `{'generator': ..., 'discriminator': {'encoder', 'head'}}`; the generator's tree has no `SHARED`
+  embeddings (`generator_params` takes the discriminator's)."""
+  generator, discriminator = make_models(model_cfg, objective)
+  ids = jnp.zeros((1, seq_len), jnp.int32)
+  gen_rng, disc_rng = jax.random.split(rng)
+  disc = jax.jit(discriminator.init)(disc_rng, ids, jnp.ones_like(ids))['params']
+  gen = jax.jit(generator.init)(gen_rng, ids, jnp.ones_like(ids))['params']
+  return {'generator': {k: v for k, v in gen.items() if k not in SHARED}, 'discriminator': disc}
+
+
+def generator_params(params: Mapping[str, Any]) -> dict:
+  """The generator's whole masked-LM params: its own, and the discriminator's embeddings (`SHARED`)."""
+  encoder = params['discriminator']['encoder']
+  return {**params['generator'], **{k: encoder[k] for k in SHARED if k in encoder}}
+
+
+def _sample(sample_rng: jax.Array, logits: jax.Array, row_ids: jax.Array) -> jax.Array:
+  """Token ids [batch, P] drawn from the generator's f32 `logits` (no gradient), row `i` from
+  `fold_in(sample_rng, row_ids[i])`: a row draws the same tokens in any micro-batch."""
+  logits = jax.lax.stop_gradient(logits.astype(jnp.float32))
+  draw = lambda row, row_logits: jax.random.categorical(jax.random.fold_in(sample_rng, row), row_logits)
+  return jax.vmap(draw)(row_ids, logits)
+
+
+def _replaced(masked: Masked, positions: jax.Array, weights: jax.Array, samples: jax.Array) -> jax.Array:
+  """The original ids with the samples at the scored `positions` (weight > 0)."""
+  rows = jnp.arange(positions.shape[0])[:, None]
+  original = jnp.take_along_axis(masked.targets, positions, axis=1)
+  return masked.targets.at[rows, positions].set(jnp.where(weights > 0, samples, original).astype(masked.targets.dtype))
+
+
+def _forward(params: Any, generator: nn.Module, discriminator: nn.Module, batch: dict[str, jax.Array],
+             masked: Masked, num_predictions: int, sample_rng: jax.Array,
+             dropout_rng: jax.Array | None) -> tuple[dict[str, jax.Array], jax.Array, jax.Array, jax.Array]:
+  """Generator sums (`mlm.prediction_sums`), discriminator logits [batch, len], labels (1: replaced) and
+  weights (1: a real token) of one batch."""
+  positions, targets, weights = mlm.gather_predictions(masked, num_predictions)
+  gen_rng, disc_rng = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
+  logits = mlm.masked_logits(generator_params(params), generator, batch, masked, positions, gen_rng)
+  row_ids = batch.get('row_ids', jnp.arange(masked.targets.shape[0]))
+  disc_ids = _replaced(masked, positions, weights, _sample(sample_rng, logits, row_ids))
+  disc_logits = discriminator.apply(
+      {'params': params['discriminator']}, disc_ids, batch['segment_ids'], batch['positions'],
+      deterministic=disc_rng is None, row_ids=batch.get('row_ids'),
+      rngs=None if disc_rng is None else {'dropout': disc_rng})
+  labels = (disc_ids != masked.targets).astype(jnp.float32)
+  return mlm.prediction_sums(logits, targets, weights), disc_logits, labels, (batch['segment_ids'] > 0).astype(
+      jnp.float32)
+
+
+def batch_counts(batch: dict[str, jax.Array], masked: Masked) -> tuple[jax.Array, jax.Array]:
+  """(gen_count, disc_count) of a whole batch (f32): its scored masked tokens and its real tokens
+  (`segment_ids > 0`); computed once per step and passed to every micro-batch's `electra_loss`."""
+  return masked.weights.sum(), (batch['segment_ids'] > 0).sum().astype(jnp.float32)
+
+
+def electra_loss(params: Any, generator: nn.Module, discriminator: nn.Module, batch: dict[str, jax.Array],
+                 masked: Masked, num_predictions: int, sample_rng: jax.Array, dropout_rng: jax.Array | None,
+                 disc_weight: float, gen_count: jax.Array, disc_count: jax.Array
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """gen_loss_sum / gen_count + disc_weight · disc_loss_sum / disc_count, and summed metrics.
+
+  `masked`: the masking function's output on `batch['input_ids']`; `num_predictions`: its static budget.
+  `gen_count` / `disc_count`: the masked / real (`segment_ids > 0`) tokens of the *whole* batch (at least 1
+  is used), so micro-batch gradients sum to the batch's. Sampling draws per row from
+  `fold_in(sample_rng, batch['row_ids'])`; dropout (on iff `dropout_rng`) per row as `mlm.mlm_loss`.
+  Metrics: `loss_sum`, `count`, `correct` (generator, as `mlm.mlm_loss`), `disc_loss_sum`, `disc_count`,
+  `disc_correct`, `replaced` (replaced real tokens) and `replaced_correct` (of those, detected).
+  """
+  sums, logits, labels, weights = _forward(params, generator, discriminator, batch, masked, num_predictions,
+                                           sample_rng, dropout_rng)
+  bce = optax.sigmoid_binary_cross_entropy(logits, labels)
+  predicted = (logits > 0).astype(jnp.float32)
+  sums.update(disc_loss_sum=(bce * weights).sum(), disc_count=weights.sum(),
+              disc_correct=((predicted == labels) * weights).sum(), replaced=(labels * weights).sum(),
+              replaced_correct=(predicted * labels * weights).sum())
+  loss = (sums['loss_sum'] / jnp.maximum(gen_count, 1.0)
+          + disc_weight * sums['disc_loss_sum'] / jnp.maximum(disc_count, 1.0))
+  return loss, sums
+
+
+def disc_predictions(params: Any, generator: nn.Module, discriminator: nn.Module, batch: dict[str, jax.Array],
+                     masked: Masked, num_predictions: int,
+                     sample_rng: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per-token replaced probabilities [batch, len] (f32), labels (1: replaced) and weights (1: a real token) of
+  an evaluation batch (no dropout), for `disc_auc`."""
+  _, logits, labels, weights = _forward(params, generator, discriminator, batch, masked, num_predictions,
+                                        sample_rng, None)
+  return jax.nn.sigmoid(logits), labels, weights
+
+
+def disc_auc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None) -> float:
+  """ROC AUC of the discriminator's `scores` against `labels` over the tokens with weight > 0 (host arrays of
+  any shape, e.g. `disc_predictions`' concatenated over batches); nan when only one class occurs."""
+  from sklearn import metrics  # pylint: disable=g-import-not-at-top
+  scores, labels = np.asarray(scores, np.float64).ravel(), np.asarray(labels).ravel()
+  keep = np.ones(scores.shape, bool) if weights is None else np.asarray(weights).ravel() > 0
+  if len(np.unique(labels[keep])) < 2:
+    return float('nan')
+  return float(metrics.roc_auc_score(labels[keep], scores[keep]))
+
+
+def summarize(sums: Mapping[str, float]) -> dict[str, float]:
+  """Summed metrics → the generator's (`mlm.summarize`: loss, masked_accuracy, perplexity, num_masked_tokens)
+  and the discriminator's: `disc_loss`, `disc_accuracy`, `replaced_fraction` (of real tokens), `replaced_recall`
+  (replaced tokens detected), `num_disc_tokens`, `num_replaced_tokens`."""
+  out = mlm.summarize(dict(sums))
+  count, replaced = max(float(sums['disc_count']), 1.0), float(sums['replaced'])
+  out.update(disc_loss=float(sums['disc_loss_sum']) / count, disc_accuracy=float(sums['disc_correct']) / count,
+             replaced_fraction=replaced / count,
+             replaced_recall=float(sums['replaced_correct']) / max(replaced, 1.0),
+             num_disc_tokens=int(sums['disc_count']), num_replaced_tokens=int(replaced))
+  return out
