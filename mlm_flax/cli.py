@@ -139,13 +139,28 @@ def _run(command: str, args: list[str]) -> None:
   elif command == 'export':
     if not FLAGS.workdir or not FLAGS.out:
       raise ValueError('usage: mlm-flax export --workdir DIR --out HF_DIR')
-    load = inference.load_classifier if inference.is_task_model(FLAGS.workdir) else inference.load
-    hf.export(load(FLAGS.workdir), FLAGS.out)
+    _export(FLAGS.workdir, FLAGS.out)
     print(json.dumps({'exported': FLAGS.out}))
   elif command == 'import':
     if not FLAGS.hf or not FLAGS.workdir:
       raise ValueError('usage: mlm-flax import --hf HF_DIR --workdir DIR')
-    print(json.dumps(hf.import_to_workdir(FLAGS.hf, FLAGS.workdir)))
+    from mlm_flax.interop import electra  # pylint: disable=g-import-not-at-top
+    importer = electra.import_to_workdir if electra.is_pair(FLAGS.hf) else hf.import_to_workdir
+    print(json.dumps(importer(FLAGS.hf, FLAGS.workdir)))
+
+
+def _export(workdir: str, out: str) -> None:
+  """`mlm-flax export`: a fine-tuned workdir as its `*For*Classification`, a pretraining run as `*ForMaskedLM`, an
+  ELECTRA run as `ElectraForPreTraining` with its generator (`ElectraForMaskedLM`) in `OUT/generator`."""
+  from mlm_flax import inference, validation  # pylint: disable=g-import-not-at-top
+  from mlm_flax.interop import electra, hf  # pylint: disable=g-import-not-at-top
+  from mlm_flax.objectives import objective_type  # pylint: disable=g-import-not-at-top
+  if inference.is_task_model(workdir):
+    return hf.export(inference.load_classifier(workdir), out)
+  if objective_type(ml_collections.ConfigDict(validation.saved_config(workdir) or {})) != 'electra':
+    return hf.export(inference.load(workdir), out)
+  config, params, tok, _ = inference.load_run(workdir)
+  return electra.export_electra(params, config.model, config.objective, tok, out)
 
 
 def _sweep(args: list[str]) -> int:

@@ -57,8 +57,7 @@ def evaluate_workdir(workdir: str, split: str = 'validation', files: str | None 
   the split: e.g. a model trained on one corpus, evaluated on another's validation text.
   """
   from mlm_flax import inference  # pylint: disable=g-import-not-at-top
-  mlm = inference.load(workdir)
-  config = mlm.config
+  config, params, tok, step = inference.load_run(workdir)
   if files:
     texts = data.load_text_files(files, config.data)
   else:
@@ -66,9 +65,9 @@ def evaluate_workdir(workdir: str, split: str = 'validation', files: str | None 
     if split not in splits:
       raise ValueError(f'unknown split {split!r}; available: {sorted(splits)}')
     texts = splits[split]
-  rows = data.packed_rows(texts, mlm.tokenizer, config.max_seq_length, config.data.get('packing', 'documents'),
+  rows = data.packed_rows(texts, tok, config.max_seq_length, config.data.get('packing', 'documents'),
                           config.data.num_proc, data.cache_dir(config.data))
   mesh = parallel.make_mesh()
-  evaluator = Evaluator(make_objective(config, mlm.tokenizer, 'eval'), mesh, config.seed)
-  params = jax.device_put(mlm.params, parallel.replicated(mesh))
-  return {'step': mlm.step, **evaluator(params, rows, config.eval_batch_size)}
+  evaluator = Evaluator(make_objective(config, tok, 'eval'), mesh, config.seed)
+  params = jax.device_put(params, parallel.replicated(mesh))
+  return {'step': step, **evaluator(params, rows, config.eval_batch_size)}

@@ -17,7 +17,8 @@ import numpy as np
 
 from mlm_flax import checkpoint
 from mlm_flax.interop.hf import is_hf_folder, looks_like_hub_name  # pylint: disable=unused-import  # re-exported
-from mlm_flax.models import make_model, position_offset
+from mlm_flax.models import abstract_params, position_offset  # pylint: disable=unused-import  # re-exported
+from mlm_flax.objectives import objective_module, objective_type
 
 DTYPES = ('float32', 'bfloat16', 'float16', 'auto')  # compute dtypes `load` accepts; float32 by default
 
@@ -33,12 +34,6 @@ class MLM:
   tokenizer: Any
   model: Any
   step: int = 0
-
-
-def abstract_params(model) -> Any:
-  """Shapes and dtypes of the model's params, without allocating them."""
-  ids = jnp.zeros((1, 8), jnp.int32)
-  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids, ids + 1)['params'])
 
 
 def _compute_dtype(dtype: str | None) -> str:
@@ -57,13 +52,24 @@ def load(path: str | os.PathLike, dtype: str | None = None) -> MLM:
   Computes in float32 unless `dtype` asks for 'bfloat16', 'float16' or 'auto' (training's choice: bf16 on
   GPU/TPU/AMX CPUs), whatever the workdir trained with; `mlm.config.model.dtype` says which is used.
   """
-  from mlm_flax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   path = os.fspath(path)
   dtype = _compute_dtype(dtype)
   if is_hf_folder(path) or (not os.path.exists(path) and looks_like_hub_name(path)):
     from mlm_flax.interop import hf  # pylint: disable=g-import-not-at-top
     config, params, tok, model = hf.load_hf(path, dtype)
     return MLM(config=config, params=params, tokenizer=tok, model=model)
+  config, params, tok, step = load_run(path, dtype)
+  model_cfg, model, params = objective_module(config).mlm_of(config, params)  # ELECTRA: the generator
+  if objective_type(config) != 'mlm':
+    config.model = ml_collections.ConfigDict(model_cfg)
+  return MLM(config=config, params=params, tokenizer=tok, model=model, step=step)
+
+
+def load_run(path: str, dtype: str = 'float32') -> tuple[ml_collections.ConfigDict, Any, Any, int]:
+  """A pretraining workdir's (config, params of its objective, tokenizer, step): the latest good checkpoint, or
+  the weights `mlm-flax import` put there. For MLM the params are the model's; for ELECTRA the generator's and
+  the discriminator's (`objectives.electra`)."""
+  from mlm_flax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   config_path = os.path.join(path, 'config.json')
   if not os.path.isfile(config_path):
     raise FileNotFoundError(f'{path} is not an mlm_flax workdir (no config.json) nor a Hugging Face model '
@@ -71,18 +77,17 @@ def load(path: str | os.PathLike, dtype: str | None = None) -> MLM:
   with open(config_path) as f:
     config = ml_collections.ConfigDict(json.load(f))
   config.model.dtype = dtype
-  model = make_model(config.model)
+  target = objective_module(config).abstract_params(config)
   ckpt = checkpoint.Checkpointer(path, create=False, async_save=False)
   try:
     if ckpt.latest_step() is None and ckpt.has_imported():
-      params, step = ckpt.restore_imported(abstract_params(model)), 0
+      params, step = ckpt.restore_imported(target), 0
     else:
-      params, meta = ckpt.restore_params(abstract_params(model))
+      params, meta = ckpt.restore_params(target)
       step = int(meta['step'])
   finally:
     ckpt.close()
-  tok = tokenizer_lib.load_tokenizer(os.path.join(path, 'tokenizer'))
-  return MLM(config=config, params=params, tokenizer=tok, model=model, step=step)
+  return config, params, tokenizer_lib.load_tokenizer(os.path.join(path, 'tokenizer')), step
 
 
 def max_length(mlm: MLM) -> int:

@@ -20,8 +20,8 @@ from mlm_flax import (checkpoint, data, evaluate, flops, inference, loop, parall
                       workdir_lock, writers)
 from mlm_flax.data import tokenizer
 from mlm_flax.loop import check_finite
-from mlm_flax.models import make_model
-from mlm_flax.objectives import make_objective
+
+from mlm_flax.objectives import make_objective, objective_module
 from mlm_flax.objectives import mlm as loss
 from mlm_flax.objectives.mlm import make_mask_fn
 from mlm_flax.optim import make_optimizer, make_schedule
@@ -184,10 +184,11 @@ def warm_start_params(config: ml_collections.ConfigDict, target: Any) -> Any:
     raise ValueError(f'{where}: {src} is not a workdir (no config.json); pass the --workdir of a finished '
                      '`mlm-flax train` run, optionally as WORKDIR:STEP.')
   with open(os.path.join(src, 'config.json')) as f:
-    src_model = json.load(f)['model']
+    src_config = ml_collections.ConfigDict(json.load(f))
+  src_model = src_config.model.to_dict()
   shapes = lambda tree: {jax.tree_util.keystr(p): tuple(x.shape)
                          for p, x in jax.tree_util.tree_leaves_with_path(tree)}
-  theirs = shapes(inference.abstract_params(make_model(ml_collections.ConfigDict(src_model))))
+  theirs = shapes(objective_module(src_config).abstract_params(src_config))
   ours = shapes(target)
   bad = [f'{k}: {theirs.get(k, "absent")} there, {ours.get(k, "absent")} here'
          for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]

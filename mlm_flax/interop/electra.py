@@ -147,3 +147,21 @@ def import_electra(hf_dir: str) -> tuple[dict, dict, dict]:
       raise ValueError(f'the generator\'s {k} differ from the discriminator\'s; ELECTRA here shares the embeddings.')
   return model, objective, {'generator': {k: v for k, v in gen.items() if k not in electra.SHARED},
                             'discriminator': disc}
+
+
+def is_pair(path: str) -> bool:
+  """Whether `path` is an ELECTRA discriminator folder holding its generator (`export_electra`'s layout)."""
+  return (hf.is_hf_folder(path) and hf.read_hf_config(path).get('model_type') == 'electra'
+          and hf.is_hf_folder(os.path.join(path, GENERATOR_DIR)))
+
+
+def import_to_workdir(hf_dir: str, workdir: str) -> dict:
+  """`mlm-flax import` of an ELECTRA pair: a workdir with `objective.type=electra` whose `train` continues
+  ELECTRA pretraining from the imported generator and discriminator (fresh optimizer)."""
+  from mlm_flax.configs import default  # pylint: disable=g-import-not-at-top
+  from mlm_flax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  hf.check_new_workdir(workdir)
+  model_cfg, objective_cfg, params = import_electra(hf_dir)
+  config = default.get_config().to_dict()
+  config.update(model=model_cfg, objective=objective_cfg)
+  return hf.write_imported(workdir, ml_collections.ConfigDict(config), params, tokenizer_lib.load_tokenizer(hf_dir))

@@ -266,13 +266,23 @@ def import_to_workdir(hf_path: str, workdir: str) -> dict:
 
   `mlm-flax train --workdir` on it then continues pretraining with a fresh optimizer.
   """
+  check_new_workdir(workdir)
+  config, params, tok, _ = load_hf(hf_path)
+  return write_imported(workdir, config, params, tok)
+
+
+def check_new_workdir(workdir: str) -> None:
+  if os.path.exists(os.path.join(workdir, 'config.json')):
+    raise FileExistsError(f'{workdir} already holds a run; import into a new --workdir.')
+
+
+def write_imported(workdir: str, config: ml_collections.ConfigDict, params: Any, tok: Any) -> dict:
+  """Writes an imported run's tokenizer/, imported/ params and config.json (last: a workdir with a config is
+  whole); compute dtype training's default ('auto'), not inference's f32."""
   from mlm_flax.configs import default  # pylint: disable=g-import-not-at-top
   from mlm_flax import checkpoint  # pylint: disable=g-import-not-at-top
   from mlm_flax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-  if os.path.exists(os.path.join(workdir, 'config.json')):
-    raise FileExistsError(f'{workdir} already holds a run; import into a new --workdir.')
-  config, params, tok, _ = load_hf(hf_path)
-  config.model.dtype = default.get_config().model.dtype  # training's default ('auto'), not inference's f32
+  config.model.dtype = default.get_config().model.dtype
   os.makedirs(workdir, exist_ok=True)
   tokenizer_lib.save_atomic(tok, os.path.join(workdir, 'tokenizer'))
   config.data.tokenizer = None

@@ -21,7 +21,8 @@ from mlm_flax.models.config import ModelConfig, position_offset
 # model.type -> the module of this package that implements it.
 ARCHITECTURES = {'bert': 'bert', 'roberta': 'bert', 'electra': 'bert', 'modernbert': 'modernbert'}
 
-__all__ = ['ARCHITECTURES', 'ModelConfig', 'architecture', 'make_model', 'position_offset', 'resolve_dtype']
+__all__ = ['ARCHITECTURES', 'ModelConfig', 'abstract_params', 'architecture', 'make_model', 'position_offset',
+           'resolve_dtype']
 
 
 def architecture(model_type: str) -> ModuleType:
@@ -37,6 +38,14 @@ def make_model(model_cfg: ModelConfig | Mapping[str, Any]) -> Any:
   module = architecture(cfg.type).MODEL
   cfg.resolved.compute_dtype  # pylint: disable=pointless-statement  # resolve 'auto' now, as the module is built
   return module(cfg)
+
+
+def abstract_params(model: Any) -> Any:
+  """Shapes and dtypes of a linen model's params, without allocating them."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  ids = jnp.zeros((1, 8), jnp.int32)
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids, ids + 1)['params'])
 
 
 def resolve_dtype(name: str) -> Any:

@@ -36,9 +36,15 @@ def objective_type(config: ml_collections.ConfigDict) -> str:
   return config.get('objective', {}).get('type', 'mlm')
 
 
-def make_objective(config: ml_collections.ConfigDict, tok: Any, split: str = 'train') -> Any:
-  """The objective of a resolved pretraining config, for its `split` ('train' or 'eval': the eval masks)."""
+def objective_module(config: ml_collections.ConfigDict) -> Any:
+  """The module of the config's objective: `make`, and for a run's saved params `abstract_params(config)`,
+  `mlm_of(config, params)` (the masked LM: model config, module, params) and `encoder_of(params)`."""
   kind = objective_type(config)
   if kind not in OBJECTIVES:
     raise ValueError(f'objective.type={kind!r} is not one of {", ".join(OBJECTIVES)}; pick one of those.')
-  return importlib.import_module(f'{__name__}.{OBJECTIVES[kind]}').make(config, tok, split)
+  return importlib.import_module(f'{__name__}.{OBJECTIVES[kind]}')
+
+
+def make_objective(config: ml_collections.ConfigDict, tok: Any, split: str = 'train') -> Any:
+  """The objective of a resolved pretraining config, for its `split` ('train' or 'eval': the eval masks)."""
+  return objective_module(config).make(config, tok, split)

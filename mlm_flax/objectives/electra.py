@@ -14,7 +14,8 @@ additive over micro-batches, steps and hosts, as `mlm.mlm_loss`'s; the losses ar
 counts passed in, so summing micro-batch gradients gives the full batch's gradient exactly.
 """
 
-from typing import Any, Mapping
+import dataclasses
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -208,3 +209,106 @@ def summarize(sums: Mapping[str, float]) -> dict[str, float]:
              replaced_recall=float(sums['replaced_correct']) / max(replaced, 1.0),
              num_disc_tokens=int(sums['disc_count']), num_replaced_tokens=int(replaced))
   return out
+
+
+SAMPLE_STREAM = 0xE1EC  # evaluation's generator samples: fold_in(eval key, SAMPLE_STREAM), then the row index
+AUC_BINS = np.linspace(-12.0, 12.0, 481)  # discriminator logits binned at 0.05 for the (additive) eval AUC
+
+
+def _auc_histograms(params: Any, objective: 'Electra', batch: dict[str, jax.Array], masked: Masked,
+                    num_predictions: int, sample_rng: jax.Array) -> dict[str, jax.Array]:
+  """Per-bin counts of replaced / original real tokens by discriminator logit: sums that add over batches and
+  hosts, from which `summarize` computes the AUC (ties within a 0.05-logit bin count one half)."""
+  probs, labels, weights = disc_predictions(params, objective.generator, objective.discriminator, batch, masked,
+                                            num_predictions, sample_rng)
+  logits = jnp.log(probs) - jnp.log1p(-probs)
+  index = jnp.clip(jnp.searchsorted(jnp.asarray(AUC_BINS), logits.ravel()), 0, len(AUC_BINS))
+  hist = lambda w: jnp.zeros(len(AUC_BINS) + 1, jnp.float32).at[index].add(w.ravel())
+  return {'auc_replaced': hist(labels * weights), 'auc_original': hist((1.0 - labels) * weights)}
+
+
+def binned_auc(replaced: np.ndarray, original: np.ndarray) -> float:
+  """ROC AUC from per-bin counts (ascending score bins): P(replaced scores above original), ties one half."""
+  replaced, original = np.asarray(replaced, np.float64), np.asarray(original, np.float64)
+  if not replaced.sum() or not original.sum():
+    return float('nan')
+  below = np.concatenate([[0.0], np.cumsum(original)[:-1]])
+  return float((replaced * (below + 0.5 * original)).sum() / (replaced.sum() * original.sum()))
+
+
+@dataclasses.dataclass(frozen=True)
+class Electra:
+  """ELECTRA in the objective interface (`mlm_flax.objectives`): the train step, evaluator and loop take it
+  as they take `mlm.MLM`. Eval adds the discriminator's AUC (binned, `binned_auc`)."""
+  generator: nn.Module
+  discriminator: Discriminator
+  mask_fn: mlm.MaskFn
+  num_predictions: int | Callable[[int], int]
+  model_cfg: dict
+  objective_cfg: dict
+  baseline_token: int | None = None  # eval: the unigram baseline of the generator's predictions
+
+  def init_params(self, rng: jax.Array, seq_len: int) -> dict:
+    return init_params(rng, self.model_cfg, self.objective_cfg, seq_len)
+
+  def _totals(self, batch, masked: Masked, sample_rng: jax.Array) -> dict:
+    gen_count, disc_count = batch_counts(batch, masked)
+    return {'gen_count': gen_count, 'disc_count': disc_count, 'sample_rng': sample_rng}
+
+  def prepare(self, rng: jax.Array, batch: dict[str, jax.Array], step: jax.Array) -> tuple[Masked, dict]:
+    mask_rng, sample_rng = jax.random.split(rng)
+    masked = self.mask_fn(mask_rng, batch['input_ids'], maskable=batch['segment_ids'] > 0, step=step)
+    return masked, self._totals(batch, masked, sample_rng)
+
+  def prepare_eval(self, rng: jax.Array, batch: dict[str, jax.Array]) -> tuple[Masked, dict]:
+    masked = mlm.mask_rows(self.mask_fn, rng, batch['row_ids'], batch['input_ids'], batch['segment_ids'] > 0)
+    return masked, self._totals(batch, masked, jax.random.fold_in(rng, SAMPLE_STREAM))
+
+  def loss(self, params: Any, batch: dict[str, jax.Array], masked: Masked, totals: dict,
+           rng: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    n = self.num_predictions
+    n = n(batch['input_ids'].shape[-1]) if callable(n) else n
+    loss, sums = electra_loss(params, self.generator, self.discriminator, batch, masked, n, totals['sample_rng'],
+                              rng, option(self.objective_cfg, 'disc_weight'), totals['gen_count'],
+                              totals['disc_count'])
+    if rng is None:  # evaluation: the AUC's histograms and the unigram baseline
+      sums.update(_auc_histograms(params, self, batch, masked, n, totals['sample_rng']))
+      if self.baseline_token is not None:
+        _, targets, weights = mlm.gather_predictions(masked, n)
+        sums['baseline_correct'] = ((targets == self.baseline_token) * weights).sum()
+    return loss, sums
+
+  def summarize(self, sums: dict) -> dict[str, float]:
+    out = summarize({k: v for k, v in sums.items() if not k.startswith('auc_')})
+    if 'auc_replaced' in sums:
+      out['disc_auc'] = binned_auc(sums['auc_replaced'], sums['auc_original'])
+    return out
+
+  def mlm_model(self, params: Any) -> tuple[nn.Module, Any]:
+    return self.generator, generator_params(params)
+
+
+def make(config, tok, split: str = 'train') -> Electra:
+  """The ELECTRA objective of a resolved config: generator and discriminator, and the masking of `split`."""
+  model_cfg = _as_dict(config.model)
+  objective_cfg = {k: config.objective.get(k) for k in DEFAULTS}
+  generator, discriminator = make_models(model_cfg, objective_cfg)
+  return Electra(generator, discriminator, *mlm.make_mask_fn(config, tok, split), model_cfg, objective_cfg)
+
+
+def abstract_params(config) -> Any:
+  """Shapes and dtypes of a run's params, without allocating them (restoring a checkpoint)."""
+  objective_cfg = {k: config.objective.get(k) for k in DEFAULTS}
+  return jax.eval_shape(lambda: init_params(jax.random.PRNGKey(0), _as_dict(config.model), objective_cfg, 8))
+
+
+def mlm_of(config, params: Any) -> tuple[dict, nn.Module, Any]:
+  """The generator as a masked LM: its `model` config, module and params (fill-mask)."""
+  objective_cfg = {k: config.objective.get(k) for k in DEFAULTS}
+  gen_cfg = generator_model_config(_as_dict(config.model), objective_cfg)
+  return gen_cfg, make_model(gen_cfg), generator_params(params)
+
+
+def encoder_of(params: Any) -> Any:
+  """The discriminator's encoder params (what fine-tuning starts from)."""
+  return params['discriminator']['encoder']

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from mlm_flax.data import tokenizer
+from mlm_flax.models import abstract_params as abstract_params_of
 from mlm_flax.models import make_model
 from mlm_flax.objectives import masking
 from mlm_flax.objectives.masking import Masked
@@ -161,3 +162,18 @@ class MLM:
 def make(config: ml_collections.ConfigDict, tok, split: str = 'train') -> MLM:
   """The MLM objective of a resolved config: its model and the masking of `split`."""
   return MLM(make_model(config.model), *make_mask_fn(config, tok, split))
+
+
+def abstract_params(config: ml_collections.ConfigDict) -> Any:
+  """Shapes and dtypes of a run's params, without allocating them (restoring a checkpoint)."""
+  return abstract_params_of(make_model(config.model))
+
+
+def mlm_of(config: ml_collections.ConfigDict, params: Any) -> tuple[Any, nn.Module, Any]:
+  """The run's masked LM: its `model` config, module and params (fill-mask)."""
+  return config.model, make_model(config.model), params
+
+
+def encoder_of(params: Any) -> Any:
+  """The params fine-tuning starts from (the MLM's tree; `tasks.model` takes its encoder keys)."""
+  return params

@@ -136,7 +136,7 @@ def load_encoder(init: str, dtype: str | None = None) -> Encoder:
 
 def _load_workdir(path: str, step: int | None, dtype: str | None) -> Encoder:
   from mlm_flax import checkpoint  # pylint: disable=g-import-not-at-top
-  from mlm_flax.models import make_model  # pylint: disable=g-import-not-at-top
+  from mlm_flax.objectives import objective_module  # pylint: disable=g-import-not-at-top
   config_path = os.path.join(path, 'config.json')
   if not os.path.isfile(config_path):
     raise FileNotFoundError(f'{path} is not an mlm_flax workdir (no config.json) nor a Hugging Face model folder; '
@@ -154,8 +154,8 @@ def _load_workdir(path: str, step: int | None, dtype: str | None) -> Encoder:
                    task=info['task'], labels=info['labels'], problem_type=info['problem_type'],
                    classifier_dropout=info['classifier_dropout'], classifier_pooling=info['classifier_pooling'],
                    config=config, step=step)
-  mlm, ids = make_model(config.model), jnp.zeros((1, 8), jnp.int32)
-  target = jax.eval_shape(lambda: mlm.init(jax.random.PRNGKey(0), ids, ids + 1)['params'])
+  module = objective_module(config)  # an ELECTRA run: its discriminator's encoder
+  target = module.abstract_params(config)
   ckpt = checkpoint.Checkpointer(path, create=False, async_save=False)
   try:
     if step is None and ckpt.latest_step() is None and ckpt.has_imported():
@@ -168,7 +168,9 @@ def _load_workdir(path: str, step: int | None, dtype: str | None) -> Encoder:
       step = int(meta['step'])
   finally:
     ckpt.close()
-  mlm_head = {ours: params[theirs] for ours, theirs in HEAD_FROM_MLM.get(config.model.type, {}).items()}
+  params = module.encoder_of(params)
+  mlm_head = {ours: params[theirs] for ours, theirs in HEAD_FROM_MLM.get(config.model.type, {}).items()
+              if theirs in params}
   return Encoder(model=config.model, params=_encoder_keys(params, config.model), tokenizer=_tokenizer(path),
                  head=mlm_head, config=config, step=step)
 
