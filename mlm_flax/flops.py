@@ -48,15 +48,26 @@ def train_flops_per_token(num_layers: int, hidden_size: int, intermediate_size: 
 
 def config_flops_per_token(config) -> float:
   """`train_flops_per_token` for a resolved run config (evaluation's 15% is not what trains); the architecture
-  (`mlm_flax.models`) says how its MLP and attention count (`flops_terms`)."""
+  (`mlm_flax.models`) says how its MLP and attention count (`flops_terms`). ELECTRA: the generator's MLM FLOPs
+  plus the discriminator's encoder and its one-logit head on every token."""
   from mlm_flax import models  # pylint: disable=g-import-not-at-top
-  m = models.ModelConfig.from_dict(config.model)
-  terms = models.architecture(m.type).flops_terms(m, config.max_seq_length)
+  from mlm_flax.objectives import objective_type  # pylint: disable=g-import-not-at-top
   masking = config.masking  # the head runs on the prediction budget, set by the highest scheduled rate
   scheduled = masking.get('rate_schedule', 'constant') != 'constant' and masking.get('final_rate') is not None
   rate = max(masking.rate, masking.final_rate) if scheduled else masking.rate
-  return train_flops_per_token(m.num_layers, m.hidden_size, m.intermediate_size, m.vocab_size,
-                               config.max_seq_length, rate, **terms)
+
+  def mlm_flops(model: dict) -> tuple[float, models.ModelConfig]:
+    m = models.ModelConfig.from_dict(model)
+    terms = models.architecture(m.type).flops_terms(m, config.max_seq_length)
+    return train_flops_per_token(m.num_layers, m.hidden_size, m.intermediate_size, m.vocab_size,
+                                 config.max_seq_length, rate, **terms), m
+  flops, m = mlm_flops(config.model)
+  if objective_type(config) != 'electra':
+    return flops
+  from mlm_flax.objectives import electra  # pylint: disable=g-import-not-at-top
+  h = m.hidden_size
+  generator, _ = mlm_flops(electra.generator_model_config(config.model, config.objective))
+  return flops - 6 * rate * (h * h + h * m.vocab_size) + 6 * (h * h + h) + generator
 
 
 def measure_matmul_peak(dtype: str = 'float32', n: int = 2048, repeats: int = 5) -> float:
