@@ -31,7 +31,6 @@ from mlm_flax.sweep import default_workdir  # train's default --workdir (the swe
 # not found; set before it is imported, so a JAX-only install prints no such line. Set it to '' to see them.
 os.environ.setdefault('TRANSFORMERS_NO_ADVISORY_WARNINGS', '1')
 
-COMMANDS = ('train', 'eval', 'fill-mask', 'classify', 'export', 'import', 'plot', 'finetune', 'sweep', 'compare')
 SWEEP_FLAGS = ('config', 'workdir', 'sweep', 'seeds', 'command', 'dry_run', 'emit')  # the others pass to the points
 DEFAULT_CONFIG = os.path.join(list(configs.__path__)[0], 'tiny.py')  # installed with the package
 FINETUNE_CONFIG = os.path.join(list(configs.__path__)[0], 'finetune.py')  # `finetune`'s default
@@ -77,87 +76,103 @@ def _run(command: str, args: list[str]) -> None:
     hint = ('set --config.model.dtype=... instead' if command in ('train', 'finetune')
             else 'eval and export compute in float32')
     raise ValueError(f'--dtype is a fill-mask and classify flag; {command} does not take it ({hint}).')
-  if command == 'plot':  # no JAX needed
-    from mlm_flax import plot  # pylint: disable=g-import-not-at-top
-    if not FLAGS.workdir:
-      raise ValueError('usage: mlm-flax plot --workdir DIR[,DIR2,...] [--out PNG]')
-    print(json.dumps({'plot': plot.plot_runs(FLAGS.workdir.split(','), FLAGS.out)}))
-    return
-  if command == 'compare':  # no JAX needed
-    from mlm_flax import compare  # pylint: disable=g-import-not-at-top
-    if not args:
-      raise ValueError('usage: mlm-flax compare DIR ... [--csv FILE] [--plot PNG] (workdirs or sweep roots)')
-    print(compare.compare(args, FLAGS.csv, FLAGS.plot))
-    for what, path in (('CSV', FLAGS.csv), ('plot', FLAGS.plot)):
-      if path:
-        print(f'Wrote the {what} to {path}', file=sys.stderr)
-    return
-  if command == 'sweep':  # no JAX needed: each point runs in its own process
-    sys.exit(_sweep(args))
-  if command == 'train':  # a bad config fails in a second, before the heavy imports and any data work
-    import jax  # pylint: disable=g-import-not-at-top
-    from mlm_flax import parallel, validation  # pylint: disable=g-import-not-at-top
-    parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    overrides = config_flags.get_override_values(FLAGS['config'])
-    workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS['config']), overrides)
-    config = validation.adopt_imported(FLAGS.config, workdir, set_keys=overrides)
-    validation.validate_config(config, jax.device_count(), jax.process_count())
-    if jax.process_index() == 0:
-      print(f'Workdir: {workdir}', flush=True)
-  if command == 'finetune':  # a bad config fails in a second, before the model and the data are loaded
-    import jax  # pylint: disable=g-import-not-at-top
-    from mlm_flax import finetune, parallel  # pylint: disable=g-import-not-at-top
-    if not FLAGS.init or not FLAGS.workdir:
-      raise ValueError('usage: mlm-flax finetune --init MODEL --workdir DIR [--config configs/finetune.py] '
-                       '[--config.KEY=VALUE ...]')
-    parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    finetune.validate(FLAGS.config, jax.device_count(), jax.process_count())
-    print(json.dumps(finetune.finetune(FLAGS.config, FLAGS.init, FLAGS.workdir)))
-    return
-  from mlm_flax import evaluate, inference, parallel, train  # pylint: disable=g-import-not-at-top
-  from mlm_flax.interop import hf  # pylint: disable=g-import-not-at-top
-  if command == 'train':
-    result = train.train_and_evaluate(config, workdir)
-    print(json.dumps(result))
-  elif command == 'eval':
-    if not FLAGS.workdir:
-      raise ValueError('eval needs --workdir DIR (a folder written by `mlm-flax train`).')
-    print(json.dumps(evaluate.evaluate_workdir(FLAGS.workdir, FLAGS.split)))
-  elif command == 'fill-mask':
-    if not FLAGS.model or not args:
-      raise ValueError('usage: mlm-flax fill-mask --model DIR [--top_k 5] "text with a [MASK]" ...')
-    mlm = inference.load(FLAGS.model, dtype=FLAGS.dtype)
-    print(json.dumps(inference.fill_mask(mlm, args[0] if len(args) == 1 else args, top_k=FLAGS.top_k,
-                                         targets=FLAGS.targets), indent=1))
-  elif command == 'classify':
-    if not FLAGS.model or not args:
-      raise ValueError('usage: mlm-flax classify --model DIR [--top_k K] "text" ... (DIR: a fine-tuned workdir or a '
-                       'Hugging Face *ForSequenceClassification / *ForTokenClassification folder)')
-    clf = inference.load_classifier(FLAGS.model, dtype=FLAGS.dtype)
-    top_k = {'top_k': FLAGS.top_k} if FLAGS['top_k'].present else {}
-    print(json.dumps(inference.classify(clf, args[0] if len(args) == 1 else args, **top_k), indent=1))
-  elif command == 'export':
-    if not FLAGS.workdir or not FLAGS.out:
-      raise ValueError('usage: mlm-flax export --workdir DIR --out HF_DIR')
-    _export(FLAGS.workdir, FLAGS.out)
-    print(json.dumps({'exported': FLAGS.out}))
-  elif command == 'import':
-    if not FLAGS.hf or not FLAGS.workdir:
-      raise ValueError('usage: mlm-flax import --hf HF_DIR --workdir DIR')
-    from mlm_flax.interop import electra  # pylint: disable=g-import-not-at-top
-    importer = electra.import_to_workdir if electra.is_pair(FLAGS.hf) else hf.import_to_workdir
-    print(json.dumps(importer(FLAGS.hf, FLAGS.workdir)))
+  COMMANDS[command](args)
+
+
+def _plot(args: list[str]) -> None:  # no JAX needed
+  from mlm_flax import plot  # pylint: disable=g-import-not-at-top
+  if not FLAGS.workdir:
+    raise ValueError('usage: mlm-flax plot --workdir DIR[,DIR2,...] [--out PNG]')
+  print(json.dumps({'plot': plot.plot_runs(FLAGS.workdir.split(','), FLAGS.out)}))
+
+
+def _compare(args: list[str]) -> None:  # no JAX needed
+  from mlm_flax import compare  # pylint: disable=g-import-not-at-top
+  if not args:
+    raise ValueError('usage: mlm-flax compare DIR ... [--csv FILE] [--plot PNG] (workdirs or sweep roots)')
+  print(compare.compare(args, FLAGS.csv, FLAGS.plot))
+  for what, path in (('CSV', FLAGS.csv), ('plot', FLAGS.plot)):
+    if path:
+      print(f'Wrote the {what} to {path}', file=sys.stderr)
+
+
+def _train(args: list[str]) -> None:
+  """A bad config fails in a second, before the heavy imports and any data work."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from mlm_flax import parallel, validation  # pylint: disable=g-import-not-at-top
+  parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  overrides = config_flags.get_override_values(FLAGS['config'])
+  workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS['config']), overrides)
+  config = validation.adopt_imported(FLAGS.config, workdir, set_keys=overrides)
+  validation.validate_config(config, jax.device_count(), jax.process_count())
+  if jax.process_index() == 0:
+    print(f'Workdir: {workdir}', flush=True)
+  from mlm_flax import train  # pylint: disable=g-import-not-at-top
+  print(json.dumps(train.train_and_evaluate(config, workdir)))
+
+
+def _finetune(args: list[str]) -> None:
+  """A bad config fails in a second, before the model and the data are loaded."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from mlm_flax import finetune, parallel  # pylint: disable=g-import-not-at-top
+  if not FLAGS.init or not FLAGS.workdir:
+    raise ValueError('usage: mlm-flax finetune --init MODEL --workdir DIR [--config configs/finetune.py] '
+                     '[--config.KEY=VALUE ...]')
+  parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  finetune.validate(FLAGS.config, jax.device_count(), jax.process_count())
+  print(json.dumps(finetune.finetune(FLAGS.config, FLAGS.init, FLAGS.workdir)))
+
+
+def _eval(args: list[str]) -> None:
+  if not FLAGS.workdir:
+    raise ValueError('eval needs --workdir DIR (a folder written by `mlm-flax train`).')
+  from mlm_flax import evaluate  # pylint: disable=g-import-not-at-top
+  print(json.dumps(evaluate.evaluate_workdir(FLAGS.workdir, FLAGS.split)))
+
+
+def _fill_mask(args: list[str]) -> None:
+  if not FLAGS.model or not args:
+    raise ValueError('usage: mlm-flax fill-mask --model DIR [--top_k 5] "text with a [MASK]" ...')
+  from mlm_flax import inference  # pylint: disable=g-import-not-at-top
+  mlm = inference.load(FLAGS.model, dtype=FLAGS.dtype)
+  print(json.dumps(inference.fill_mask(mlm, args[0] if len(args) == 1 else args, top_k=FLAGS.top_k,
+                                       targets=FLAGS.targets), indent=1))
+
+
+def _classify(args: list[str]) -> None:
+  if not FLAGS.model or not args:
+    raise ValueError('usage: mlm-flax classify --model DIR [--top_k K] "text" ... (DIR: a fine-tuned workdir or a '
+                     'Hugging Face *ForSequenceClassification / *ForTokenClassification folder)')
+  from mlm_flax import inference  # pylint: disable=g-import-not-at-top
+  clf = inference.load_classifier(FLAGS.model, dtype=FLAGS.dtype)
+  top_k = {'top_k': FLAGS.top_k} if FLAGS['top_k'].present else {}
+  print(json.dumps(inference.classify(clf, args[0] if len(args) == 1 else args, **top_k), indent=1))
+
+
+def _export_command(args: list[str]) -> None:
+  if not FLAGS.workdir or not FLAGS.out:
+    raise ValueError('usage: mlm-flax export --workdir DIR --out HF_DIR')
+  _export(FLAGS.workdir, FLAGS.out)
+  print(json.dumps({'exported': FLAGS.out}))
+
+
+def _import(args: list[str]) -> None:
+  if not FLAGS.hf or not FLAGS.workdir:
+    raise ValueError('usage: mlm-flax import --hf HF_DIR --workdir DIR')
+  from mlm_flax.interop import electra, hf  # pylint: disable=g-import-not-at-top
+  importer = electra.import_to_workdir if electra.is_pair(FLAGS.hf) else hf.import_to_workdir
+  print(json.dumps(importer(FLAGS.hf, FLAGS.workdir)))
 
 
 def _export(workdir: str, out: str) -> None:
   """`mlm-flax export`: a fine-tuned workdir as its `*For*Classification`, a pretraining run as `*ForMaskedLM`, an
   ELECTRA run as `ElectraForPreTraining` with its generator (`ElectraForMaskedLM`) in `OUT/generator`."""
-  from mlm_flax import inference, validation  # pylint: disable=g-import-not-at-top
+  from mlm_flax import inference, workdir_json  # pylint: disable=g-import-not-at-top
   from mlm_flax.interop import electra, hf  # pylint: disable=g-import-not-at-top
   from mlm_flax.objectives import objective_type  # pylint: disable=g-import-not-at-top
   if inference.is_task_model(workdir):
     return hf.export(inference.load_classifier(workdir), out)
-  if objective_type(ml_collections.ConfigDict(validation.saved_config(workdir) or {})) != 'electra':
+  if objective_type(ml_collections.ConfigDict(workdir_json.saved_config(workdir) or {})) != 'electra':
     return hf.export(inference.load(workdir), out)
   config, params, tok, _ = inference.load_run(workdir)
   return electra.export_electra(params, config.model, config.objective, tok, out)
@@ -179,6 +194,11 @@ def _sweep(args: list[str]) -> int:
   plan = sweep.make_sweep(FLAGS.command, spec, FLAGS.sweep, FLAGS.seeds, overrides, passed + args)
   root = FLAGS.workdir or default_workdir(spec, {}) + '-sweep'
   return sweep.run(plan, root, dry_run=FLAGS.dry_run, emit_kind=FLAGS.emit)
+
+
+COMMANDS = {'train': _train, 'eval': _eval, 'fill-mask': _fill_mask, 'classify': _classify, 'export': _export_command,
+            'import': _import, 'plot': _plot, 'finetune': _finetune, 'sweep': lambda args: sys.exit(_sweep(args)),
+            'compare': _compare}  # command -> its function of the remaining (non-flag) arguments
 
 
 def main(argv: list[str]) -> None:

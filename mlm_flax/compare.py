@@ -15,10 +15,10 @@ import os
 import statistics
 from typing import Any, Sequence
 
-from mlm_flax import plot, validation
+from mlm_flax import plot, validation, workdir_json
 
 EVAL_METRICS = ('loss', 'masked_accuracy')
-SWEEP_FIX = 'restore it, or delete it to compare the subfolders in name order.'
+SWEEP_ORDER_FIX = 'restore it, or delete it to compare the subfolders in name order.'
 LOWER_IS_BETTER = ('loss', 'perplexity')
 
 
@@ -34,7 +34,7 @@ def find_runs(paths: Sequence[str]) -> list[str]:
     names = sorted(n for n in os.listdir(path) if os.path.isfile(os.path.join(path, n, 'config.json')))
     record = os.path.join(path, 'sweep.json')
     if os.path.isfile(record):
-      order = [p['name'] for p in validation.read_json(record, SWEEP_FIX)['points']]
+      order = [p['name'] for p in workdir_json.read_json(record, SWEEP_ORDER_FIX)['points']]
       names = [n for n in order if n in names] + [n for n in names if n not in order]
     if not names:
       raise ValueError(f'{path} holds no runs (no config.json in it or its subfolders); pass workdirs of '
@@ -69,10 +69,8 @@ def run_metrics(workdir: str) -> tuple[dict[str, Any], list[dict]]:
       for v in values[1:]:
         best = v if _better(m, v, best) else best
       out[f'best_{m}'] = best
-  results = os.path.join(workdir, 'results.json')
-  if os.path.isfile(results):  # fine-tuning: the best step's metrics
-    res = validation.read_json(results, 'delete it and run the same `mlm-flax finetune` command again to '
-                               'rewrite it from the checkpoints.')
+  res = workdir_json.read_results(workdir)
+  if res is not None:  # fine-tuning: the best step's metrics
     out.update({f'best_{k}': v for k, v in (res.get('metrics') or {}).items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool)})
     out['step'] = res.get('best_step', out['step'])
@@ -102,7 +100,7 @@ def table(workdirs: Sequence[str]) -> tuple[list[str], list[list[Any]], dict[str
   """(headers, one row per run: name, the config keys whose values differ, step, metrics; each run's rows)."""
   configs, metrics, curves = [], [], {}
   for w, label in zip(workdirs, _label(workdirs)):
-    configs.append(validation.flatten(validation.read_json(os.path.join(w, 'config.json'), validation.CONFIG_FIX)))
+    configs.append(validation.flatten(workdir_json.read_config(w)))
     m, curves[label] = run_metrics(w)
     metrics.append(m)
   keys = sorted({k for c in configs for k in c})

@@ -14,10 +14,9 @@ TensorBoard. It evaluates every epoch on the whole validation split, keeps the b
 
 import contextlib
 import functools
-import json
 import math
 import os
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +25,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from mlm_flax import checkpoint, loop, optim, parallel, preemption, train, validation, workdir_lock, writers
+from mlm_flax import checkpoint, loop, optim, parallel, preemption, train, validation, workdir_json, workdir_lock, writers
 from mlm_flax import data as data_lib
 from mlm_flax.data import tokenizer as tokenizer_lib
 from mlm_flax.models import position_offset
@@ -157,7 +156,7 @@ def finetune(config: ml_collections.ConfigDict, init: str | None, workdir: str) 
       return result
     runs.append(result['per_seed'][0])
   results = aggregate(config.task.type, runs)
-  train.write_json(os.path.join(workdir, 'results.json'), results)
+  workdir_json.write_results(workdir, results)
   return results
 
 
@@ -165,7 +164,7 @@ def _check_parent(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   """A multi-seed folder's config.json (`seeds` may grow) refuses a changed config before anything is written;
   returns {path: content}, written by seed 0 once its own checks (init model, data, its resume) pass."""
   path, new = os.path.join(workdir, 'config.json'), config.to_dict()
-  old = validation.saved_config(workdir)
+  old = workdir_json.saved_config(workdir)
   if old is not None:
     without_seeds = lambda c: {k: v for k, v in c.items() if k != 'seeds'}
     validation.check_config_change(without_seeds(old), without_seeds(new), workdir)
@@ -243,65 +242,88 @@ class _Best:
     self.manager.close()
 
 
-def _run(config: ml_collections.ConfigDict, workdir: str, preempt: preemption.Watcher,
-         on_exit: contextlib.ExitStack, first_writes: dict[str, dict]) -> dict:
-  """One seed's run; nothing is written to `workdir` (nor `first_writes`, {path: JSON}) before every check passed."""
+class _Inputs(NamedTuple):
+  """What a seed's run starts from, every check passed: its resolved config, tokenizer, task rows and the
+  init model's encoder params and reusable head (or None)."""
+  config: ml_collections.ConfigDict
+  tokenizer: Any
+  task_rows: task_data.TaskData
+  encoder_params: tuple[Any, dict | None]
+  steps_per_epoch: int
+
+
+def _load_inputs(config: ml_collections.ConfigDict, workdir: str) -> _Inputs:
+  """Loads the init model and the task data and checks them against `workdir`'s run; writes nothing."""
   from mlm_flax.tasks import model as task_model  # pylint: disable=g-import-not-at-top
   task = config.task.type
   encoder = task_model.load_encoder(config.init, dtype=config.model.dtype)
-  tok = encoder.tokenizer
   config = resolve_config(config, encoder.model.to_dict())
-  old = validation.saved_config(workdir)
+  old = workdir_json.saved_config(workdir)
   if old is not None:
     warning = validation.check_config_change(old, config.to_dict(), workdir)
     if warning and jax.process_index() == 0:
       print(warning, flush=True)
-  labels_path = os.path.join(workdir, 'labels.json')
-  saved_names = None
-  if os.path.isfile(labels_path):  # a resumed run keeps its label indices
-    with open(labels_path) as f:
-      saved_names = json.load(f)['label_names']
-  task_rows = task_data.load_task_data(config.data, task, tok, config.max_seq_length, saved_names)
-  splits, names = task_rows.splits, task_rows.label_names
-  encoder_params = (encoder.params, task_model.head_for_labels(encoder, task, names))
-  del encoder
-  num_train = len(splits['train']['input_ids'])
-  steps_per_epoch = num_train // config.batch_size
-  if steps_per_epoch == 0:
+  saved_labels = workdir_json.read_labels(workdir)  # a resumed run keeps its label indices
+  saved_names = None if saved_labels is None else saved_labels['label_names']
+  task_rows = task_data.load_task_data(config.data, task, encoder.tokenizer, config.max_seq_length, saved_names)
+  num_train = len(task_rows.splits['train']['input_ids'])
+  if num_train < config.batch_size:
     raise ValueError(f'The train split has {num_train} examples, fewer than one batch of {config.batch_size}; '
                      'lower --config.batch_size or add examples.')
+  head = task_model.head_for_labels(encoder, task, task_rows.label_names)
+  return _Inputs(config, encoder.tokenizer, task_rows, (encoder.params, head), num_train // config.batch_size)
+
+
+def _write_run_files(inputs: _Inputs, workdir: str, first_writes: dict[str, dict]) -> None:
+  """The parent's config (multi-seed), config.json, labels.json and the tokenizer: once every check passed."""
+  config, task_rows = inputs.config, inputs.task_rows
   for path, content in first_writes.items():
-    train.write_json(path, content)
-  train.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
-  train.write_json(labels_path, {'task': task, 'num_labels': task_rows.num_labels, 'label_names': names,
-                            'columns': task_rows.columns})
+    workdir_json.write_json(path, content)
+  workdir_json.write_config(workdir, config.to_dict())
+  workdir_json.write_json(os.path.join(workdir, 'labels.json'), {
+      'task': config.task.type, 'num_labels': task_rows.num_labels, 'label_names': task_rows.label_names,
+      'columns': task_rows.columns})
   if jax.process_index() == 0 and not os.path.isdir(os.path.join(workdir, 'tokenizer')):
-    tokenizer_lib.save_atomic(tok, os.path.join(workdir, 'tokenizer'))
-  num_steps = config.num_train_steps or config.num_epochs * steps_per_epoch
-  eval_every = config.eval_every_steps or steps_per_epoch
-  ckpt_every = config.checkpoint_every_steps or eval_every
+    tokenizer_lib.save_atomic(inputs.tokenizer, os.path.join(workdir, 'tokenizer'))
 
-  mesh = parallel.make_mesh(fsdp=config.fsdp)
-  model = task_model.make_task_model(config.model, task, task_rows.num_labels, config.classifier_dropout,
-                                     config.task.classifier_pooling)
 
-  def create_state(encoder_params: tuple[Any, dict], rng: jax.Array) -> TrainState:  # jitted: no op-by-op dispatch
+def _init_state(config: ml_collections.ConfigDict, model: Any, encoder_params: tuple[Any, dict | None],
+                num_steps: int, mesh) -> tuple[TrainState, optax.GradientTransformation, TrainState]:
+  """(the state with the encoder's params and a fresh or reused head, sharded on `mesh`; its optimizer; its
+  shardings), made in one jitted function (no op-by-op dispatch)."""
+  from mlm_flax.tasks import model as task_model  # pylint: disable=g-import-not-at-top
+  rng = jax.random.PRNGKey(config.seed)
+  abstract_params = jax.eval_shape(lambda r: task_model.init_task_params(r, model, config.max_seq_length), rng)
+  tx = make_optimizer(config, num_steps, abstract_params)
+
+  def create_state(encoder_params: tuple[Any, dict], rng: jax.Array) -> TrainState:
     init_rng, state_rng = jax.random.split(rng)
     fresh = task_model.init_task_params(init_rng, model, config.max_seq_length)
     params = task_model.task_params_from_encoder(encoder_params[0], fresh, head=encoder_params[1])
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng)
 
-  rng = jax.random.PRNGKey(config.seed)
-  abstract_params = jax.eval_shape(lambda r: task_model.init_task_params(r, model, config.max_seq_length), rng)
-  tx = make_optimizer(config, num_steps, abstract_params)
   shardings = train.state_shardings(mesh, jax.eval_shape(create_state, encoder_params, rng))
-  state = jax.jit(create_state, out_shardings=shardings)(encoder_params, rng)
-  del encoder_params
+  return jax.jit(create_state, out_shardings=shardings)(encoder_params, rng), tx, shardings
 
-  ckpt = checkpoint.Checkpointer(workdir, config.max_checkpoints_to_keep)
-  on_exit.callback(ckpt.close)
-  best = _Best(workdir, config.metric_for_best)
-  on_exit.callback(best.close)
+
+def _run(config: ml_collections.ConfigDict, workdir: str, preempt: preemption.Watcher,
+         on_exit: contextlib.ExitStack, first_writes: dict[str, dict]) -> dict:
+  """One seed's run; nothing is written to `workdir` (nor `first_writes`, {path: JSON}) before every check passed."""
+  from mlm_flax.tasks import model as task_model  # pylint: disable=g-import-not-at-top
+  inputs = _load_inputs(config, workdir)
+  config, task_rows, task = inputs.config, inputs.task_rows, inputs.config.task.type
+  pad_token_id, steps_per_epoch = inputs.tokenizer.pad_token_id or 0, inputs.steps_per_epoch
+  _write_run_files(inputs, workdir, first_writes)
+  num_steps = config.num_train_steps or config.num_epochs * steps_per_epoch
+  eval_every = config.eval_every_steps or steps_per_epoch
+  mesh = parallel.make_mesh(fsdp=config.fsdp)
+  model = task_model.make_task_model(config.model, task, task_rows.num_labels, config.classifier_dropout,
+                                     config.task.classifier_pooling)
+  state, tx, shardings = _init_state(config, model, inputs.encoder_params, num_steps, mesh)
+  del inputs
+
+  ckpt = on_exit.enter_context(contextlib.closing(checkpoint.Checkpointer(workdir, config.max_checkpoints_to_keep)))
+  best = on_exit.enter_context(contextlib.closing(_Best(workdir, config.metric_for_best)))
   meta = {}
   if ckpt.latest_step() is not None:
     state, meta = ckpt.restore(state)
@@ -312,40 +334,46 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preempt: preemption.Wa
   p_eval_step = jax.jit(functools.partial(eval_step, model=model, task=task),
                         in_shardings=(shardings.params, parallel.data_sharding(mesh)),
                         out_shardings=parallel.replicated(mesh))
-  run_eval = functools.partial(evaluate, p_eval_step=p_eval_step, config=config, mesh=mesh, label_names=names,
-                               pad_token_id=tok.pad_token_id or 0)
-  writer = writers.MetricWriter(workdir, resume_step=start_step)
-  on_exit.callback(writer.close)
-  batches = data_lib.train_batches(splits['train'], config.batch_size, config.seed, start_step,
+  run_eval = functools.partial(evaluate, p_eval_step=p_eval_step, config=config, mesh=mesh,
+                               label_names=task_rows.label_names, pad_token_id=pad_token_id)
+  writer = on_exit.enter_context(contextlib.closing(writers.MetricWriter(workdir, resume_step=start_step)))
+  batches = data_lib.train_batches(task_rows.splits['train'], config.batch_size, config.seed, start_step,
                                    jax.process_index(), jax.process_count())
   objective = task_loss.TaskObjective(model, task)
   outcome = loop.run_loop(loop.Run(
       state=state, start_step=start_step, num_steps=num_steps,
       step=train.jit_step(objective, tx, mesh, state_sharding=shardings),
       batches=((parallel.to_global(b, mesh), None) for b in batches), summarize=objective.summarize,
-      evaluate=lambda params: run_eval(params, splits['validation']),
+      evaluate=lambda params: run_eval(params, task_rows.splits['validation']),
       schedule=optim.make_schedule(schedule_config(config, num_steps), num_steps), writer=writer, ckpt=ckpt,
-      log_every=config.log_every_steps, eval_every=eval_every, checkpoint_every=ckpt_every,
+      log_every=config.log_every_steps, eval_every=eval_every,
+      checkpoint_every=config.checkpoint_every_steps or eval_every,
       nonfinite=config.optimizer.nonfinite, tokens_per_step=lambda s: config.batch_size * config.max_seq_length,
       progress_bar=config.progress_bar, hparams=config.to_dict(), pending=loop.pending_from_meta(meta),
       on_eval=best.update, checkpoint_meta=lambda _: best.meta(), after_save=best.after_save,
       row_extras=lambda step: {'epoch': step / steps_per_epoch}), preempt)
   if outcome.preempted:
     return {'step': outcome.step, 'preempted': True}
+  return _finish(config, workdir, outcome.state.params, best, task_rows.splits, run_eval, writer,
+                 start_step, num_steps)
+
+
+def _finish(config: ml_collections.ConfigDict, workdir: str, params: Any, best: _Best, splits: dict,
+            run_eval: Callable, writer: writers.MetricWriter, start_step: int, num_steps: int) -> dict:
+  """results.json: the best step's validation metrics, and the test split's from the best params."""
   best.prune({best.step})
   results_metrics = dict(best.metrics())
   results_metrics.pop('num_examples', None)
   if 'test' in splits and 'labels' in splits['test']:
-    params = outcome.state.params
     best_params = params if best.step == num_steps else best.restore(params)
     test = run_eval(best_params, splits['test'])
     if start_step < num_steps:  # logged once, after the last step (a rerun of a finished run adds no row)
       writer.write(num_steps, 'test', {**test, 'best_step': best.step})
     results_metrics.update({f'test_{k}': v for k, v in test.items() if k != 'num_examples'})
-  results = {'task': task, 'metrics': results_metrics,
+  results = {'task': config.task.type, 'metrics': results_metrics,
              'per_seed': [{'seed': config.seed, 'best_step': best.step, 'metrics': results_metrics}],
              'best_step': best.step}
-  train.write_json(os.path.join(workdir, 'results.json'), results)
+  workdir_json.write_results(workdir, results)
   return results
 
 

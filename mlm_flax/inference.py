@@ -4,7 +4,6 @@ pipeline("token-classification")."""
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 import re
@@ -15,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mlm_flax import checkpoint
+from mlm_flax import checkpoint, workdir_json
 from mlm_flax.interop.hf import is_hf_folder, looks_like_hub_name  # pylint: disable=unused-import  # re-exported
 from mlm_flax.models import abstract_params, position_offset  # pylint: disable=unused-import  # re-exported
 from mlm_flax.objectives import objective_module, objective_type
@@ -70,12 +69,11 @@ def load_run(path: str, dtype: str = 'float32') -> tuple[ml_collections.ConfigDi
   the weights `mlm-flax import` put there. For MLM the params are the model's; for ELECTRA the generator's and
   the discriminator's (`objectives.electra`)."""
   from mlm_flax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-  config_path = os.path.join(path, 'config.json')
-  if not os.path.isfile(config_path):
+  saved = workdir_json.read_config(path)
+  if saved is None:
     raise FileNotFoundError(f'{path} is not an mlm_flax workdir (no config.json) nor a Hugging Face model '
                             'folder; pass the --workdir of a `mlm-flax train` run.')
-  with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(saved)
   config.model.dtype = dtype
   target = objective_module(config).abstract_params(config)
   ckpt = checkpoint.Checkpointer(path, create=False, async_save=False)
@@ -155,41 +153,13 @@ def fill_mask(mlm: MLM, texts: str | Sequence[str], top_k: int = 5,
     raise ValueError(f'top_k={top_k!r}; ask for at least 1 prediction per mask.')
   single = isinstance(texts, str)
   texts = [texts] if single else list(texts)
-  where = lambda i: 'the text' if single else f'text {i}'
-  for i, text in enumerate(texts):
-    if not isinstance(text, str):
-      raise ValueError(f'{where(i)} is a {type(text).__name__}, not a string.')
-  encoded = [tok(t)['input_ids'] for t in texts]
-  limit = max_length(mlm)
-  for i, (text, ids) in enumerate(zip(texts, encoded)):
-    if tok.mask_token_id not in ids:
-      raise ValueError(f'no mask token {tok.mask_token!r} in {where(i)} {_clip(text)}; put {tok.mask_token} '
-                       'where the word to predict goes.')
-    if len(ids) > limit:
-      raise ValueError(f'{where(i)} {_clip(text)} is {len(ids)} tokens, more than the model\'s {limit} '
-                       'positions; shorten it around the mask.')
+  encoded = _encode_masked(tok, texts, single, max_length(mlm))
   if not texts:
     return []
   candidates = target_ids(tok, targets) if targets else None
   k = min(top_k, mlm.config.model.vocab_size if candidates is None else len(candidates))
   mask_positions = [[p for p, t in enumerate(row) if t == tok.mask_token_id] for row in encoded]
-  scores, tokens = [None] * len(texts), [None] * len(texts)
-  order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
-  for start in range(0, len(texts), batch_size):  # chunks of bucketed shapes: few compiles
-    chunk = order[start:start + batch_size]
-    length = _bucket(max(len(encoded[i]) for i in chunk), limit)
-    num_masks = _bucket(max(len(mask_positions[i]) for i in chunk), length)
-    rows = _bucket(len(chunk), batch_size)
-    ids = np.full((rows, length), tok.pad_token_id, np.int32)
-    segments = np.zeros((rows, length), np.int32)
-    positions = np.zeros((rows, num_masks), np.int32)
-    for r, i in enumerate(chunk):
-      ids[r, :len(encoded[i])], segments[r, :len(encoded[i])] = encoded[i], 1
-      positions[r, :len(mask_positions[i])] = mask_positions[i]
-    s, t = jax.device_get(_top_k_at(mlm.params, mlm.model, ids, segments, positions, k, candidates))
-    for r, i in enumerate(chunk):
-      scores[i], tokens[i] = s[r], t[r]
-
+  scores, tokens = _top_k_batched(mlm, encoded, mask_positions, k, candidates, batch_size)
   results = []
   for i, row in enumerate(encoded):
     positions = mask_positions[i]
@@ -204,6 +174,47 @@ def fill_mask(mlm: MLM, texts: str | Sequence[str], top_k: int = 5,
       per_mask.append(preds)
     results.append(per_mask[0] if len(per_mask) == 1 else per_mask)
   return results[0] if single or len(results) == 1 else results
+
+
+def _encode_masked(tok, texts: list, single: bool, limit: int) -> list[list[int]]:
+  """Each text's token ids; ValueError naming the first text that is not a string, has no mask or is too long."""
+  where = lambda i: 'the text' if single else f'text {i}'
+  for i, text in enumerate(texts):
+    if not isinstance(text, str):
+      raise ValueError(f'{where(i)} is a {type(text).__name__}, not a string.')
+  encoded = [tok(t)['input_ids'] for t in texts]
+  for i, (text, ids) in enumerate(zip(texts, encoded)):
+    if tok.mask_token_id not in ids:
+      raise ValueError(f'no mask token {tok.mask_token!r} in {where(i)} {_clip(text)}; put {tok.mask_token} '
+                       'where the word to predict goes.')
+    if len(ids) > limit:
+      raise ValueError(f'{where(i)} {_clip(text)} is {len(ids)} tokens, more than the model\'s {limit} '
+                       'positions; shorten it around the mask.')
+  return encoded
+
+
+def _top_k_batched(mlm: MLM, encoded: list[list[int]], mask_positions: list[list[int]], k: int,
+                   candidates: np.ndarray | None, batch_size: int) -> tuple[list, list]:
+  """(scores, token ids) [masks, k] per text, computed in chunks of bucketed shapes (few compiles), similar
+  lengths sharing a batch."""
+  tok, limit = mlm.tokenizer, max_length(mlm)
+  scores, tokens = [None] * len(encoded), [None] * len(encoded)
+  order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+  for start in range(0, len(encoded), batch_size):
+    chunk = order[start:start + batch_size]
+    length = _bucket(max(len(encoded[i]) for i in chunk), limit)
+    num_masks = _bucket(max(len(mask_positions[i]) for i in chunk), length)
+    rows = _bucket(len(chunk), batch_size)
+    ids = np.full((rows, length), tok.pad_token_id, np.int32)
+    segments = np.zeros((rows, length), np.int32)
+    positions = np.zeros((rows, num_masks), np.int32)
+    for r, i in enumerate(chunk):
+      ids[r, :len(encoded[i])], segments[r, :len(encoded[i])] = encoded[i], 1
+      positions[r, :len(mask_positions[i])] = mask_positions[i]
+    s, t = jax.device_get(_top_k_at(mlm.params, mlm.model, ids, segments, positions, k, candidates))
+    for r, i in enumerate(chunk):
+      scores[i], tokens[i] = s[r], t[r]
+  return scores, tokens
 
 
 def held_out_examples(texts: Sequence[str], tok, n: int) -> list[tuple[str, str]]:
@@ -248,11 +259,9 @@ def is_task_model(path: str | os.PathLike) -> bool:
   """Whether `path` (`DIR` or `DIR:STEP`) holds a task model: a fine-tuned workdir (its config.json has a `task`)
   or a Hugging Face `*For{Sequence,Token}Classification` folder."""
   from mlm_flax.tasks import model as task_lib  # pylint: disable=g-import-not-at-top
-  config_path = os.path.join(task_lib.split_step(os.fspath(path))[0], 'config.json')
-  if not os.path.isfile(config_path):
+  config = workdir_json.read_config(task_lib.split_step(os.fspath(path))[0])
+  if config is None:
     return False
-  with open(config_path) as f:
-    config = json.load(f)
   if 'model_type' in config:
     from mlm_flax.interop import hf  # pylint: disable=g-import-not-at-top
     return hf.task_info(config)['task'] is not None

@@ -17,7 +17,6 @@ import dataclasses
 import hashlib
 import importlib.util
 import itertools
-import json
 import os
 import re
 import shlex
@@ -26,7 +25,7 @@ import subprocess
 import sys
 from typing import Any, Sequence
 
-from mlm_flax import validation
+from mlm_flax import workdir_json
 
 COMMIT_MARKER = 'commit_success.txt'  # = checkpoint.COMMIT_MARKER (not imported: that module imports JAX)
 
@@ -173,9 +172,8 @@ def finished(workdir: str, command: str = 'train') -> bool:
     return os.path.isfile(os.path.join(workdir, 'results.json'))
   step = last_checkpoint(workdir)
   try:
-    with open(os.path.join(workdir, 'config.json')) as f:
-      return step is not None and step >= json.load(f)['num_train_steps']
-  except (OSError, ValueError, KeyError):
+    return step is not None and step >= workdir_json.read_config(workdir)['num_train_steps']
+  except (OSError, ValueError, KeyError, TypeError):
     return False
 
 
@@ -199,16 +197,12 @@ def _read_record(root: str) -> dict | None:
   path = os.path.join(root, 'sweep.json')
   if not os.path.isfile(path):
     return None
-  return validation.read_json(path, 'delete it to record this sweep anew (finished points are still skipped), '
-                              'or use another --workdir.')
+  return workdir_json.read_json(path, workdir_json.SWEEP_FIX)
 
 
 def _write_record(sweep: Sweep, root: str) -> None:
   os.makedirs(root, exist_ok=True)
-  path = os.path.join(root, 'sweep.json')
-  with open(path + '.tmp', 'w') as f:
-    json.dump(sweep.record(), f, indent=2)
-  os.replace(path + '.tmp', path)
+  workdir_json.write_json(os.path.join(root, 'sweep.json'), sweep.record(), all_processes=True)
 
 
 def shell_command(sweep: Sweep, point: Point, root: str, program: str = 'mlm-flax') -> str:

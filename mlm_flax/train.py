@@ -4,7 +4,6 @@ set-up of a pretraining run on the one loop (`loop.run_loop`)."""
 import contextlib
 import dataclasses
 import functools
-import json
 import os
 import shutil
 from typing import Any, Callable
@@ -17,7 +16,7 @@ import numpy as np
 import optax
 
 from mlm_flax import (checkpoint, data, evaluate, flops, inference, loop, parallel, preemption, validation,
-                      workdir_lock, writers)
+                      workdir_json, workdir_lock, writers)
 from mlm_flax.data import tokenizer
 from mlm_flax.loop import check_finite
 
@@ -149,20 +148,10 @@ def resolve_config(config: ml_collections.ConfigDict, tok) -> ml_collections.Con
 def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Writes config.json; on resume, first refuses (as `validation.check_resume` did before the data
   was read) a config whose tokenizer-filled keys change the saved run's maths."""
-  path = os.path.join(workdir, 'config.json')
-  old = validation.saved_config(workdir)
+  old = workdir_json.saved_config(workdir)
   if old is not None:
     validation.check_config_change(old, config.to_dict(), workdir)  # its warning was printed at start
-  write_json(path, config.to_dict())
-
-
-def write_json(path: str, obj: Any) -> None:
-  """Writes `obj` as JSON to `path` from process 0, atomically (a temporary file renamed): a killed write
-  never leaves a half-written file."""
-  if jax.process_index() == 0:
-    with open(path + '.tmp', 'w') as f:
-      json.dump(obj, f, indent=2)
-    os.replace(path + '.tmp', path)
+  workdir_json.write_config(workdir, config.to_dict())
 
 
 def _copy_tokenizer(init_from: str, workdir: str) -> None:
@@ -180,11 +169,11 @@ def warm_start_params(config: ml_collections.ConfigDict, target: Any) -> Any:
   the first params and the model keys that differ, a checkpoint whose shapes do not fit this model."""
   src, step = validation.parse_init_from(config.init_from)
   where = f'--config.init_from={config.init_from}'
-  if not os.path.isfile(os.path.join(src, 'config.json')):
+  saved = workdir_json.read_config(src)
+  if saved is None:
     raise ValueError(f'{where}: {src} is not a workdir (no config.json); pass the --workdir of a finished '
                      '`mlm-flax train` run, optionally as WORKDIR:STEP.')
-  with open(os.path.join(src, 'config.json')) as f:
-    src_config = ml_collections.ConfigDict(json.load(f))
+  src_config = ml_collections.ConfigDict(saved)
   src_model = src_config.model.to_dict()
   shapes = lambda tree: {jax.tree_util.keystr(p): tuple(x.shape)
                          for p, x in jax.tree_util.tree_leaves_with_path(tree)}

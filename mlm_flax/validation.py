@@ -16,7 +16,7 @@ from typing import Iterable
 
 import ml_collections
 
-from mlm_flax import models
+from mlm_flax import models, workdir_json
 from mlm_flax.objectives import OBJECTIVES
 from mlm_flax.models import config as model_config
 
@@ -71,9 +71,6 @@ FRACTIONS = ('masking.rate', 'masking.eval_rate', 'masking.final_rate', 'masking
              'objective.generator_layers_fraction')  # in [0, 1]; rates in (0, 1]
 
 
-CONFIG_FIX = 'restore it from a copy, or start the run again in a new --workdir.'
-
-
 def _get(config: ml_collections.ConfigDict, key: str):
   node = config
   for part in key.split('.'):
@@ -109,6 +106,13 @@ def _check_warmup(config: ml_collections.ConfigDict, key: str, full_key: str, lo
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
   """Raises ValueError naming the first bad key (and how to fix it)."""
+  _check_values(config)
+  _check_model(config)
+  _check_batches(config, num_devices, num_processes)
+
+
+def _check_values(config: ml_collections.ConfigDict) -> None:
+  """Each key on its own: choices, counts, fractions, dtypes, masking and warm-up specs, the optimizer."""
   for key, valid in CHOICES.items():
     value = _get(config, key)
     if value is not None and value not in valid:
@@ -146,6 +150,15 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, num_pro
   _check_warmup(config, 'batch_size_warmup', 'batch_size', 1)
   if config.optimizer.learning_rate < 0 or config.optimizer.warmup_steps < 0:
     raise ValueError('--config.optimizer.learning_rate and --config.optimizer.warmup_steps must be >= 0.')
+  if config.get('logging') is not None and config.logging.get('wandb'):
+    if importlib.util.find_spec('wandb') is None:
+      raise ValueError(WANDB_MISSING)
+  if config.get('init_from') is not None:
+    parse_init_from(config.init_from)
+
+
+def _check_model(config: ml_collections.ConfigDict) -> None:
+  """The architecture's own checks, the objective it serves, the vocabulary and the positions."""
   if config.model.hidden_size % config.model.num_heads:
     raise ValueError(f'model.hidden_size={config.model.hidden_size} is not divisible by model.num_heads='
                      f'{config.model.num_heads}; pick num_heads dividing hidden_size (e.g. hidden_size/64).')
@@ -164,6 +177,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, num_pro
                      f'{config.model.max_position_embeddings - offset} positions (model.max_position_embeddings='
                      f'{config.model.max_position_embeddings}); lower max_seq_length or raise '
                      'model.max_position_embeddings.')
+
+
+def _check_batches(config: ml_collections.ConfigDict, num_devices: int, num_processes: int) -> None:
+  """Batch sizes (and their warm-up phases) against the devices, processes, FSDP and grad accumulation."""
   if num_devices % config.get('fsdp', 1):
     raise ValueError(f'--config.fsdp={config.fsdp} must divide the {num_devices} devices; use a divisor of '
                      f'{num_devices} (1 = plain data parallelism).')
@@ -172,11 +189,6 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, num_pro
     raise ValueError(f'batch_size={config.batch_size} must split into grad_accum_steps={accum} micro-batches '
                      f'of a multiple of the {num_devices} devices; use a batch_size that is a multiple of '
                      f'{accum * num_devices}, or fewer grad_accum_steps.')
-  if config.get('logging') is not None and config.logging.get('wandb'):
-    if importlib.util.find_spec('wandb') is None:
-      raise ValueError(WANDB_MISSING)
-  if config.get('init_from') is not None:
-    parse_init_from(config.init_from)
   for key in ('batch_size', 'eval_batch_size'):
     size = config[key]
     if size % num_devices or size % num_processes:
@@ -280,32 +292,10 @@ def check_config_change(old: dict, new: dict, workdir: str) -> str | None:
           f'not that of a run started with num_train_steps={steps[1]} (use a new --workdir for that).')
 
 
-def read_json(path: str, fix: str) -> object:
-  """The JSON in `path`; a file that is not JSON (cut short, edited) raises ValueError naming it and `fix`."""
-  with open(path) as f:
-    text = f.read()
-  try:
-    return json.loads(text)
-  except ValueError as e:
-    raise ValueError(f'{path} is not valid JSON ({e}); {fix}') from None
-
-
-def saved_config(workdir: str) -> dict | None:
-  """The config.json of the run `workdir` holds; None when there is no run to continue: no config.json,
-  or weights imported by `mlm-flax import` that no checkpoint has trained yet (that config.json is the
-  import's, not a run's)."""
-  path = os.path.join(workdir, 'config.json')
-  checkpoints = os.path.join(workdir, 'checkpoints')
-  trained = os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints))
-  if not os.path.isfile(path) or (not trained and os.path.isdir(os.path.join(workdir, 'imported'))):
-    return None
-  return read_json(path, CONFIG_FIX)
-
-
 def check_resume(config: ml_collections.ConfigDict, workdir: str) -> str | None:
   """Refuses early (before any data is read) to continue a workdir's run with a config that changes its
   maths; returns `check_config_change`'s warning, if any."""
-  old = saved_config(workdir)
+  old = workdir_json.saved_config(workdir)
   return None if old is None else check_config_change(old, config.to_dict(), workdir)
 
 
@@ -317,11 +307,10 @@ def adopt_imported(config: ml_collections.ConfigDict, workdir: str,
   `set_keys` (dotted, e.g. the command line's overrides) are keys the user chose: one that sets an
   architecture key to another value than the import's is refused (ValueError), not silently replaced.
   """
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.isdir(os.path.join(workdir, 'imported')) or not os.path.isfile(path):
+  saved = workdir_json.read_config(workdir)
+  if not os.path.isdir(os.path.join(workdir, 'imported')) or saved is None:
     return config
-  with open(path) as f:
-    imported = {k: v for k, v in model_config.upgraded(json.load(f)['model']).items() if k not in IMPORT_FROM_CONFIG}
+  imported = {k: v for k, v in model_config.upgraded(saved['model']).items() if k not in IMPORT_FROM_CONFIG}
   conflicts = {k: (imported[k[6:]], _get(config, k)) for k in set_keys
                if k.startswith('model.') and k[6:] in imported and imported[k[6:]] != _get(config, k)}
   if conflicts:

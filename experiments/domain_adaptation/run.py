@@ -27,7 +27,7 @@ import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-positi
 import config as experiment_config  # pylint: disable=wrong-import-position
 import debian_text  # pylint: disable=wrong-import-position
 import downstream  # pylint: disable=wrong-import-position
-from mlm_flax import evaluate, inference, plot, train  # pylint: disable=wrong-import-position
+from mlm_flax import evaluate, inference, plot, train, workdir_json  # pylint: disable=wrong-import-position
 from mlm_flax.data import corpora, tokenizer  # pylint: disable=wrong-import-position
 
 GENERAL, DOMAIN = ('austen', 'bible'), ('python_docs',)
@@ -174,7 +174,7 @@ def linear_probe(root: str, name: str, task: str, workdir: str, paths: dict[str,
       return json.load(f)
   result = downstream.linear_probe(workdir, paths)
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  train.write_json(path, result)  # atomic: an interrupted rerun never reuses half a file
+  workdir_json.write_json(path, result)  # atomic: an interrupted rerun never reuses half a file
   return result
 
 

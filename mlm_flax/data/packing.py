@@ -75,24 +75,35 @@ def pack_tokens(tokens: np.ndarray, doc_lens: np.ndarray, cls_id: int, sep_id: i
   length = max_seq_length
   doc_lens = np.asarray(doc_lens, np.int64)
   doc_starts = np.cumsum(doc_lens) - doc_lens
-  if packing == 'group_texts':  # [CLS] doc [SEP] ... concatenated, cut into full rows
-    seq_lens = doc_lens[doc_lens > 0] + 2
-    total = int(seq_lens.sum())
-    if total < length:
-      raise ValueError(f'Packing produced no rows: {total} tokens are fewer than one row of {length}; '
-                       'add data or lower max_seq_length.')
-    stream = np.empty(total, np.int32)
-    seq_starts = np.cumsum(seq_lens) - seq_lens
-    body = np.ones(total, bool)
-    body[seq_starts] = body[seq_starts + seq_lens - 1] = False
-    stream[seq_starts], stream[seq_starts + seq_lens - 1] = cls_id, sep_id
-    stream[body] = tokens
-    rows = total // length
-    ids = stream[:rows * length].reshape(rows, length)
-    return {'input_ids': ids, 'segment_ids': np.ones_like(ids),
-            'positions': np.broadcast_to(np.arange(length, dtype=np.int32), ids.shape).copy()}
+  if packing == 'group_texts':
+    return _group_texts(tokens, doc_lens, cls_id, sep_id, length)
+  return _pack_chunks(tokens, doc_lens, doc_starts, cls_id, sep_id, pad_id, length, packing)
 
-  # Chunks of at most max_seq_length - 2 tokens, in document order (line_by_line: the first only).
+
+def _group_texts(tokens: np.ndarray, doc_lens: np.ndarray, cls_id: int, sep_id: int,
+                 length: int) -> dict[str, np.ndarray]:
+  """[CLS] doc [SEP] ... concatenated, cut into full rows (the last partial row dropped)."""
+  seq_lens = doc_lens[doc_lens > 0] + 2
+  total = int(seq_lens.sum())
+  if total < length:
+    raise ValueError(f'Packing produced no rows: {total} tokens are fewer than one row of {length}; '
+                     'add data or lower max_seq_length.')
+  stream = np.empty(total, np.int32)
+  seq_starts = np.cumsum(seq_lens) - seq_lens
+  body = np.ones(total, bool)
+  body[seq_starts] = body[seq_starts + seq_lens - 1] = False
+  stream[seq_starts], stream[seq_starts + seq_lens - 1] = cls_id, sep_id
+  stream[body] = tokens
+  rows = total // length
+  ids = stream[:rows * length].reshape(rows, length)
+  return {'input_ids': ids, 'segment_ids': np.ones_like(ids),
+          'positions': np.broadcast_to(np.arange(length, dtype=np.int32), ids.shape).copy()}
+
+
+def _pack_chunks(tokens: np.ndarray, doc_lens: np.ndarray, doc_starts: np.ndarray, cls_id: int, sep_id: int,
+                 pad_id: int, length: int, packing: str) -> dict[str, np.ndarray]:
+  """Chunks of at most length - 2 tokens, in document order (line_by_line: the first only), each with [CLS]
+  and [SEP], one per row (line_by_line) or packed greedily in order (documents)."""
   size = length - 2
   n_chunks = -(-doc_lens // size)
   if packing == 'line_by_line':

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mlm_flax import workdir_json
 from mlm_flax.interop import bert, modernbert, tree_get, tree_set
 from mlm_flax.models import make_model, position_offset
 
@@ -287,6 +288,5 @@ def write_imported(workdir: str, config: ml_collections.ConfigDict, params: Any,
   tokenizer_lib.save_atomic(tok, os.path.join(workdir, 'tokenizer'))
   config.data.tokenizer = None
   checkpoint.Checkpointer(workdir).save_imported(params)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    json.dump(config.to_dict(), f, indent=2)
+  workdir_json.write_config(workdir, config.to_dict())
   return {'workdir': workdir, 'model': config.model.to_dict()}

@@ -9,7 +9,6 @@ names unchanged; the head is the architecture's (`mlm_flax.models.heads`), the H
 Hugging Face folder or hub name, or a fine-tuned workdir); `task_params_from_encoder` puts it into fresh params.
 """
 
-import json
 import logging
 import os
 from typing import Any, Mapping, NamedTuple
@@ -20,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mlm_flax import workdir_json
 from mlm_flax.models import ModelConfig, architecture, heads
 
 # Head params a masked LM's own head gives a task head, per architecture (`HEAD_FROM_MLM[type][ours] = MLM path`):
@@ -137,12 +137,11 @@ def load_encoder(init: str, dtype: str | None = None) -> Encoder:
 def _load_workdir(path: str, step: int | None, dtype: str | None) -> Encoder:
   from mlm_flax import checkpoint  # pylint: disable=g-import-not-at-top
   from mlm_flax.objectives import objective_module  # pylint: disable=g-import-not-at-top
-  config_path = os.path.join(path, 'config.json')
-  if not os.path.isfile(config_path):
+  saved = workdir_json.read_config(path)
+  if saved is None:
     raise FileNotFoundError(f'{path} is not an mlm_flax workdir (no config.json) nor a Hugging Face model folder; '
                             'pass a pretraining or fine-tuning --workdir, a Hugging Face folder or a hub name.')
-  with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(saved)
   if dtype is not None:
     config.model.dtype = dtype
   info = finetuned_info(path, config)
@@ -213,15 +212,13 @@ def finetuned_info(path: str, config: ml_collections.ConfigDict) -> dict | None:
     return None
   task = config.task
   name = task.get('type') if isinstance(task, ml_collections.ConfigDict) else task
-  labels_path = os.path.join(path, 'labels.json')
-  if not os.path.isfile(labels_path):
+  labels = workdir_json.read_labels(path)
+  if labels is None:
     seeds = sorted(d for d in os.listdir(path) if d.startswith('seed_'))
     if seeds:
       raise FileNotFoundError(f'{path} holds one fine-tuned model per seed; pass one of them, e.g. '
                               f'{os.path.join(path, seeds[0])}.')
     raise FileNotFoundError(f'{path} is a fine-tuning workdir without labels.json; rerun `mlm-flax finetune` on it.')
-  with open(labels_path) as f:
-    labels = json.load(f)
   if isinstance(labels, Mapping):
     labels = labels.get('label_names')
   labels = ['LABEL_0'] if name == 'regression' or not labels else [str(l) for l in labels]
