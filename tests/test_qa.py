@@ -1,0 +1,228 @@
+"""Question answering: heads equal to transformers' `*ForQuestionAnswering`, windows and labels as run_qa.py,
+SQuAD's metrics, span post-processing over windows, `answer` equal to pipeline("question-answering") (transformers
+5.2 in a subprocess: $MLM_FLAX_QA_PIPELINE), export / import, and fine-tuning end to end (learning, exact resume,
+eval independent of the eval batch size), bad data named with its fix."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip('torch')
+import jax  # pylint: disable=g-import-not-at-top
+import transformers  # pylint: disable=g-import-not-at-top
+
+from test_finetune import _config, _minilm_path, _write, tiny_bert  # pylint: disable=g-import-not-at-top,unused-import
+from test_hf import _bert_tokenizer, _roberta_tokenizer  # pylint: disable=g-import-not-at-top
+from mlm_flax import answer as answer_lib  # pylint: disable=g-import-not-at-top
+from mlm_flax import finetune as finetune_lib  # pylint: disable=g-import-not-at-top
+from mlm_flax import writers  # pylint: disable=g-import-not-at-top
+from mlm_flax.interop import hf  # pylint: disable=g-import-not-at-top
+from mlm_flax.tasks import model as task_lib  # pylint: disable=g-import-not-at-top
+from mlm_flax.tasks import qa  # pylint: disable=g-import-not-at-top
+
+QUESTIONS = ['What does it return?', 'Which file is opened?', 'What is raised?']
+CONTEXTS = ['Return the number of items in the list.', 'Open the file and read its contents, then close it.',
+            'If the value is None, raise an error.']
+CLASSES = {'bert': 'Bert', 'roberta': 'Roberta', 'modernbert': 'ModernBert', 'electra': 'Electra'}
+
+
+@pytest.fixture(scope='module')
+def minilm_tok():
+  return transformers.AutoTokenizer.from_pretrained(_minilm_path())
+
+
+def _save_qa(path, kind, tok):
+  """A random HF `*ForQuestionAnswering` of odd sizes (hidden 36, 3 heads, 3 layers, intermediate 52) with
+  non-trivial biases and norms, saved with its tokenizer."""
+  torch.manual_seed(0)
+  common = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, hidden_size=36, num_hidden_layers=3,
+                num_attention_heads=3, intermediate_size=52)
+  if kind in ('bert', 'electra'):
+    config = getattr(transformers, f'{CLASSES[kind]}Config')(max_position_embeddings=64, **common)
+  elif kind == 'roberta':
+    config = transformers.RobertaConfig(max_position_embeddings=66, type_vocab_size=1, layer_norm_eps=1e-5, **common)
+  else:
+    config = transformers.ModernBertConfig(max_position_embeddings=64, local_attention=8,
+                                           global_attn_every_n_layers=2, bos_token_id=tok.cls_token_id,
+                                           eos_token_id=tok.sep_token_id, cls_token_id=tok.cls_token_id,
+                                           sep_token_id=tok.sep_token_id, **common)
+  model = getattr(transformers, f'{CLASSES[kind]}ForQuestionAnswering')(config)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if 'bias' in name or 'norm' in name.lower():
+        p.add_(0.1 * torch.randn_like(p))
+  model.eval()
+  model.save_pretrained(path)
+  tok.save_pretrained(path)
+  return model
+
+
+@pytest.mark.parametrize('kind', ['bert', 'roberta', 'modernbert', pytest.param('electra', marks=pytest.mark.slow)])
+def test_qa_logits_match_transformers_and_export_round_trips(tmp_path, kind):
+  tok = _roberta_tokenizer() if kind == 'roberta' else _bert_tokenizer()
+  path, out = str(tmp_path / 'hf'), str(tmp_path / 'exported')
+  model = _save_qa(path, kind, tok)
+  ours = answer_lib.load_qa(path)
+  assert ours.task == 'question_answering' and ours.labels == qa.LABEL_NAMES
+  batch = tok(QUESTIONS, CONTEXTS, padding=True, return_tensors='np')
+  assert batch['attention_mask'].min() == 0  # padded
+  logits = np.asarray(jax.jit(ours.model.apply)({'params': ours.params}, batch['input_ids'], batch['attention_mask'],
+                                                batch.get('token_type_ids')))
+  inputs = {k: torch.tensor(v) for k, v in batch.items() if kind != 'modernbert' or k != 'token_type_ids'}
+  with torch.no_grad():
+    ref = model(**inputs)
+  mask = batch['attention_mask'] > 0
+  np.testing.assert_allclose(logits[..., 0][mask], ref.start_logits.numpy()[mask], atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(logits[..., 1][mask], ref.end_logits.numpy()[mask], atol=1e-4, rtol=1e-4)
+  hf.export(ours, out)
+  reloaded = transformers.AutoModelForQuestionAnswering.from_pretrained(out).eval()
+  assert type(reloaded) is type(model)
+  original, exported = model.state_dict(), reloaded.state_dict()
+  assert sorted(exported) == sorted(original)
+  for k in original:
+    np.testing.assert_array_equal(exported[k].numpy(), original[k].numpy(), err_msg=k)
+
+
+def test_init_from_a_hf_qa_model_reuses_its_head(tmp_path, minilm_tok):
+  path = str(tmp_path / 'hf')
+  model = _save_qa(path, 'bert', minilm_tok)
+  enc = task_lib.load_encoder(path, dtype='float32')
+  assert enc.task == 'question_answering'
+  head = task_lib.head_for_labels(enc, 'question_answering', qa.LABEL_NAMES)
+  task_model = task_lib.make_task_model(enc.model, 'question_answering', 2, 0.1)
+  params = task_lib.task_params_from_encoder(enc.params, task_lib.init_task_params(jax.random.PRNGKey(0),
+                                                                                   task_model, 16), head=head)
+  np.testing.assert_array_equal(params['head']['qa_outputs']['kernel'], model.qa_outputs.weight.detach().numpy().T)
+  np.testing.assert_array_equal(params['head']['qa_outputs']['bias'], model.qa_outputs.bias.detach().numpy())
+
+
+# run_qa.py's prepare_train_features / prepare_validation_features (transformers' examples), verbatim in
+# substance: the reference the windows are checked against.
+def _run_qa_features(tokenizer, examples, max_seq_length, doc_stride):
+  questions = [q.lstrip() for q in examples['question']]
+  tokenized = tokenizer(questions, examples['context'], truncation='only_second', max_length=max_seq_length,
+                        stride=doc_stride, return_overflowing_tokens=True, return_offsets_mapping=True,
+                        padding='max_length')
+  sample_mapping = tokenized.pop('overflow_to_sample_mapping')
+  offset_mapping = tokenized.pop('offset_mapping')
+  starts, ends, example_ids, eval_offsets = [], [], [], []
+  for i, offsets in enumerate(offset_mapping):
+    input_ids = tokenized['input_ids'][i]
+    cls_index = input_ids.index(tokenizer.cls_token_id)
+    sequence_ids = tokenized.sequence_ids(i)
+    answers = examples['answers'][sample_mapping[i]]
+    example_ids.append(sample_mapping[i])
+    eval_offsets.append([o if sequence_ids[k] == 1 else None for k, o in enumerate(offsets)])
+    if len(answers['answer_start']) == 0:
+      starts.append(cls_index)
+      ends.append(cls_index)
+      continue
+    start_char = answers['answer_start'][0]
+    end_char = start_char + len(answers['text'][0])
+    token_start_index = 0
+    while sequence_ids[token_start_index] != 1:
+      token_start_index += 1
+    token_end_index = len(input_ids) - 1
+    while sequence_ids[token_end_index] != 1:
+      token_end_index -= 1
+    if not (offsets[token_start_index][0] <= start_char and offsets[token_end_index][1] >= end_char):
+      starts.append(cls_index)
+      ends.append(cls_index)
+    else:
+      while token_start_index < len(offsets) and offsets[token_start_index][0] <= start_char:
+        token_start_index += 1
+      starts.append(token_start_index - 1)
+      while offsets[token_end_index][1] >= end_char:
+        token_end_index -= 1
+      ends.append(token_end_index + 1)
+  return tokenized, starts, ends, example_ids, eval_offsets
+
+
+def _long_examples():
+  words = ('the module reads the configuration file from the user home directory and then merges the values '
+           'with defaults before the parser validates every key and reports unknown keys to the caller').split()
+  context = ' '.join(words)
+  answer_text = 'merges the values with defaults'
+  examples = {'question': ['  What does it do after reading?', 'Who validates every key?', 'What is the weather?',
+                           'Where is the file?'],
+              'context': [context, context, context, 'The file lives in the home directory.'],
+              'answers': [{'text': [answer_text], 'answer_start': [context.index(answer_text)]},
+                          {'text': ['the parser'], 'answer_start': [context.index('the parser')]},
+                          {'text': [], 'answer_start': []},
+                          {'text': ['the home directory', 'home directory'], 'answer_start': [18, 22]}]}
+  return examples
+
+
+def test_windows_and_labels_equal_run_qa(minilm_tok):
+  examples = _long_examples()
+  windows = qa.make_windows(minilm_tok, examples['question'], examples['context'], examples['answers'], 24, 6)
+  ref, starts, ends, example_ids, offsets = _run_qa_features(minilm_tok, examples, 24, 6)
+  np.testing.assert_array_equal(windows.rows['input_ids'], ref['input_ids'])
+  np.testing.assert_array_equal(windows.rows['segment_ids'], ref['attention_mask'])
+  np.testing.assert_array_equal(windows.rows['token_type_ids'], ref['token_type_ids'])
+  np.testing.assert_array_equal(windows.rows['labels'], np.stack([starts, ends], axis=1))
+  np.testing.assert_array_equal(windows.example, example_ids)
+  expected = np.asarray([[o if o is not None else (-1, -1) for o in row] for row in offsets])
+  np.testing.assert_array_equal(windows.offsets, expected)
+  # The long context is cut into several windows; the first answer crosses a window boundary, so some windows
+  # label it (their span decodes to the answer) and some hold only part of it (CLS = 0), and the unanswerable
+  # question is CLS everywhere.
+  per_example = np.bincount(windows.example)
+  assert per_example[0] >= 3 and per_example[3] == 1
+  for e in range(4):
+    labels = windows.rows['labels'][windows.example == e]
+    offs = windows.offsets[windows.example == e]
+    found = [examples['context'][e][o[s, 0]:o[e_, 1]] for (s, e_), o in zip(labels, offs) if s > 0]
+    gold = examples['answers'][e]['text'][:1]
+    assert set(found) == set(gold), (e, found)
+    if e == 0:
+      assert 0 in labels[:, 0]  # windows that cut the answer
+
+
+def test_squad_metrics_as_the_official_script():
+  assert qa.normalize_answer('  The Cat, sat!  on AN old-mat ') == 'cat sat on oldmat'
+  assert qa.exact('The cat.', 'cat') == 1 and qa.exact('cat', 'cats') == 0
+  assert qa.f1('the cat sat', 'cat sat on the mat') == pytest.approx(2 * 0.5 * 1.0 / 1.5)
+  assert qa.f1('', '') == 1.0 and qa.f1('', 'cat') == 0.0 and qa.f1('a', '') == 1.0  # 'a' normalises to ''
+  golds = [['the cat', 'a dog'], ['red fox'], [], ['']]
+  preds = ['dog', 'the red', '', 'something']
+  # per question: EM (1, 0, 1, 0); F1 (1, 2*(1/1)*(1/2)/(1.5) = 2/3, 1, 0)
+  v1 = qa.squad_metrics(golds, preds)
+  assert v1 == pytest.approx({'exact_match': 50.0, 'f1': 100 * (1 + 2 / 3 + 1 + 0) / 4})
+  v2 = qa.squad_metrics(golds, preds, version_2=True)
+  assert v2 == pytest.approx({**v1, 'HasAns_exact': 50.0, 'HasAns_f1': 100 * (1 + 2 / 3) / 2, 'HasAns_total': 2,
+                              'NoAns_exact': 50.0, 'NoAns_f1': 50.0, 'NoAns_total': 2})
+
+
+def _windows_for_postprocess():
+  """Two windows of one context 'alpha beta gamma delta epsilon' (5 tokens, 1 per word) at positions 1-3
+  of each window (0: CLS; window 1 words 0-2, window 2 words 2-4), and a second example of one window."""
+  context = 'alpha beta gamma delta epsilon'
+  spans = [(0, 5), (6, 10), (11, 16), (17, 22), (23, 30)]
+  offsets = np.full((3, 5, 2), -1, np.int32)
+  offsets[0, 1:4], offsets[1, 1:4], offsets[2, 1:3] = spans[0:3], spans[2:5], spans[0:2]
+  windows = qa.Windows(rows={}, example=np.asarray([0, 0, 1]), offsets=offsets)
+  logits = np.full((3, 5, 2), -5.0, np.float32)
+  logits[0, 1, 0], logits[0, 2, 1] = 2.0, 2.0  # window 1: 'alpha beta' = 4
+  logits[1, 2, 0], logits[1, 3, 1] = 3.0, 3.0  # window 2: 'delta epsilon' = 6, the best
+  logits[1, 4, 0] = 9.0  # a start in the padding (no offsets): never picked
+  logits[2, 0] = (4.0, 4.0)  # example 2: CLS (null) 8 against 'alpha' -2
+  logits[2, 1] = (-1.0, -1.0)
+  return context, windows, logits
+
+
+def test_postprocess_picks_the_best_span_over_windows_and_the_null_answer():
+  context, windows, logits = _windows_for_postprocess()
+  contexts = [context, context]
+  assert qa.postprocess(contexts, logits, windows) == ['delta epsilon', 'alpha']
+  # one token: 'delta' (3 - 5) ties 'epsilon' (-5 + 3); the earlier start comes first, as run_qa's stable sort
+  assert qa.postprocess(contexts, logits, windows, max_answer_length=1) == ['delta', 'alpha']
+  # v2: example 2's null score 8 beats 'alpha' (-2) by 10 > the threshold 0; example 1's null (-10) loses
+  assert qa.postprocess(contexts, logits, windows, version_2_with_negative=True) == ['delta epsilon', '']
+  assert qa.postprocess(contexts, logits, windows, version_2_with_negative=True,
+                        null_score_diff_threshold=20.0) == ['delta epsilon', 'alpha']
