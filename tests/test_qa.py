@@ -226,3 +226,158 @@ def test_postprocess_picks_the_best_span_over_windows_and_the_null_answer():
   assert qa.postprocess(contexts, logits, windows, version_2_with_negative=True) == ['delta epsilon', '']
   assert qa.postprocess(contexts, logits, windows, version_2_with_negative=True,
                         null_score_diff_threshold=20.0) == ['delta epsilon', 'alpha']
+
+
+def _reference(model_dir: str, calls: list[tuple[object, dict]]) -> list:
+  """pipeline("question-answering") of transformers 5.2 ($MLM_FLAX_QA_PIPELINE) on `calls`, in a subprocess."""
+  where = os.environ.get('MLM_FLAX_QA_PIPELINE')
+  if not where:
+    pytest.skip('MLM_FLAX_QA_PIPELINE is unset: install the reference with `pip install --no-deps --target '
+                '.qa-pipeline transformers==5.2.0 tokenizers==0.22.2 "huggingface_hub<2" httpx==0.28.1 '
+                'httpcore==1.0.9 certifi` and export MLM_FLAX_QA_PIPELINE=$PWD/.qa-pipeline (README, Tests)')
+  request = {'model': model_dir, 'calls': [{'inputs': i, 'kwargs': k} for i, k in calls]}
+  script = os.path.join(os.path.dirname(__file__), 'qa_pipeline_reference.py')
+  proc = subprocess.run([sys.executable, script], input=json.dumps(request), capture_output=True, text=True,
+                        env={**os.environ, 'PYTHONPATH': where}, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout)
+
+
+def _close(ours, ref):
+  """The pipeline's structure, answers and character offsets equal, scores within 1e-5."""
+  if isinstance(ref, list):
+    assert isinstance(ours, list) and len(ours) == len(ref), (ours, ref)
+    for o, r in zip(ours, ref):
+      _close(o, r)
+    return
+  assert isinstance(ours, dict) and set(ours) == {'score', 'start', 'end', 'answer'}, ours
+  assert (ours['answer'], ours['start'], ours['end']) == (ref['answer'], ref['start'], ref['end']), (ours, ref)
+  assert abs(ours['score'] - ref['score']) < 1e-5, (ours, ref)
+
+
+LONG = ('The parser reads the configuration file from the home directory of the user, then it merges the values '
+        'with the defaults and validates every key; unknown keys are reported to the caller as errors.')
+ANSWER_CALLS = [
+    ({'question': 'What does the parser read?', 'context': LONG}, {}),
+    ({'question': 'What is reported?', 'context': LONG}, {'top_k': 3, 'handle_impossible_answer': True}),
+    ({'question': 'Where is the file?', 'context': LONG}, {'max_seq_len': 24, 'doc_stride': 8, 'top_k': 4}),
+    ({'question': 'Who validates?', 'context': LONG}, {'max_seq_len': 20, 'doc_stride': 5, 'max_answer_len': 3,
+                                                       'handle_impossible_answer': True}),
+    ([{'question': 'What is raised?', 'context': CONTEXTS[2]}, {'question': 'Which file?', 'context': CONTEXTS[1]}],
+     {}),
+    ([{'question': 'What is raised?', 'context': CONTEXTS[2]}], {'top_k': 2}),
+]
+
+
+@pytest.mark.parametrize('kind', ['bert', 'roberta'])
+def test_answer_equals_the_pipeline_on_a_hf_model(tmp_path, minilm_tok, kind):
+  path = str(tmp_path / 'hf')
+  tok = _roberta_tokenizer() if kind == 'roberta' else minilm_tok
+  _save_qa(path, kind, tok)
+  # the tiny RoBERTa tokenizer has no model_max_length: windows within its 64 positions
+  calls = ANSWER_CALLS if kind == 'bert' else [(i, {**k, 'max_seq_len': 40, 'doc_stride': 10})
+                                               for i, k in ANSWER_CALLS[:2]]
+  ref = _reference(path, calls)
+  model = answer_lib.load_qa(path)
+  for (inputs, kwargs), expected in zip(calls, ref):
+    _close(answer_lib.answer(model, inputs, **kwargs), expected)
+
+
+FILLER = tuple('the a cat dog runs sits on mat house tree green blue small big quickly slowly river road old new '
+               'red window door table'.split())
+PLACES = ('paris', 'hong kong', 'tokyo', 'san francisco', 'rome', 'buenos aires', 'lima', 'oslo')
+
+
+def _place_qa_rows(seed: int, n: int) -> list[dict]:
+  """'Where is it?' over 14-30 filler words; the answer is the place after 'at' (SQuAD format), anywhere in a
+  context longer than one window; a fifth of the questions have no place (unanswerable: SQuAD v2)."""
+  rng = np.random.default_rng(seed)
+  rows = []
+  for i in range(n):
+    words = [str(w) for w in rng.choice(FILLER, size=rng.integers(14, 30))]
+    answers = {'text': [], 'answer_start': []}
+    if rng.random() < 0.8:
+      k = int(rng.integers(len(words) + 1))
+      place = PLACES[rng.integers(len(PLACES))]
+      before = ' '.join(words[:k] + ['at'])
+      words[k:k] = ['at', place]
+      answers = {'text': [place], 'answer_start': [len(before) + 1]}
+    rows.append({'id': f'q{seed}-{i}', 'question': 'where is it?', 'context': ' '.join(words), 'answers': answers})
+  return rows
+
+
+def _qa_config(tmp_path, **overrides):
+  train = _write(tmp_path / 'train.jsonl', _place_qa_rows(0, 160))
+  validation = _write(tmp_path / 'validation.jsonl', _place_qa_rows(1, 40))
+  return _config(tmp_path, 'question_answering', train, validation, max_seq_length=32,
+                 **{'task.doc_stride': 8, **overrides})
+
+
+@pytest.fixture(scope='module')
+def qa_run(tiny_bert, tmp_path_factory):
+  """A fine-tuning run on the planted places (v2: some unanswerable), checkpointing every 10 steps."""
+  tmp = tmp_path_factory.mktemp('qa')
+  config = _qa_config(tmp, checkpoint_every_steps=10, max_checkpoints_to_keep=20, num_epochs=6)
+  workdir = str(tmp / 'run')
+  return config, workdir, finetune_lib.finetune(config, tiny_bert, workdir)
+
+
+def test_qa_finetune_learns_planted_answers_and_scores_questions(qa_run):
+  config, workdir, results = qa_run
+  metrics = results['metrics']
+  assert results['task'] == 'question_answering'
+  assert set(metrics) >= {'loss', 'exact_match', 'f1', 'HasAns_exact', 'HasAns_f1', 'HasAns_total', 'NoAns_exact',
+                          'NoAns_f1', 'NoAns_total'}
+  assert metrics['HasAns_total'] + metrics['NoAns_total'] == 40
+  assert metrics['exact_match'] >= 60 and metrics['f1'] >= metrics['exact_match']
+  rows = writers.read_metrics(workdir)
+  evals = [r for r in rows if r['split'] == 'eval']
+  assert all(r['num_examples'] == 40 for r in evals)  # questions, not windows
+  best = max(evals, key=lambda r: r['f1'])
+  assert results['best_step'] == best['step']
+  losses = [r['loss'] for r in rows if r['split'] == 'train']
+  assert losses[-1] < 0.5 * losses[0]
+  with open(os.path.join(workdir, 'labels.json')) as f:
+    assert json.load(f)['label_names'] == qa.LABEL_NAMES
+
+
+def test_qa_resume_and_eval_batch_size_give_the_same_results(qa_run, tiny_bert, tmp_path):
+  config, workdir, results = qa_run
+  killed = str(tmp_path / 'killed')
+  shutil.copytree(workdir, killed)
+  os.remove(os.path.join(killed, 'results.json'))
+  for name in os.listdir(os.path.join(killed, 'checkpoints')):
+    if int(name) > 20:
+      shutil.rmtree(os.path.join(killed, 'checkpoints', name))
+  config.eval_batch_size = 8  # windows scored once whatever the batch; questions scored from all their windows
+  assert finetune_lib.finetune(config, tiny_bert, killed) == results
+  strip = lambda rows: [{k: v for k, v in r.items() if k not in ('wall_seconds', 'tokens_per_second')} for r in rows]
+  assert strip(writers.read_metrics(killed)) == strip(writers.read_metrics(workdir))
+
+
+def test_qa_workdir_answers_exports_and_the_pipeline_agrees(qa_run, tmp_path):
+  _, workdir, _ = qa_run
+  model = answer_lib.load_qa(workdir)
+  context = 'the cat sits on the mat at hong kong near the old river road'
+  got = answer_lib.answer(model, {'question': 'where is it?', 'context': context})
+  assert got['answer'] == 'hong kong' and context[got['start']:got['end']] == 'hong kong'
+  out = str(tmp_path / 'exported')
+  cli = [sys.executable, '-m', 'mlm_flax.cli']
+  proc = subprocess.run(cli + ['export', f'--workdir={workdir}', f'--out={out}'], capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr
+  config = json.load(open(os.path.join(out, 'config.json')))
+  assert config['architectures'] == ['BertForQuestionAnswering']
+  reloaded = transformers.AutoModelForQuestionAnswering.from_pretrained(out)
+  state = hf.task_state_dict(model.params, model.config.model, 'question_answering')
+  for k, v in reloaded.state_dict().items():
+    np.testing.assert_array_equal(v.numpy(), state[k], err_msg=k)
+  questions = [{'question': 'where is it?', 'context': context}, {'question': 'where?', 'context': 'a dog at rome'}]
+  with open(tmp_path / 'in.json', 'w') as f:
+    json.dump(questions, f)
+  proc = subprocess.run(cli + ['answer', f'--model={workdir}', f'--input={tmp_path / "in.json"}', '--top_k=2'],
+                        capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr
+  _close(json.loads(proc.stdout), answer_lib.answer(model, questions, top_k=2))
+  calls = [(questions[0], {}), (questions, {'top_k': 2, 'handle_impossible_answer': True})]
+  for (inputs, kwargs), expected in zip(calls, _reference(out, calls)):
+    _close(answer_lib.answer(model, inputs, **kwargs), expected)
