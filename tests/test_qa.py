@@ -5,6 +5,7 @@ eval independent of the eval batch size), bad data named with its fix."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -309,8 +310,8 @@ def _place_qa_rows(seed: int, n: int) -> list[dict]:
 def _qa_config(tmp_path, **overrides):
   train = _write(tmp_path / 'train.jsonl', _place_qa_rows(0, 160))
   validation = _write(tmp_path / 'validation.jsonl', _place_qa_rows(1, 40))
-  return _config(tmp_path, 'question_answering', train, validation, max_seq_length=32,
-                 **{'task.doc_stride': 8, **overrides})
+  return _config(tmp_path, 'question_answering', train, validation,
+                 **{'max_seq_length': 32, 'task.doc_stride': 8, **overrides})
 
 
 @pytest.fixture(scope='module')
@@ -378,6 +379,65 @@ def test_qa_workdir_answers_exports_and_the_pipeline_agrees(qa_run, tmp_path):
                         capture_output=True, text=True)
   assert proc.returncode == 0, proc.stderr
   _close(json.loads(proc.stdout), answer_lib.answer(model, questions, top_k=2))
-  calls = [(questions[0], {}), (questions, {'top_k': 2, 'handle_impossible_answer': True})]
+  proc = subprocess.run(cli + ['answer', f'--model={out}', '--question=where is it?', f'--context={context}'],
+                        capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr
+  _close(json.loads(proc.stdout), got)  # the exported model answers as the workdir
+  proc = subprocess.run(cli + ['answer', f'--model={workdir}', '--question=where?'], capture_output=True, text=True)
+  assert proc.returncode == 2 and proc.stderr.startswith('error: usage: mlm-flax answer'), proc.stderr
+
+
+def test_qa_exported_workdir_answers_as_the_pipeline(qa_run, tmp_path):
+  _, workdir, _ = qa_run
+  model, out = answer_lib.load_qa(workdir), str(tmp_path / 'exported')
+  hf.export(model, out)
+  questions = [{'question': 'where is it?', 'context': 'the cat sits on the mat at hong kong near the old river'},
+               {'question': 'where?', 'context': 'a dog at rome runs on the road ' * 6}]
+  calls = [(questions[0], {}), (questions, {'top_k': 2, 'handle_impossible_answer': True}),
+           (questions[1], {'max_seq_len': 16, 'doc_stride': 4, 'top_k': 3})]
   for (inputs, kwargs), expected in zip(calls, _reference(out, calls)):
     _close(answer_lib.answer(model, inputs, **kwargs), expected)
+
+
+@pytest.mark.parametrize('case, message', [
+    ('no_answers', "The train split has no column 'answers' (data.answers_column); its columns are id, question, "
+                   'context'),
+    ('bad_start', "The validation split row 1: answer 'rome' is not at answer_start=3 of its context (found 'og a'); answer_start must be the character offset"),
+    ('bad_answers', "The train split row 0: 'answers' is 'rome'; it must be {\"text\": [...]"),
+    ('long_question', 'task.doc_stride=8 does not fit max_seq_length=16: the longest train question (row 1, 14 '
+                      'tokens) leaves -1 context tokens per window; set --config.task.doc_stride below 1 or raise '
+                      '--config.max_seq_length'),
+])
+def test_qa_data_errors_name_the_problem_and_the_fix(minilm_tok, tmp_path, case, message):
+  rows = [{'id': 'a', 'question': 'where?', 'context': 'a cat at paris', 'answers': {'text': ['paris'],
+                                                                                     'answer_start': [9]}},
+          {'id': 'b', 'question': 'where is it?', 'context': 'a dog at rome', 'answers': {'text': ['rome'],
+                                                                                        'answer_start': [9]}}]
+  train, validation = [dict(r) for r in rows], [dict(r) for r in rows]
+  if case == 'no_answers':
+    for r in train:
+      del r['answers']
+  elif case == 'bad_start':
+    validation[1]['answers'] = {'text': ['rome'], 'answer_start': [3]}
+  elif case == 'bad_answers':
+    for r in train:
+      r['answers'] = 'rome'
+  elif case == 'long_question':
+    train[1]['question'] = 'where in the whole wide world is the dog that we talk about?'
+  config = _qa_config(tmp_path, max_seq_length=16)
+  config.data.train_files = _write(tmp_path / 'train.jsonl', train)
+  config.data.validation_files = _write(tmp_path / 'validation.jsonl', validation)
+  with pytest.raises(ValueError, match=re.escape(message)):
+    qa.load_qa_data(config.data, config.task, minilm_tok, config.max_seq_length)
+
+
+def test_qa_config_errors_come_before_any_work(tiny_bert, tmp_path):
+  config = _qa_config(tmp_path, **{'task.doc_stride': 32})
+  with pytest.raises(ValueError, match=r'task.doc_stride=32 must be below max_seq_length=32'):
+    finetune_lib.validate(config, 1)
+  config = _qa_config(tmp_path, **{'task.n_best_size': 0})
+  with pytest.raises(ValueError, match=r'task.n_best_size=0 must be at least 1'):
+    finetune_lib.validate(config, 1)
+  config = _qa_config(tmp_path, metric_for_best='HasAns_f1')
+  with pytest.raises(ValueError, match=r"'HasAns_f1' is not a question_answering metric.*exact_match, f1"):
+    finetune_lib.validate(config, 1)
