@@ -89,6 +89,22 @@ def test_qa_logits_match_transformers_and_export_round_trips(tmp_path, kind):
     np.testing.assert_array_equal(exported[k].numpy(), original[k].numpy(), err_msg=k)
 
 
+def test_span_loss_equals_transformers():
+  """(CE(start) + CE(end)) / 2 as BertForQuestionAnswering computes it: negative positions clamped to 0 (CLS),
+  positions past the window ignored (here both of a row, so HF's two means share a count and ours is exact)."""
+  from mlm_flax.objectives import tasks as task_loss  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(4, 7, 2)).astype(np.float32)
+  positions = np.asarray([[2, 4], [0, 0], [-3, 5], [7, 9]], np.int32)
+  start, end = torch.tensor(logits[..., 0]), torch.tensor(logits[..., 1])
+  s, e = (torch.tensor(positions[:, k]).long().clamp(0, 7) for k in range(2))
+  ce = torch.nn.CrossEntropyLoss(ignore_index=7)
+  expected = float((ce(start, s) + ce(end, e)) / 2)
+  sums = task_loss.task_loss(logits, positions, np.ones(4, np.float32), 'question_answering')
+  assert float(sums['count']) == 3.0
+  assert float(sums['loss_sum'] / sums['count']) == pytest.approx(expected, rel=1e-6)
+
+
 def test_init_from_a_hf_qa_model_reuses_its_head(tmp_path, minilm_tok):
   path = str(tmp_path / 'hf')
   model = _save_qa(path, 'bert', minilm_tok)
@@ -402,7 +418,8 @@ def test_qa_exported_workdir_answers_as_the_pipeline(qa_run, tmp_path):
 @pytest.mark.parametrize('case, message', [
     ('no_answers', "The train split has no column 'answers' (data.answers_column); its columns are id, question, "
                    'context'),
-    ('bad_start', "The validation split row 1: answer 'rome' is not at answer_start=3 of its context (found 'og a'); answer_start must be the character offset"),
+    ('bad_start', "The validation split row 1: answer 'rome' is not at answer_start=3 of its context (found 'og a'); "
+                  'answer_start must be the character offset'),
     ('bad_answers', "The train split row 0: 'answers' is 'rome'; it must be {\"text\": [...]"),
     ('long_question', 'task.doc_stride=8 does not fit max_seq_length=16: the longest train question (row 1, 14 '
                       'tokens) leaves -1 context tokens per window; set --config.task.doc_stride below 1 or raise '
