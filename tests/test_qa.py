@@ -81,6 +81,8 @@ def test_qa_logits_match_transformers_and_export_round_trips(tmp_path, kind):
   np.testing.assert_allclose(logits[..., 0][mask], ref.start_logits.numpy()[mask], atol=1e-4, rtol=1e-4)
   np.testing.assert_allclose(logits[..., 1][mask], ref.end_logits.numpy()[mask], atol=1e-4, rtol=1e-4)
   hf.export(ours, out)
+  with open(os.path.join(out, 'config.json')) as f:
+    assert json.load(f)['architectures'] == [f'{CLASSES[kind]}ForQuestionAnswering']
   reloaded = transformers.AutoModelForQuestionAnswering.from_pretrained(out).eval()
   assert type(reloaded) is type(model)
   original, exported = model.state_dict(), reloaded.state_dict()
