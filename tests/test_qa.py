@@ -179,7 +179,8 @@ def _long_examples():
 
 def test_windows_and_labels_equal_run_qa(minilm_tok):
   examples = _long_examples()
-  windows = qa.make_windows(minilm_tok, examples['question'], examples['context'], examples['answers'], 24, 6)
+  windows = qa.make_windows(minilm_tok, examples['question'], examples['context'], examples['answers'], 24, 6,
+                            chunk=3)  # tokenized in two calls: example indices continue across them
   ref, starts, ends, example_ids, offsets = _run_qa_features(minilm_tok, examples, 24, 6)
   np.testing.assert_array_equal(windows.rows['input_ids'], ref['input_ids'])
   np.testing.assert_array_equal(windows.rows['segment_ids'], ref['attention_mask'])

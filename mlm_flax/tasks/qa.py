@@ -123,8 +123,9 @@ def context_offsets(offsets: list[tuple[int, int]], sequence_ids: list[int | Non
 
 
 def make_windows(tokenizer: Any, questions: Sequence[str], contexts: Sequence[str], answers: Sequence[dict],
-                 max_seq_length: int, doc_stride: int) -> Windows:
-  """The windows of a split's examples with their labels, example indices and context offsets."""
+                 max_seq_length: int, doc_stride: int, chunk: int = _TOKENIZE_CHUNK) -> Windows:
+  """The windows of a split's examples with their labels, example indices and context offsets (tokenized
+  `chunk` examples at a time)."""
   if not getattr(tokenizer, 'is_fast', False):
     raise ValueError('task.type=question_answering needs a fast (Rust) tokenizer for offsets; the init model\'s '
                      'tokenizer is not one: save it with a tokenizer.json.')
@@ -133,9 +134,9 @@ def make_windows(tokenizer: Any, questions: Sequence[str], contexts: Sequence[st
                      "pads on the left: save it with padding_side='right'.")
   rows = collections.defaultdict(list)
   examples, offsets = [], []
-  for first in range(0, len(questions), _TOKENIZE_CHUNK):
-    chunk = slice(first, first + _TOKENIZE_CHUNK)
-    enc = tokenize_windows(tokenizer, questions[chunk], contexts[chunk], max_seq_length, doc_stride)
+  for first in range(0, len(questions), chunk):
+    part = slice(first, first + chunk)
+    enc = tokenize_windows(tokenizer, questions[part], contexts[part], max_seq_length, doc_stride)
     for i, ids in enumerate(enc['input_ids']):
       example = first + enc['overflow_to_sample_mapping'][i]
       seq = enc.sequence_ids(i)
