@@ -17,10 +17,11 @@ torch = pytest.importorskip('torch')
 import jax  # pylint: disable=g-import-not-at-top
 import transformers  # pylint: disable=g-import-not-at-top
 
-from test_finetune import _config, _minilm_path, _write, tiny_bert  # pylint: disable=g-import-not-at-top,unused-import
+from test_finetune import _config, _minilm_path, _write  # pylint: disable=g-import-not-at-top
 from test_hf import _bert_tokenizer, _roberta_tokenizer  # pylint: disable=g-import-not-at-top
 from mlm_flax import answer as answer_lib  # pylint: disable=g-import-not-at-top
 from mlm_flax import finetune as finetune_lib  # pylint: disable=g-import-not-at-top
+from mlm_flax import inference  # pylint: disable=g-import-not-at-top
 from mlm_flax import writers  # pylint: disable=g-import-not-at-top
 from mlm_flax.interop import hf  # pylint: disable=g-import-not-at-top
 from mlm_flax.tasks import model as task_lib  # pylint: disable=g-import-not-at-top
@@ -35,6 +36,19 @@ CLASSES = {'bert': 'Bert', 'roberta': 'Roberta', 'modernbert': 'ModernBert', 'el
 @pytest.fixture(scope='module')
 def minilm_tok():
   return transformers.AutoTokenizer.from_pretrained(_minilm_path())
+
+
+@pytest.fixture(scope='module')
+def tiny_bert(tmp_path_factory, minilm_tok) -> str:
+  """A 2-layer, hidden-32 random BERT encoder (Hugging Face folder) with MiniLM's tokenizer (test_finetune's)."""
+  transformers.set_seed(0)
+  model = transformers.BertModel(transformers.BertConfig(
+      vocab_size=len(minilm_tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+      max_position_embeddings=64, pad_token_id=minilm_tok.pad_token_id))
+  path = str(tmp_path_factory.mktemp('tiny-bert'))
+  model.save_pretrained(path)
+  minilm_tok.save_pretrained(path)
+  return path
 
 
 def _save_qa(path, kind, tok):
@@ -70,6 +84,8 @@ def test_qa_logits_match_transformers_and_export_round_trips(tmp_path, kind):
   model = _save_qa(path, kind, tok)
   ours = answer_lib.load_qa(path)
   assert ours.task == 'question_answering' and ours.labels == qa.LABEL_NAMES
+  with pytest.raises(ValueError, match='question-answering model; use `mlm-flax answer'):
+    inference.classify(ours, 'a text')
   batch = tok(QUESTIONS, CONTEXTS, padding=True, return_tensors='np')
   assert batch['attention_mask'].min() == 0  # padded
   logits = np.asarray(jax.jit(ours.model.apply)({'params': ours.params}, batch['input_ids'], batch['attention_mask'],
@@ -253,7 +269,7 @@ def _reference(model_dir: str, calls: list[tuple[object, dict]]) -> list:
   where = os.environ.get('MLM_FLAX_QA_PIPELINE')
   if not where:
     pytest.skip('MLM_FLAX_QA_PIPELINE is unset: install the reference with `pip install --no-deps --target '
-                '.qa-pipeline transformers==5.2.0 tokenizers==0.22.2 "huggingface_hub<2" httpx==0.28.1 '
+                '.qa-pipeline transformers==5.2.0 tokenizers==0.22.2 huggingface_hub==1.33.0 httpx==0.28.1 '
                 'httpcore==1.0.9 certifi` and export MLM_FLAX_QA_PIPELINE=$PWD/.qa-pipeline (README, Tests)')
   request = {'model': model_dir, 'calls': [{'inputs': i, 'kwargs': k} for i, k in calls]}
   script = os.path.join(os.path.dirname(__file__), 'qa_pipeline_reference.py')
