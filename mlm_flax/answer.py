@@ -19,7 +19,10 @@ import numpy as np
 
 from mlm_flax import inference
 
-PRE_TOP_K = lambda top_k: top_k * 2 + 10  # candidates per window before merging (the pipeline, align_to_words)
+
+def pre_top_k(top_k: int) -> int:
+  """Candidates per window before equal answers merge (the pipeline's, with align_to_words)."""
+  return top_k * 2 + 10
 
 
 def load_qa(path: str | os.PathLike, dtype: str | None = None) -> inference.Classifier:
@@ -55,7 +58,7 @@ def decode_spans(start: np.ndarray, end: np.ndarray, top_k: int, max_answer_len:
 def select_spans(start: np.ndarray, end: np.ndarray, p_mask: np.ndarray, top_k: int, max_answer_len: int,
                  min_null_score: float, handle_impossible_answer: bool) -> tuple[Any, Any, Any, float]:
   """The pipeline's `select_starts_ends` on one window's f32 logits [1, len] (unpadded)."""
-  undesired = np.abs(np.asarray(p_mask) - 1) & np.ones_like(p_mask)
+  undesired = np.abs(np.asarray(p_mask) - 1)  # 1: may be in the answer (windows are unpadded: no attention mask)
   mask = undesired == 0.0
   start = np.where(mask, -10000.0, start)
   end = np.where(mask, -10000.0, end)
@@ -103,7 +106,7 @@ def _answers(tok: Any, context: str, enc: Any, p_masks: list, logits: list[np.nd
   sequence_index = 1 if tok.padding_side == 'right' else 0
   for w, window in enumerate(logits):
     starts, ends, scores, min_null = select_spans(
-        window[None, :, 0], window[None, :, 1], np.asarray([p_masks[w]]), PRE_TOP_K(top_k), max_answer_len,
+        window[None, :, 0], window[None, :, 1], np.asarray([p_masks[w]]), pre_top_k(top_k), max_answer_len,
         min_null, handle_impossible_answer)
     for s, e, score in zip(starts, ends, scores):
       first, last = _char_span(enc[w], int(s), int(e), sequence_index)

@@ -264,13 +264,19 @@ def test_postprocess_picks_the_best_span_over_windows_and_the_null_answer():
                         null_score_diff_threshold=20.0) == ['delta epsilon', 'alpha']
 
 
-def _reference(model_dir: str, calls: list[tuple[object, dict]]) -> list:
-  """pipeline("question-answering") of transformers 5.2 ($MLM_FLAX_QA_PIPELINE) on `calls`, in a subprocess."""
+@pytest.fixture(scope='module')
+def qa_pipeline() -> str:
+  """Where transformers 5.2 (pipeline("question-answering")) is installed: $MLM_FLAX_QA_PIPELINE, else skip."""
   where = os.environ.get('MLM_FLAX_QA_PIPELINE')
   if not where:
     pytest.skip('MLM_FLAX_QA_PIPELINE is unset: install the reference with `pip install --no-deps --target '
                 '.qa-pipeline transformers==5.2.0 tokenizers==0.22.2 huggingface_hub==1.33.0 httpx==0.28.1 '
                 'httpcore==1.0.9 certifi` and export MLM_FLAX_QA_PIPELINE=$PWD/.qa-pipeline (README, Tests)')
+  return where
+
+
+def _reference(where: str, model_dir: str, calls: list[tuple[object, dict]]) -> list:
+  """pipeline("question-answering") of transformers 5.2 (installed in `where`) on `calls`, in a subprocess."""
   request = {'model': model_dir, 'calls': [{'inputs': i, 'kwargs': k} for i, k in calls]}
   script = os.path.join(os.path.dirname(__file__), 'qa_pipeline_reference.py')
   proc = subprocess.run([sys.executable, script], input=json.dumps(request), capture_output=True, text=True,
@@ -306,14 +312,14 @@ ANSWER_CALLS = [
 
 
 @pytest.mark.parametrize('kind', ['bert', 'roberta'])
-def test_answer_equals_the_pipeline_on_a_hf_model(tmp_path, minilm_tok, kind):
+def test_answer_equals_the_pipeline_on_a_hf_model(qa_pipeline, tmp_path, minilm_tok, kind):
   path = str(tmp_path / 'hf')
   tok = _roberta_tokenizer() if kind == 'roberta' else minilm_tok
   _save_qa(path, kind, tok)
   # the tiny RoBERTa tokenizer has no model_max_length: windows within its 64 positions
   calls = ANSWER_CALLS if kind == 'bert' else [(i, {**k, 'max_seq_len': 40, 'doc_stride': 10})
                                                for i, k in ANSWER_CALLS[:2]]
-  ref = _reference(path, calls)
+  ref = _reference(qa_pipeline, path, calls)
   model = answer_lib.load_qa(path)
   for (inputs, kwargs), expected in zip(calls, ref):
     _close(answer_lib.answer(model, inputs, **kwargs), expected)
@@ -422,7 +428,7 @@ def test_qa_workdir_answers_exports_and_the_pipeline_agrees(qa_run, tmp_path):
   assert proc.returncode == 2 and proc.stderr.startswith('error: usage: mlm-flax answer'), proc.stderr
 
 
-def test_qa_exported_workdir_answers_as_the_pipeline(qa_run, tmp_path):
+def test_qa_exported_workdir_answers_as_the_pipeline(qa_pipeline, qa_run, tmp_path):
   _, workdir, _ = qa_run
   model, out = answer_lib.load_qa(workdir), str(tmp_path / 'exported')
   hf.export(model, out)
@@ -430,7 +436,7 @@ def test_qa_exported_workdir_answers_as_the_pipeline(qa_run, tmp_path):
                {'question': 'where?', 'context': 'a dog at rome runs on the road ' * 6}]
   calls = [(questions[0], {}), (questions, {'top_k': 2, 'handle_impossible_answer': True}),
            (questions[1], {'max_seq_len': 16, 'doc_stride': 4, 'top_k': 3})]
-  for (inputs, kwargs), expected in zip(calls, _reference(out, calls)):
+  for (inputs, kwargs), expected in zip(calls, _reference(qa_pipeline, out, calls)):
     _close(answer_lib.answer(model, inputs, **kwargs), expected)
 
 

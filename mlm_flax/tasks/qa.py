@@ -42,6 +42,7 @@ def default_doc_stride(max_seq_length: int) -> int:
 
 
 def columns(data_cfg: ml_collections.ConfigDict) -> dict[str, str]:
+  """{'question', 'context', 'answers'}: the data's column names (`data.*_column`)."""
   return {'question': data_cfg.question_column, 'context': data_cfg.context_column,
           'answers': data_cfg.answers_column}
 
