@@ -123,17 +123,20 @@ def test_span_loss_equals_transformers():
   assert float(sums['loss_sum'] / sums['count']) == pytest.approx(expected, rel=1e-6)
 
 
-def test_init_from_a_hf_qa_model_reuses_its_head(tmp_path, minilm_tok):
+def test_finetune_init_from_a_hf_qa_model_reuses_its_head(tmp_path, minilm_tok):
+  """`finetune --init` a BertForQuestionAnswering: at learning rate 0 the run's params are the HF model's,
+  qa_outputs included."""
   path = str(tmp_path / 'hf')
   model = _save_qa(path, 'bert', minilm_tok)
-  enc = task_lib.load_encoder(path, dtype='float32')
-  assert enc.task == 'question_answering'
-  head = task_lib.head_for_labels(enc, 'question_answering', qa.LABEL_NAMES)
-  task_model = task_lib.make_task_model(enc.model, 'question_answering', 2, 0.1)
-  params = task_lib.task_params_from_encoder(enc.params, task_lib.init_task_params(jax.random.PRNGKey(0),
-                                                                                   task_model, 16), head=head)
-  np.testing.assert_array_equal(params['head']['qa_outputs']['kernel'], model.qa_outputs.weight.detach().numpy().T)
-  np.testing.assert_array_equal(params['head']['qa_outputs']['bias'], model.qa_outputs.bias.detach().numpy())
+  config = _qa_config(tmp_path, num_train_steps=2, **{'optimizer.learning_rate': 0.0})
+  finetune_lib.finetune(config, path, str(tmp_path / 'run'))
+  ours = answer_lib.load_qa(str(tmp_path / 'run'))
+  head = ours.params['head']['qa_outputs']
+  np.testing.assert_array_equal(head['kernel'], model.qa_outputs.weight.detach().numpy().T)
+  np.testing.assert_array_equal(head['bias'], model.qa_outputs.bias.detach().numpy())
+  state = hf.task_state_dict(ours.params, ours.config.model, 'question_answering')
+  for k, v in model.state_dict().items():
+    np.testing.assert_array_equal(state[k], v.numpy(), err_msg=k)
 
 
 # run_qa.py's prepare_train_features / prepare_validation_features (transformers' examples), verbatim in
