@@ -1,6 +1,6 @@
 """Inference: `load(...)` a trained model and `fill_mask(...)` like `transformers.pipeline("fill-mask")`;
 `load_classifier(...)` a task model and `classify(...)` like pipeline("text-classification") or
-pipeline("token-classification")."""
+pipeline("token-classification") (question answering: `mlm_flax.answer`)."""
 
 import dataclasses
 import functools
@@ -246,7 +246,7 @@ class Classifier:
 
 def is_task_model(path: str | os.PathLike) -> bool:
   """Whether `path` (`DIR` or `DIR:STEP`) holds a task model: a fine-tuned workdir (its config.json has a `task`)
-  or a Hugging Face `*For{Sequence,Token}Classification` folder."""
+  or a Hugging Face `*For{Sequence,Token}Classification` / `*ForQuestionAnswering` folder."""
   from mlm_flax.tasks import model as task_lib  # pylint: disable=g-import-not-at-top
   config_path = os.path.join(task_lib.split_step(os.fspath(path))[0], 'config.json')
   if not os.path.isfile(config_path):
