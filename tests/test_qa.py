@@ -449,6 +449,8 @@ def test_qa_exported_workdir_answers_as_the_pipeline(qa_pipeline, qa_run, tmp_pa
     ('bad_start', "The validation split row 1: answer 'rome' is not at answer_start=3 of its context (found 'og a'); "
                   'answer_start must be the character offset'),
     ('bad_answers', "The train split row 0: 'answers' is 'rome'; it must be {\"text\": [...]"),
+    ('start_not_list', "The train split row 0: 'answers' is {'text': 'paris', 'answer_start': 9}; it must be "
+                       '{"text": [...], "answer_start": [...]} with one start per text'),
     ('long_question', 'task.doc_stride=8 does not fit max_seq_length=16: the longest train question (row 1, 14 '
                       'tokens) leaves -1 context tokens per window; set --config.task.doc_stride below 1 or raise '
                       '--config.max_seq_length'),
@@ -467,6 +469,8 @@ def test_qa_data_errors_name_the_problem_and_the_fix(minilm_tok, tmp_path, case,
   elif case == 'bad_answers':
     for r in train:
       r['answers'] = 'rome'
+  elif case == 'start_not_list':
+    train[0]['answers'] = {'text': 'paris', 'answer_start': 9}
   elif case == 'long_question':
     train[1]['question'] = 'where in the whole wide world is the dog that we talk about?'
   config = _qa_config(tmp_path, max_seq_length=16)

@@ -60,9 +60,10 @@ def check_split(ds: Any, cols: dict[str, str], split: str) -> list[dict]:
   for i, (q, c, a) in enumerate(zip(questions, contexts, answers)):
     if not isinstance(q, str) or not isinstance(c, str) or not q.strip() or not c:
       raise ValueError(f'The {split} split row {i} has an empty or missing question or context; fill or drop it.')
-    if not isinstance(a, dict) or set(a) < {'text', 'answer_start'} or len(a['text']) != len(a['answer_start']):
+    if (not isinstance(a, dict) or not {'text', 'answer_start'} <= set(a) or not isinstance(a['text'], list)
+        or not isinstance(a['answer_start'], list) or len(a['text']) != len(a['answer_start'])):
       raise ValueError(f'The {split} split row {i}: {cols["answers"]!r} is {a!r}; it must be {{"text": [...], '
-                       '"answer_start": [...]}} with one start per text (empty lists: no answer, SQuAD v2).')
+                       '"answer_start": [...]} with one start per text (empty lists: no answer, SQuAD v2).')
     for text, start in zip(a['text'], a['answer_start']):
       if c[start:start + len(text)] != text:
         raise ValueError(f'The {split} split row {i}: answer {text!r} is not at answer_start={start} of its context '
@@ -124,9 +125,9 @@ def context_offsets(offsets: list[tuple[int, int]], sequence_ids: list[int | Non
 
 
 def make_windows(tokenizer: Any, questions: Sequence[str], contexts: Sequence[str], answers: Sequence[dict],
-                 max_seq_length: int, doc_stride: int, chunk: int = _TOKENIZE_CHUNK) -> Windows:
-  """The windows of a split's examples with their labels, example indices and context offsets (tokenized
-  `chunk` examples at a time)."""
+                 max_seq_length: int, doc_stride: int, chunk: int = _TOKENIZE_CHUNK, offsets: bool = True) -> Windows:
+  """The windows of a split's examples with their labels, example indices and (`offsets`; training needs none)
+  context offsets, tokenized `chunk` examples at a time."""
   if not getattr(tokenizer, 'is_fast', False):
     raise ValueError('task.type=question_answering needs a fast (Rust) tokenizer for offsets; the init model\'s '
                      'tokenizer is not one: save it with a tokenizer.json.')
@@ -134,7 +135,7 @@ def make_windows(tokenizer: Any, questions: Sequence[str], contexts: Sequence[st
     raise ValueError('task.type=question_answering puts the question first and pads on the right; the tokenizer '
                      "pads on the left: save it with padding_side='right'.")
   rows = collections.defaultdict(list)
-  examples, offsets = [], []
+  examples, context = [], []
   for first in range(0, len(questions), chunk):
     part = slice(first, first + chunk)
     enc = tokenize_windows(tokenizer, questions[part], contexts[part], max_seq_length, doc_stride)
@@ -147,9 +148,10 @@ def make_windows(tokenizer: Any, questions: Sequence[str], contexts: Sequence[st
       rows['labels'].append(span_labels(ids, enc['offset_mapping'][i], seq, answers[example],
                                         tokenizer.cls_token_id))
       examples.append(example)
-      offsets.append(context_offsets(enc['offset_mapping'][i], seq))
+      if offsets:
+        context.append(context_offsets(enc['offset_mapping'][i], seq))
   return Windows(rows={k: np.asarray(v, np.int32) for k, v in rows.items()}, example=np.asarray(examples, np.int32),
-                 offsets=np.stack(offsets) if offsets else np.zeros((0, max_seq_length, 2), np.int32))
+                 offsets=np.stack(context) if context else np.zeros((0, max_seq_length, 2), np.int32))
 
 
 def _window_candidates(start: np.ndarray, end: np.ndarray, offsets: np.ndarray, n_best_size: int,
@@ -274,7 +276,8 @@ def load_qa_data(data_cfg: ml_collections.ConfigDict, task_cfg: ml_collections.C
   splits, scorers = {}, {}
   for split, ds in raw.items():
     contexts = ds[cols['context']]
-    windows = make_windows(tokenizer, ds[cols['question']], contexts, answers[split], max_seq_length, doc_stride)
+    windows = make_windows(tokenizer, ds[cols['question']], contexts, answers[split], max_seq_length, doc_stride,
+                           offsets=split != 'train')
     splits[split] = windows.rows
     if split != 'train':
       scorers[split] = make_scorer(contexts, answers[split], windows, task_cfg, version_2)
