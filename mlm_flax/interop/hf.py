@@ -2,9 +2,9 @@
 
 `load_hf` reads a Hugging Face folder (or hub name) into (config, params, tokenizer, module); `load_hf_task` reads
 it for a task model (encoder, task head, labels); `export` writes a masked LM or a task model
-(`*For{Sequence,Token}Classification`, `*ForQuestionAnswering`); `import_to_workdir` starts a workdir from one. The mapping of each
-architecture (key map, head key map, config.json conversion, tied decoder) is its own module (`bert.py` for BERT,
-RoBERTa and ELECTRA, `modernbert.py`), chosen by the model type through `MAPPINGS`.
+(`*For{Sequence,Token}Classification`, `*ForQuestionAnswering`); `import_to_workdir` starts a workdir from one.
+The mapping of each architecture (key map, head key map, config.json conversion, tied decoder) is its own module
+(`bert.py` for BERT, RoBERTa and ELECTRA, `modernbert.py`), chosen by the model type through `MAPPINGS`.
 """
 
 import functools
@@ -231,7 +231,8 @@ def task_config(clf: Any) -> dict:
 
 
 def task_state_dict(params: Any, model: Any, task: str) -> dict[str, np.ndarray]:
-  """A HF `*For{Sequence,Token}Classification` / `*ForQuestionAnswering` state dict in f32 from task params `{'encoder', 'head'}`."""
+  """A HF `*For{Sequence,Token}Classification` / `*ForQuestionAnswering` state dict in f32 from task params
+  `{'encoder', 'head'}`."""
   mapping, state = _mapping(model['type']), {}
   for tree, key_map in ((params['encoder'], mapping.encoder_key_map(model)),
                         (params['head'], mapping.head_key_map(model, task))):
