@@ -33,7 +33,8 @@ from mlm_flax.sweep import default_workdir  # train's default --workdir (the swe
 # not found; set before it is imported, so a JAX-only install prints no such line. Set it to '' to see them.
 os.environ.setdefault('TRANSFORMERS_NO_ADVISORY_WARNINGS', '1')
 
-COMMANDS = ('train', 'eval', 'fill-mask', 'classify', 'answer', 'export', 'import', 'plot', 'finetune', 'sweep', 'compare')
+COMMANDS = ('train', 'eval', 'fill-mask', 'classify', 'answer', 'export', 'import', 'plot', 'finetune', 'sweep',
+            'compare')
 SWEEP_FLAGS = ('config', 'workdir', 'sweep', 'seeds', 'command', 'dry_run', 'emit')  # the others pass to the points
 DEFAULT_CONFIG = os.path.join(list(configs.__path__)[0], 'tiny.py')  # installed with the package
 FINETUNE_CONFIG = os.path.join(list(configs.__path__)[0], 'finetune.py')  # `finetune`'s default
@@ -182,8 +183,9 @@ def _answer() -> dict | list:
 
 
 def _export(workdir: str, out: str) -> None:
-  """`mlm-flax export`: a fine-tuned workdir as its `*For*Classification` / `*ForQuestionAnswering`, a pretraining run as `*ForMaskedLM`, an
-  ELECTRA run as `ElectraForPreTraining` with its generator (`ElectraForMaskedLM`) in `OUT/generator`."""
+  """`mlm-flax export`: a fine-tuned workdir as its `*For*Classification` / `*ForQuestionAnswering`, a
+  pretraining run as `*ForMaskedLM`, an ELECTRA run as `ElectraForPreTraining` with its generator
+  (`ElectraForMaskedLM`) in `OUT/generator`."""
   from mlm_flax import inference, validation  # pylint: disable=g-import-not-at-top
   from mlm_flax.interop import electra, hf  # pylint: disable=g-import-not-at-top
   from mlm_flax.objectives import objective_type  # pylint: disable=g-import-not-at-top
