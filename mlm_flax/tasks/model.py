@@ -32,8 +32,8 @@ class TaskModel(nn.Module):
 
   `__call__` returns logits [batch, num_labels] (sequence tasks) or [batch, len, num_labels]
   (`token_classification`; `question_answering`: start and end logits, num_labels 2). `segment_ids`: 1 on real
-  tokens, 0 on padding (the pretraining convention). Dropout (`deterministic=False`) needs a 'dropout' rng and draws per row from `row_ids`
-  (`layers.Dropout`), as pretraining.
+  tokens, 0 on padding (the pretraining convention). Dropout (`deterministic=False`) needs a 'dropout' rng and
+  draws per row from `row_ids` (`layers.Dropout`), as pretraining.
   """
   config: ModelConfig
   task: str  # 'classification' | 'regression' | 'token_classification' | 'question_answering'
