@@ -24,7 +24,6 @@ from mlm_flax import finetune as finetune_lib  # pylint: disable=g-import-not-at
 from mlm_flax import inference  # pylint: disable=g-import-not-at-top
 from mlm_flax import writers  # pylint: disable=g-import-not-at-top
 from mlm_flax.interop import hf  # pylint: disable=g-import-not-at-top
-from mlm_flax.tasks import model as task_lib  # pylint: disable=g-import-not-at-top
 from mlm_flax.tasks import qa  # pylint: disable=g-import-not-at-top
 
 QUESTIONS = ['What does it return?', 'Which file is opened?', 'What is raised?']
@@ -495,7 +494,7 @@ def test_qa_config_errors_come_before_any_work(tiny_bert, tmp_path):
 @pytest.mark.slow  # ~1-2 minutes on 2 cores: one epoch (100 steps) of the real MiniLM on experiments/qa's set
 def test_real_minilm_learns_the_docstring_qa_set(tmp_path):
   """One epoch of experiments/qa's defaults run, f32, the learning rate decayed to 0 within it (EM 31.2, F1 41.5
-  seen; an untrained head scores ~0; the README's 3 epochs: 72.9 / 80.3)."""
+  seen; the README's 3 epochs: 72.9 / 80.3)."""
   data = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments', 'qa', 'data')
   config = _config(tmp_path, 'question_answering', os.path.join(data, 'train.jsonl'),
                    os.path.join(data, 'test.jsonl'), max_seq_length=128, batch_size=8, eval_batch_size=64,
