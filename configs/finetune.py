@@ -28,9 +28,20 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.task = ml_collections.ConfigDict()
   # 'classification' (one text or a text pair -> one label), 'regression' (-> one number, STS-B style) or
-  # 'token_classification' (a label per word, scored on the word's first sub-token, NER style).
+  # 'token_classification' (a label per word, scored on the word's first sub-token, NER style) or
+  # 'question_answering' (extractive, SQuAD format: the answer is a span of the context; `tasks/qa.py`).
   c.task.type = 'classification'
   c.task.classifier_pooling = 'cls'  # sequence tasks: the first token's state, or 'mean' over real tokens (ModernBERT)
+  # Question answering (as transformers' run_qa.py): contexts longer than a window are cut into windows of
+  # max_seq_length tokens overlapping by doc_stride tokens (None: min(128, max_seq_length // 4); run_qa: 128 with
+  # max_seq_length 384); an answer is at most max_answer_length tokens, picked from the n_best_size best starts x
+  # ends of each window. version_2_with_negative (SQuAD v2, unanswerable questions: the null answer when its score
+  # beats the best span's by null_score_diff_threshold); None: on when a train or validation question has no answer.
+  c.task.doc_stride = _optional(int)
+  c.task.max_answer_length = 30
+  c.task.n_best_size = 20
+  c.task.version_2_with_negative = _optional(bool)
+  c.task.null_score_diff_threshold = 0.0
 
   c.num_epochs = 3  # used when num_train_steps is None
   c.num_train_steps = _optional(int)  # set: train this many steps instead of num_epochs epochs
@@ -44,7 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.max_checkpoints_to_keep = 1  # resume checkpoints; the best one (DIR/best/) is never deleted by this
   c.progress_bar = True
   # Validation metric that picks the best step (higher is better); None: accuracy (classification), pearson
-  # (regression), f1 (token_classification: entity-level, seqeval).
+  # (regression), f1 (token_classification: entity-level, seqeval; question_answering: SQuAD's token F1, 0-100).
   c.metric_for_best = _optional(str)
   c.classifier_dropout = _optional(float)  # dropout before the head; None: the encoder's model.hidden_dropout
 
@@ -69,6 +80,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.text_column = _optional(str)
   c.data.text_pair_column = _optional(str)
   c.data.label_column = _optional(str)
+  # Question answering: SQuAD-format columns (answers = {"text": [...], "answer_start": [...]}, [] if none).
+  c.data.question_column = 'question'
+  c.data.context_column = 'context'
+  c.data.answers_column = 'answers'
   # Label names in id order, comma-separated (e.g. 'O,B-PER,I-PER'): integer labels in the data are ids into
   # them, strings their names. None: a ClassLabel feature's names, else the sorted unique training labels. Token
   # classification needs entity tags (IOB / IOBES): data with integer tags (CoNLL files) must set this.

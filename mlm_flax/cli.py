@@ -1,9 +1,11 @@
-"""`mlm-flax` command line: train | eval | fill-mask | classify | export | import | plot.
+"""`mlm-flax` command line: train | eval | fill-mask | classify | answer | export | import | plot.
 
   mlm-flax train [--config configs/tiny.py] [--workdir DIR] [--config.KEY=VALUE ...]
   mlm-flax eval --workdir DIR [--split validation]
   mlm-flax fill-mask --model DIR [--top_k 5] [--targets a,b] [--dtype float32] TEXT ...
   mlm-flax classify --model DIR [--top_k K] [--dtype float32] TEXT ...
+  mlm-flax answer --model DIR (--question Q --context C | --input FILE.json) [--top_k K] [--max_answer_len 15]
+      [--max_seq_len N] [--doc_stride N] [--handle_impossible_answer] [--dtype float32]
   mlm-flax export --workdir DIR --out HF_DIR
   mlm-flax import --hf HF_DIR --workdir DIR
   mlm-flax finetune --init MODEL --workdir DIR [--config configs/finetune.py] [--config.KEY=VALUE ...]
@@ -50,12 +52,20 @@ def define_flags(argv: list[str] = ()) -> None:
                       'folder or hub name.')
   flags.DEFINE_string('workdir', None, 'Run folder; default: workdirs/<config name>[-<overrides>].')
   flags.DEFINE_string('split', 'validation', 'Split to evaluate (eval).')
-  flags.DEFINE_string('model', None, 'Workdir or Hugging Face folder to load (fill-mask, classify).')
+  flags.DEFINE_string('model', None, 'Workdir or Hugging Face folder to load (fill-mask, classify, answer).')
   flags.DEFINE_integer('top_k', 5, 'Predictions per mask (fill-mask, default 5); labels per text (classify; '
                        'default: the best label only, as pipeline("text-classification")).')
   flags.DEFINE_list('targets', None, 'Restrict fill-mask scoring to these words (fill-mask).')
   flags.DEFINE_string('dtype', None, 'Compute dtype (fill-mask, classify): float32 (default; answers as transformers), '
                       'bfloat16, float16 or auto (as training: bf16 on GPU/TPU/AMX CPUs).')
+  flags.DEFINE_string('question', None, 'The question (answer).')
+  flags.DEFINE_string('context', None, 'The text holding the answer (answer).')
+  flags.DEFINE_string('input', None, 'A JSON file: a list of {"question", "context"} (answer).')
+  flags.DEFINE_bool('handle_impossible_answer', False, 'Allow the empty answer (answer; SQuAD v2 models).')
+  flags.DEFINE_integer('max_answer_len', 15, 'Longest answer in tokens (answer; the pipeline\'s default 15).')
+  flags.DEFINE_integer('max_seq_len', None, 'Window length in tokens (answer; default min(384, the model\'s)).')
+  flags.DEFINE_integer('doc_stride', None, 'Overlap of windows in tokens (answer; default min(max_seq_len // 2, '
+                       '128)).')
   flags.DEFINE_string('out', None, 'Hugging Face folder to write (export); PNG to write (plot).')
   flags.DEFINE_string('hf', None, 'Hugging Face model folder or hub name to import (import).')
   flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host).')
@@ -72,10 +82,10 @@ def define_flags(argv: list[str] = ()) -> None:
 
 
 def _run(command: str, args: list[str]) -> None:
-  if FLAGS.dtype is not None and command not in ('fill-mask', 'classify'):
+  if FLAGS.dtype is not None and command not in ('fill-mask', 'classify', 'answer'):
     hint = ('set --config.model.dtype=... instead' if command in ('train', 'finetune')
             else 'eval and export compute in float32')
-    raise ValueError(f'--dtype is a fill-mask and classify flag; {command} does not take it ({hint}).')
+    raise ValueError(f'--dtype is a fill-mask, classify and answer flag; {command} does not take it ({hint}).')
   COMMANDS[command](args)
 
 
@@ -149,6 +159,32 @@ def _classify(args: list[str]) -> None:
   print(json.dumps(inference.classify(clf, args[0] if len(args) == 1 else args, **top_k), indent=1))
 
 
+def _answer(args: list[str]) -> None:
+  """`mlm-flax answer`: pipeline("question-answering")'s output for --question/--context or --input's list."""
+  from mlm_flax import answer  # pylint: disable=g-import-not-at-top
+  inputs = _answer_inputs()
+  model = answer.load_qa(FLAGS.model, dtype=FLAGS.dtype)
+  print(json.dumps(answer.answer(model, inputs, top_k=FLAGS.top_k if FLAGS['top_k'].present else 1,
+                                 handle_impossible_answer=FLAGS.handle_impossible_answer,
+                                 max_answer_len=FLAGS.max_answer_len, doc_stride=FLAGS.doc_stride,
+                                 max_seq_len=FLAGS.max_seq_len), indent=1))
+
+
+def _answer_inputs() -> dict | list:
+  """The question/context pair of the flags, or --input's JSON; usage errors before the model is loaded."""
+  if not FLAGS.model or (FLAGS.input is None) == (FLAGS.question is None or FLAGS.context is None):
+    raise ValueError('usage: mlm-flax answer --model DIR (--question Q --context C | --input FILE.json) [--top_k K] '
+                     '(DIR: a question-answering workdir or a Hugging Face *ForQuestionAnswering folder)')
+  if FLAGS.input is None:
+    return {'question': FLAGS.question, 'context': FLAGS.context}
+  with open(FLAGS.input) as f:
+    inputs = json.load(f)
+  if not isinstance(inputs, (list, dict)):
+    raise ValueError(f'--input {FLAGS.input} holds a {type(inputs).__name__}; give a JSON list of '
+                     '{"question": ..., "context": ...}.')
+  return inputs
+
+
 def _export_command(args: list[str]) -> None:
   if not FLAGS.workdir or not FLAGS.out:
     raise ValueError('usage: mlm-flax export --workdir DIR --out HF_DIR')
@@ -165,8 +201,9 @@ def _import(args: list[str]) -> None:
 
 
 def _export(workdir: str, out: str) -> None:
-  """`mlm-flax export`: a fine-tuned workdir as its `*For*Classification`, a pretraining run as `*ForMaskedLM`, an
-  ELECTRA run as `ElectraForPreTraining` with its generator (`ElectraForMaskedLM`) in `OUT/generator`."""
+  """`mlm-flax export`: a fine-tuned workdir as its `*For*Classification` / `*ForQuestionAnswering`, a
+  pretraining run as `*ForMaskedLM`, an ELECTRA run as `ElectraForPreTraining` with its generator
+  (`ElectraForMaskedLM`) in `OUT/generator`."""
   from mlm_flax import inference, workdir_json  # pylint: disable=g-import-not-at-top
   from mlm_flax.interop import electra, hf  # pylint: disable=g-import-not-at-top
   from mlm_flax.objectives import objective_type  # pylint: disable=g-import-not-at-top
@@ -196,9 +233,9 @@ def _sweep(args: list[str]) -> int:
   return sweep.run(plan, root, dry_run=FLAGS.dry_run, emit_kind=FLAGS.emit)
 
 
-COMMANDS = {'train': _train, 'eval': _eval, 'fill-mask': _fill_mask, 'classify': _classify, 'export': _export_command,
-            'import': _import, 'plot': _plot, 'finetune': _finetune, 'sweep': lambda args: sys.exit(_sweep(args)),
-            'compare': _compare}  # command -> its function of the remaining (non-flag) arguments
+COMMANDS = {'train': _train, 'eval': _eval, 'fill-mask': _fill_mask, 'classify': _classify, 'answer': _answer,
+            'export': _export_command, 'import': _import, 'plot': _plot, 'finetune': _finetune,
+            'sweep': lambda args: sys.exit(_sweep(args)), 'compare': _compare}  # command -> its function of the remaining (non-flag) arguments
 
 
 def main(argv: list[str]) -> None:

@@ -32,6 +32,7 @@ from mlm_flax.models import position_offset
 from mlm_flax.objectives import tasks as task_loss
 from mlm_flax.tasks import data as task_data
 from mlm_flax.tasks import metrics as task_metrics
+from mlm_flax.tasks import qa
 
 TrainState = train.TrainState  # step, params, opt_state, rng: the pretraining state and its checkpoint items
 
@@ -48,7 +49,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
                      f'{", ".join(choices)} (or unset it: {task_metrics.DEFAULT_BEST[task]}).')
   for key in ('seeds', 'num_epochs', 'batch_size', 'eval_batch_size', 'max_seq_length', 'log_every_steps',
               'fsdp', 'max_checkpoints_to_keep', 'data.num_proc', 'num_train_steps', 'eval_every_steps',
-              'checkpoint_every_steps'):
+              'checkpoint_every_steps', 'task.doc_stride', 'task.max_answer_length', 'task.n_best_size'):
     value = _get(config, key)
     if value is not None and value < 1:
       raise ValueError(f'--config.{key}={value} must be at least 1.')
@@ -72,6 +73,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     value = _get(config, key)
     if value is not None and not 0.0 <= value < 1.0:
       raise ValueError(f'--config.{key}={value} must be a dropout rate in [0, 1).')
+  if (config.task.doc_stride or 0) >= config.max_seq_length:
+    raise ValueError(f'--config.task.doc_stride={config.task.doc_stride} must be below max_seq_length='
+                     f'{config.max_seq_length} (minus the question); lower it or unset it (a quarter of the window).')
   if num_devices % config.fsdp:
     raise ValueError(f'--config.fsdp={config.fsdp} must divide the {num_devices} devices.')
   for key in ('batch_size', 'eval_batch_size'):
@@ -122,17 +126,20 @@ def eval_step(params: Any, batch: dict[str, jax.Array], *, model, task: str) -> 
 
 
 def evaluate(params: Any, rows: dict[str, np.ndarray], p_eval_step, config: ml_collections.ConfigDict, mesh,
-             label_names: list[str] | None, pad_token_id: int) -> dict[str, float]:
+             label_names: list[str] | None, pad_token_id: int,
+             score: Callable[[np.ndarray], dict] | None = None) -> dict[str, float]:
   """The task's metrics and loss over every row of a split, once (the last batch padded, weight 0): the same
-  numbers for any eval_batch_size and mesh."""
+  numbers for any eval_batch_size and mesh. `score`: the split's own metrics from all its rows' predictions
+  (question answering: per question over its windows, with `num_examples` the questions)."""
   outputs = [parallel.fetch(p_eval_step(params, parallel.to_global(batch, mesh)))
              for batch in data_lib.eval_batches(rows, config.eval_batch_size, jax.process_index(),
                                                 jax.process_count(), pad_token_id=pad_token_id)]
   n = len(rows['input_ids'])
   preds, losses, counts = (np.concatenate(x)[:n] for x in zip(*outputs))  # padding rows dropped
-  result = task_metrics.compute(config.task.type, rows['labels'], preds, label_names)
+  result = (score(preds) if score is not None else
+            task_metrics.compute(config.task.type, rows['labels'], preds, label_names))
   loss = float(np.sum(losses, dtype=np.float64) / max(np.sum(counts, dtype=np.float64), 1.0))
-  return {'loss': loss, **result, 'num_examples': n}
+  return {'loss': loss, **result, 'num_examples': result.get('num_examples', n)}
 
 
 def finetune(config: ml_collections.ConfigDict, init: str | None, workdir: str) -> dict:
@@ -265,7 +272,9 @@ def _load_inputs(config: ml_collections.ConfigDict, workdir: str) -> _Inputs:
       print(warning, flush=True)
   saved_labels = workdir_json.read_labels(workdir)  # a resumed run keeps its label indices
   saved_names = None if saved_labels is None else saved_labels['label_names']
-  task_rows = task_data.load_task_data(config.data, task, encoder.tokenizer, config.max_seq_length, saved_names)
+  task_rows = (qa.load_qa_data(config.data, config.task, encoder.tokenizer, config.max_seq_length)
+               if task == 'question_answering' else
+               task_data.load_task_data(config.data, task, encoder.tokenizer, config.max_seq_length, saved_names))
   num_train = len(task_rows.splits['train']['input_ids'])
   if num_train < config.batch_size:
     raise ValueError(f'The train split has {num_train} examples, fewer than one batch of {config.batch_size}; '
@@ -344,7 +353,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preempt: preemption.Wa
       state=state, start_step=start_step, num_steps=num_steps,
       step=train.jit_step(objective, tx, mesh, state_sharding=shardings),
       batches=((parallel.to_global(b, mesh), None) for b in batches), summarize=objective.summarize,
-      evaluate=lambda params: run_eval(params, task_rows.splits['validation']),
+      evaluate=lambda params: run_eval(params, task_rows.splits['validation'],
+                                       score=task_rows.scorers.get('validation')),
       schedule=optim.make_schedule(schedule_config(config, num_steps), num_steps), writer=writer, ckpt=ckpt,
       log_every=config.log_every_steps, eval_every=eval_every,
       checkpoint_every=config.checkpoint_every_steps or eval_every,
@@ -354,19 +364,19 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preempt: preemption.Wa
       row_extras=lambda step: {'epoch': step / steps_per_epoch}), preempt)
   if outcome.preempted:
     return {'step': outcome.step, 'preempted': True}
-  return _finish(config, workdir, outcome.state.params, best, task_rows.splits, run_eval, writer,
-                 start_step, num_steps)
+  return _finish(config, workdir, outcome.state.params, best, task_rows, run_eval, writer, start_step, num_steps)
 
 
-def _finish(config: ml_collections.ConfigDict, workdir: str, params: Any, best: _Best, splits: dict,
+def _finish(config: ml_collections.ConfigDict, workdir: str, params: Any, best: _Best, task_rows: task_data.TaskData,
             run_eval: Callable, writer: writers.MetricWriter, start_step: int, num_steps: int) -> dict:
   """results.json: the best step's validation metrics, and the test split's from the best params."""
   best.prune({best.step})
   results_metrics = dict(best.metrics())
   results_metrics.pop('num_examples', None)
+  splits = task_rows.splits
   if 'test' in splits and 'labels' in splits['test']:
     best_params = params if best.step == num_steps else best.restore(params)
-    test = run_eval(best_params, splits['test'])
+    test = run_eval(best_params, splits['test'], score=task_rows.scorers.get('test'))
     if start_step < num_steps:  # logged once, after the last step (a rerun of a finished run adds no row)
       writer.write(num_steps, 'test', {**test, 'best_step': best.step})
     results_metrics.update({f'test_{k}': v for k, v in test.items() if k != 'num_examples'})

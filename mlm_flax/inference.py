@@ -1,6 +1,6 @@
 """Inference: `load(...)` a trained model and `fill_mask(...)` like `transformers.pipeline("fill-mask")`;
 `load_classifier(...)` a task model and `classify(...)` like pipeline("text-classification") or
-pipeline("token-classification")."""
+pipeline("token-classification") (question answering: `mlm_flax.answer`)."""
 
 import dataclasses
 import functools
@@ -257,7 +257,7 @@ class Classifier:
 
 def is_task_model(path: str | os.PathLike) -> bool:
   """Whether `path` (`DIR` or `DIR:STEP`) holds a task model: a fine-tuned workdir (its config.json has a `task`)
-  or a Hugging Face `*For{Sequence,Token}Classification` folder."""
+  or a Hugging Face `*For{Sequence,Token}Classification` / `*ForQuestionAnswering` folder."""
   from mlm_flax.tasks import model as task_lib  # pylint: disable=g-import-not-at-top
   config = workdir_json.read_config(task_lib.split_step(os.fspath(path))[0])
   if config is None:
@@ -315,7 +315,8 @@ def _batched_logits(clf: Classifier, encoded: list[dict], batch_size: int) -> li
       types[r, :n] = encoded[i].get('token_type_ids') or [0] * n
     logits = np.asarray(jax.device_get(_task_logits(clf.params, clf.model, ids, segments, types)))
     for r, i in enumerate(chunk):
-      out[i] = logits[r, :len(encoded[i]['input_ids'])] if clf.task == 'token_classification' else logits[r]
+      per_token = clf.task in ('token_classification', 'question_answering')
+      out[i] = logits[r, :len(encoded[i]['input_ids'])] if per_token else logits[r]
   return out
 
 
@@ -359,6 +360,9 @@ def classify(clf: Classifier, inputs: Any, top_k: int | None | str = _LEGACY, fu
   Bad input raises ValueError before any compute, naming the index of the first bad input.
   """
   tok = clf.tokenizer
+  if clf.task == 'question_answering':
+    raise ValueError('this is a question-answering model; use `mlm-flax answer --question Q --context C` '
+                     '(`mlm_flax.answer.answer`), not classify.')
   single = isinstance(inputs, (str, dict))
   items = [inputs] if single else list(inputs)
   where = lambda i: 'the input' if single else f'input {i}'

@@ -308,7 +308,7 @@ def test_cli_refuses_a_bad_finetune_config_in_one_line(tmp_path):
                          str(tmp_path / 'w'), '--config.task.type=ner'], capture_output=True, text=True)
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1] == ("error: --config.task.type='ner' is not one of classification, "
-                                                  'regression, token_classification.')
+                                                  'regression, token_classification, question_answering.')
 
 
 @pytest.mark.slow

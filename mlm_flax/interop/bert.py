@@ -28,7 +28,8 @@ EXPORTABLE = OWN['bert']
 # Task models (`mlm_flax.models.heads`): the Hugging Face class of each head.
 TASK_ARCHITECTURES = {t: {'classification': f'{t.title()}ForSequenceClassification',
                           'regression': f'{t.title()}ForSequenceClassification',
-                          'token_classification': f'{t.title()}ForTokenClassification'}
+                          'token_classification': f'{t.title()}ForTokenClassification',
+                          'question_answering': f'{t.title()}ForQuestionAnswering'}
                       for t in ('bert', 'roberta', 'electra')}
 
 _LAYER = {  # ours (under layer_{i}) -> HF (under {prefix}.encoder.layer.{i}.)
@@ -99,8 +100,11 @@ def encoder_key_map(model: Any) -> list[tuple[tuple, str, bool]]:
 
 def head_key_map(model: Any, task: str, prefix: str | None = None) -> list[tuple[tuple, str, bool]]:
   """(our path under the task head, HF key, transpose?) of a `*ForSequenceClassification` /
-  `*ForTokenClassification` head; BERT's sequence head includes the encoder's pooler (under `prefix`)."""
+  `*ForTokenClassification` / `*ForQuestionAnswering` head; BERT's sequence head includes the encoder's pooler
+  (under `prefix`)."""
   model_type = model['type']
+  if task == 'question_answering':
+    return _leaves(('qa_outputs',), 'qa_outputs')
   if task == 'token_classification':
     return _leaves(('classifier',), 'classifier')
   if model_type == 'bert':

@@ -2,9 +2,9 @@
 
 `load_hf` reads a Hugging Face folder (or hub name) into (config, params, tokenizer, module); `load_hf_task` reads
 it for a task model (encoder, task head, labels); `export` writes a masked LM or a task model
-(`*For{Sequence,Token}Classification`); `import_to_workdir` starts a workdir from one. The mapping of each
-architecture (key map, head key map, config.json conversion, tied decoder) is its own module (`bert.py` for BERT,
-RoBERTa and ELECTRA, `modernbert.py`), chosen by the model type through `MAPPINGS`.
+(`*For{Sequence,Token}Classification`, `*ForQuestionAnswering`); `import_to_workdir` starts a workdir from one.
+The mapping of each architecture (key map, head key map, config.json conversion, tied decoder) is its own module
+(`bert.py` for BERT, RoBERTa and ELECTRA, `modernbert.py`), chosen by the model type through `MAPPINGS`.
 """
 
 import functools
@@ -141,7 +141,9 @@ def load_hf(path: str | os.PathLike, dtype: str = 'float32') -> tuple[ml_collect
 
 # The Hugging Face class name's ending -> our task (a sequence head with one output and no problem_type, or
 # problem_type 'regression', is a regression).
-TASK_SUFFIXES = {'ForSequenceClassification': 'classification', 'ForTokenClassification': 'token_classification'}
+TASK_SUFFIXES = {'ForSequenceClassification': 'classification', 'ForTokenClassification': 'token_classification',
+                 'ForQuestionAnswering': 'question_answering'}
+QA_LABELS = ['LABEL_0', 'LABEL_1']  # a `*ForQuestionAnswering`'s two outputs (start, end): HF's default names
 
 
 def task_info(hf: dict) -> dict:
@@ -155,6 +157,8 @@ def task_info(hf: dict) -> dict:
   if task == 'classification' and (problem_type == 'regression' or (problem_type is None and labels is not None
                                                                      and len(labels) == 1)):
     task = 'regression'
+  if task == 'question_answering':
+    labels = QA_LABELS
   return {'task': task, 'labels': labels if task else None, 'problem_type': problem_type,
           'classifier_dropout': hf.get('classifier_dropout'), 'classifier_pooling': hf.get('classifier_pooling', 'cls')}
 
@@ -193,7 +197,7 @@ def load_hf_task(path: str | os.PathLike, dtype: str = 'float32') -> tuple[ml_co
 def export(model: Any, out_dir: str) -> None:
   """Writes a Hugging Face folder (config.json, model.safetensors, tokenizer) from a loaded `inference.MLM`
   (a `*ForMaskedLM`) or `inference.Classifier` (a `*ForSequenceClassification` / `*ForTokenClassification` with
-  `id2label`, `label2id` and `problem_type`).
+  `id2label`, `label2id` and `problem_type`, or a `*ForQuestionAnswering`).
 
   transformers loads it with `AutoModelForMaskedLM` / `AutoModelFor{Sequence,Token}Classification` and
   `AutoTokenizer`; its pipelines use it directly. Written to a temporary folder and renamed, so a failed export
@@ -228,7 +232,8 @@ def task_config(clf: Any) -> dict:
 
 
 def task_state_dict(params: Any, model: Any, task: str) -> dict[str, np.ndarray]:
-  """A HF `*For{Sequence,Token}Classification` state dict in f32 from task params `{'encoder', 'head'}`."""
+  """A HF `*For{Sequence,Token}Classification` / `*ForQuestionAnswering` state dict in f32 from task params
+  `{'encoder', 'head'}`."""
   mapping, state = _mapping(model['type']), {}
   for tree, key_map in ((params['encoder'], mapping.encoder_key_map(model)),
                         (params['head'], mapping.head_key_map(model, task))):

@@ -21,7 +21,8 @@ EXPORTABLE = {'mlp': 'geglu', 'norm': 'layernorm'}
 # Task models (`mlm_flax.models.heads`): the Hugging Face class of each head.
 TASK_ARCHITECTURES = {'modernbert': {'classification': 'ModernBertForSequenceClassification',
                                      'regression': 'ModernBertForSequenceClassification',
-                                     'token_classification': 'ModernBertForTokenClassification'}}
+                                     'token_classification': 'ModernBertForTokenClassification',
+                                     'question_answering': 'ModernBertForQuestionAnswering'}}
 _ACTIVATIONS = ('gelu', 'gelu_new', 'gelu_pytorch_tanh', 'relu', 'silu')
 _THETAS = {'full_attention': ('global_rope_theta', 160_000.0), 'sliding_attention': ('local_rope_theta', 10_000.0)}
 
@@ -64,9 +65,10 @@ def encoder_key_map(model: Mapping[str, Any]) -> list[tuple[tuple, str, bool]]:
 
 
 def head_key_map(model: Mapping[str, Any], task: str, prefix: str | None = None) -> list[tuple[tuple, str, bool]]:
-  """(our path under the task head, HF key, transpose?) of a `ModernBertFor{Sequence,Token}Classification` head:
-  `head.dense`, `head.norm` (the MLM checkpoint's prediction head has the same keys) and `classifier`."""
-  del task, prefix  # the same head for both tasks, outside the encoder's prefix
+  """(our path under the task head, HF key, transpose?) of a `ModernBertFor{Sequence,Token}Classification` /
+  `ModernBertForQuestionAnswering` head: `head.dense`, `head.norm` (the MLM checkpoint's prediction head has the
+  same keys) and `classifier`."""
+  del task, prefix  # the same head for every task, outside the encoder's prefix
   out = [(('dense', 'kernel'), 'head.dense.weight', True)]
   if modernbert.option(model, 'classifier_bias'):
     out.append((('dense', 'bias'), 'head.dense.bias', False))

@@ -14,7 +14,10 @@ Task heads (fine-tuning, `mlm_flax/tasks/`), one per architecture, each the Hugg
 - ELECTRA (`ElectraClassificationHead`): RoBERTa's with exact GELU instead of tanh;
 - ModernBERT (`ModernBertForSequenceClassification`): [CLS] or the mean over real tokens (`classifier_pooling`)
   → `dense`, activation, `norm` (`ModernBertPredictionHead`) → dropout → `classifier`;
-- token classification: BERT/RoBERTa dropout → `classifier` per token; ModernBERT its prediction head first.
+- token classification: BERT/RoBERTa dropout → `classifier` per token; ModernBERT its prediction head first;
+- question answering (`*ForQuestionAnswering`): start/end logits per token [batch, len, 2]: BERT/RoBERTa/ELECTRA
+  `qa_outputs` on the last hidden states (no dropout, as Hugging Face); ModernBERT its prediction head, dropout,
+  `classifier` (its token-classification head with 2 labels).
 Params are named after the Hugging Face modules (`interop/` maps them). `HEADS` maps `model.type` to the task
 head; a new architecture adds its head here and an entry.
 """
@@ -90,7 +93,8 @@ class DiscriminatorHead(nn.Module):
     return dense(1, name='dense_prediction')(x)[..., 0].astype(jnp.float32)
 
 
-TASKS = ('classification', 'regression', 'token_classification')
+TASKS = ('classification', 'regression', 'token_classification', 'question_answering')
+PER_TOKEN = ('token_classification', 'question_answering')  # heads with an output per token
 POOLINGS = ('cls', 'mean')
 
 
@@ -121,6 +125,8 @@ class BertHead(Head):
   def __call__(self, x: jax.Array, segment_ids: jax.Array, deterministic: bool = True,
                row_ids: jax.Array | None = None) -> jax.Array:
     del segment_ids
+    if self.task == 'question_answering':
+      return self.dense(2, 'qa_outputs')(x)
     if self.task != 'token_classification':
       x = jnp.tanh(self.dense(self.config.hidden_size, 'pooler')(x[:, 0]))
     return self.classify(x, deterministic, row_ids)
@@ -134,6 +140,8 @@ class RobertaHead(Head):
   def __call__(self, x: jax.Array, segment_ids: jax.Array, deterministic: bool = True,
                row_ids: jax.Array | None = None) -> jax.Array:
     del segment_ids
+    if self.task == 'question_answering':
+      return self.dense(2, 'qa_outputs')(x)
     if self.task == 'token_classification':
       return self.classify(x, deterministic, row_ids)
     drop = functools.partial(Dropout(self.classifier_dropout), deterministic=deterministic, row_ids=row_ids)
@@ -148,7 +156,7 @@ class ElectraHead(RobertaHead):
 
 
 class ModernBertHead(Head):
-  """`ModernBertForSequenceClassification` / `ModernBertForTokenClassification`'s head: pooling ('cls' or
+  """`ModernBertFor{Sequence,Token}Classification` / `ModernBertForQuestionAnswering`'s head: pooling ('cls' or
   'mean' over `segment_ids > 0`, sequence tasks), `ModernBertPredictionHead` (dense, activation, norm),
   dropout, classifier."""
 
@@ -156,7 +164,7 @@ class ModernBertHead(Head):
   def __call__(self, x: jax.Array, segment_ids: jax.Array, deterministic: bool = True,
                row_ids: jax.Array | None = None) -> jax.Array:
     c = self.config.resolved
-    if self.task != 'token_classification':
+    if self.task not in PER_TOKEN:
       if self.classifier_pooling == 'mean':
         mask = (segment_ids > 0).astype(x.dtype)[..., None]
         x = (x * mask).sum(axis=1) / mask.sum(axis=1)
@@ -179,6 +187,8 @@ def check_head(model_type: str, task: str, num_labels: int, classifier_pooling: 
     raise ValueError(f'model.type={model_type!r} has no task head; use one of {", ".join(HEADS)}.')
   if task not in TASKS:
     raise ValueError(f'task={task!r} is not one of {", ".join(TASKS)}.')
+  if task == 'question_answering' and num_labels != 2:
+    raise ValueError(f'a question-answering head has 2 outputs (start, end), not num_labels={num_labels}.')
   if task == 'regression' and num_labels != 1:
     raise ValueError(f'a regression head has 1 output, not num_labels={num_labels}; set num_labels=1.')
   if num_labels < 1:

@@ -12,7 +12,7 @@ import dataclasses
 import glob
 import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 import datasets
 import ml_collections
@@ -29,10 +29,13 @@ _NOT_TEXT = ('idx', 'id', 'guid')
 
 @dataclasses.dataclass
 class TaskData:
-  """Tokenized splits ({'train', 'validation'[, 'test']} -> {name: array}) and what their labels mean."""
+  """Tokenized splits ({'train', 'validation'[, 'test']} -> {name: array}) and what their labels mean.
+  `scorers`: a split's own metrics from the predictions of all its rows in order (question answering scores
+  questions over their windows, `tasks.qa`); splits without one use `metrics.compute`."""
   splits: dict[str, dict[str, np.ndarray]]
   label_names: list[str] | None  # None for regression
   columns: dict[str, str | None]  # the text, text pair and label columns used
+  scorers: dict[str, Callable[[np.ndarray], dict]] = dataclasses.field(default_factory=dict)
 
   @property
   def num_labels(self) -> int:
@@ -326,8 +329,9 @@ def load_task_data(data_cfg: ml_collections.ConfigDict, task: str, tokenizer: An
                    names: list[str] | None = None) -> TaskData:
   """Loads, checks and tokenizes the splits. `names`: label names saved by an earlier run (resume), which
   then fix the label indices."""
-  if task not in TASKS:
-    raise ValueError(f'task.type={task!r} is not one of {", ".join(TASKS)}.')
+  if task not in TASKS or task == 'question_answering':
+    raise ValueError(f'task.type={task!r} is not one of {", ".join(TASKS[:3])} (question answering: '
+                     '`tasks.qa.load_qa_data`).')
   raw = load_raw(data_cfg)
   for split, ds in raw.items():
     if len(ds) == 0:

@@ -1,5 +1,6 @@
 """Task metrics from well-kept libraries: scikit-learn (accuracy, macro-F1, Matthews correlation), scipy (Pearson,
-Spearman) and seqeval (entity-level precision / recall / F1 from IOB tags), as the GLUE and CoNLL papers report them.
+Spearman) and seqeval (entity-level precision / recall / F1 from IOB tags), as the GLUE and CoNLL papers report them;
+question answering's exact match and F1 (SQuAD's official script) are scored per question in `tasks/qa.py`.
 
 Each function takes host numpy arrays of every scored example (gold, predicted) and returns plain floats.
 """
@@ -11,10 +12,13 @@ import numpy as np
 from mlm_flax.tasks.data import IGNORE
 
 # The validation metric that picks the best step, per task (higher is better).
-DEFAULT_BEST = {'classification': 'accuracy', 'regression': 'pearson', 'token_classification': 'f1'}
+DEFAULT_BEST = {'classification': 'accuracy', 'regression': 'pearson', 'token_classification': 'f1',
+                'question_answering': 'f1'}
 METRICS = {'classification': ('accuracy', 'macro_f1', 'matthews'),
            'regression': ('pearson', 'spearman', 'mse'),
-           'token_classification': ('f1', 'precision', 'recall', 'accuracy')}
+           'token_classification': ('f1', 'precision', 'recall', 'accuracy'),
+           # SQuAD's script, 0-100 (`tasks.qa`); v2 data adds HasAns_* / NoAns_* splits
+           'question_answering': ('exact_match', 'f1')}
 
 
 def classification(labels: np.ndarray, predictions: np.ndarray) -> dict[str, float]:

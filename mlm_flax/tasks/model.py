@@ -31,12 +31,12 @@ class TaskModel(nn.Module):
   """The encoder of `config.type` and its task head.
 
   `__call__` returns logits [batch, num_labels] (sequence tasks) or [batch, len, num_labels]
-  (`token_classification`) in f32. `segment_ids`: 1 on real tokens, 0 on padding (the pretraining
-  convention). Dropout (`deterministic=False`) needs a 'dropout' rng and draws per row from `row_ids`
-  (`layers.Dropout`), as pretraining.
+  (`token_classification`; `question_answering`: start and end logits, num_labels 2). `segment_ids`: 1 on real
+  tokens, 0 on padding (the pretraining convention). Dropout (`deterministic=False`) needs a 'dropout' rng and
+  draws per row from `row_ids` (`layers.Dropout`), as pretraining.
   """
   config: ModelConfig
-  task: str  # 'classification' | 'regression' | 'token_classification'
+  task: str  # 'classification' | 'regression' | 'token_classification' | 'question_answering'
   num_labels: int  # 1 for regression
   classifier_dropout: float  # dropout before the classifier
   classifier_pooling: str = 'cls'  # 'cls', or 'mean' over real tokens (ModernBERT only, as Hugging Face)
@@ -115,8 +115,8 @@ def split_step(init: str) -> tuple[str, int | None]:
 def load_encoder(init: str, dtype: str | None = None) -> Encoder:
   """The encoder (and any task head) of `init`: a pretraining workdir `DIR` or `DIR:STEP` (latest step by
   default, or its imported weights), a fine-tuned workdir (its task and labels too), a Hugging Face folder of
-  a BERT/RoBERTa/ELECTRA/ModernBERT `*ForMaskedLM`, `*Model` (`ElectraForPreTraining`: its encoder) or
-  `*For{Sequence,Token}Classification`, or a hub name.
+  a BERT/RoBERTa/ELECTRA/ModernBERT `*ForMaskedLM`, `*Model` (`ElectraForPreTraining`: its encoder),
+  `*For{Sequence,Token}Classification` or `*ForQuestionAnswering`, or a hub name.
 
   `dtype`: the compute dtype (`model.dtype`); None keeps the workdir's, or training's default for a Hugging
   Face model.
@@ -231,7 +231,7 @@ def finetuned_info(path: str, config: ml_collections.ConfigDict) -> dict | None:
 
 
 # The head's output layer per architecture (one row per label): label-specific, unlike the pooler or transform.
-OUTPUT_LAYERS = ('classifier', 'out_proj')
+OUTPUT_LAYERS = ('classifier', 'out_proj', 'qa_outputs')
 
 
 def head_for_labels(encoder: Encoder, task: str, label_names: list[str] | None) -> dict:
