@@ -96,12 +96,12 @@ def apply_if_finite(state: TrainState, params: Any, opt_state: Any, metrics: dic
   step's metrics are zeros but `skipped_steps` = 1. The step counter advances either way."""
   finite = jnp.isfinite(metrics['loss_sum']) & jnp.isfinite(grad_norm) & jax.tree.reduce(
       jnp.logical_and, jax.tree.map(lambda p: jnp.isfinite(p).all(), params))
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  # One branch's buffers, not an elementwise select over every param and moment (a pass over the state).
+  params, opt_state = jax.lax.cond(finite, lambda: (params, opt_state), lambda: (state.params, state.opt_state))
   metrics = {k: jnp.where(finite, v, jnp.zeros_like(v)) for k, v in metrics.items()}
   metrics['grad_norm'] = jnp.where(finite, grad_norm, 0.0)
   metrics['skipped_steps'] = 1.0 - finite.astype(jnp.float32)
-  state = state.replace(step=state.step + 1, params=keep(params, state.params),
-                        opt_state=keep(opt_state, state.opt_state))
+  state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   return state, metrics
 
 

@@ -115,13 +115,70 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
           'relu': jax.nn.relu, 'silu': jax.nn.silu}[name]
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _norm(epsilon: float, center: bool, x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
+  return _norm_fwd(epsilon, center, x, scale, bias)[0]
+
+
+def _norm_stats(epsilon, center, x):
+  """x in f32, its mean (0 without centring) and 1 / sqrt(var + eps), from one pass over x and x^2."""
+  x32 = x.astype(jnp.float32)
+  mean2 = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+  if not center:
+    return x32, jnp.zeros_like(mean2), jax.lax.rsqrt(mean2 + epsilon)
+  mean = jnp.mean(x32, axis=-1, keepdims=True)
+  return x32, mean, jax.lax.rsqrt(jnp.maximum(mean2 - jnp.square(mean), 0.0) + epsilon)
+
+
+def _norm_fwd(epsilon, center, x, scale, bias):
+  x32, mean, rstd = _norm_stats(epsilon, center, x)
+  y = (x32 - mean) * rstd * scale + bias
+  return y.astype(jnp.result_type(x, scale)), (x, mean, rstd, scale, bias)
+
+
+def _norm_bwd(epsilon, center, res, g):
+  """The closed-form backward: two row reductions (one without centring) instead of autodiff's chain."""
+  del epsilon
+  x, mean, rstd, scale, bias = res
+  g = g.astype(jnp.float32)
+  xhat = (x.astype(jnp.float32) - mean) * rstd
+  gy = g * scale
+  dx = gy - xhat * jnp.mean(gy * xhat, axis=-1, keepdims=True)
+  if center:
+    dx = dx - jnp.mean(gy, axis=-1, keepdims=True)
+  rows = tuple(range(x.ndim - 1))
+  return ((dx * rstd).astype(x.dtype), jnp.sum(g * xhat, axis=rows).astype(scale.dtype),
+          jnp.sum(g, axis=rows).astype(bias.dtype))
+
+
+_norm.defvjp(_norm_fwd, _norm_bwd)
+
+
+class Norm(nn.Module):
+  """LayerNorm (`center`: subtract the mean; `bias` param when `use_bias`) or RMSNorm over the last axis, with
+  flax's param names and statistics (f32, one pass: var = E[x^2] - E[x]^2) and a closed-form backward: on
+  XLA:CPU, autodiff of `nn.LayerNorm` makes several passes per norm, forward and backward."""
+  epsilon: float
+  center: bool
+  use_bias: bool
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = (x.shape[-1],)
+    scale = self.param('scale', nn.initializers.ones, features, self.param_dtype)
+    bias = (self.param('bias', nn.initializers.zeros, features, self.param_dtype) if self.use_bias
+            else jnp.zeros(features, self.param_dtype))
+    return _norm(self.epsilon, self.center, x, scale, bias)
+
+
 def norm(kind: str, epsilon: float, use_bias: bool, param_dtype: Dtype, name: str | None = None) -> nn.Module:
   """The normalisation `model.norm` names (statistics in f32): 'layernorm' (`scale`, and a `bias` shift when
   `use_bias`), or 'rmsnorm' (x / sqrt(mean(x^2) + eps) * `scale`: no centring, no shift; Zhang & Sennrich 2019)."""
   if kind == 'layernorm':
-    return nn.LayerNorm(epsilon=epsilon, use_bias=use_bias, param_dtype=param_dtype, name=name)
+    return Norm(epsilon=epsilon, center=True, use_bias=use_bias, param_dtype=param_dtype, name=name)
   if kind == 'rmsnorm':
-    return nn.RMSNorm(epsilon=epsilon, param_dtype=param_dtype, name=name)
+    return Norm(epsilon=epsilon, center=False, use_bias=False, param_dtype=param_dtype, name=name)
   raise ValueError(f"model.norm={kind!r}; use 'layernorm' or 'rmsnorm'.")
 
 
