@@ -16,12 +16,15 @@ Each model is fine-tuned with `mlm-flax finetune`'s defaults (`configs/finetune.
   `downstream.build_tasks`), the training split capped at `--pydoc_train` rows to fit a CPU hour;
 - `docstring_topics`: `mlm_flax.data.corpora.docstring_topics` (5 stdlib package families), every 5th
   training row held out for validation (best-step selection), test as finetune_defaults;
-plus a TF-IDF + logistic regression reference (`downstream.bag_of_words`). Writes results.json, results.md and
-objectives.png next to this file. Workdirs under `--out` (resumable: a rerun skips finished runs).
+plus a TF-IDF + logistic regression reference (`downstream.bag_of_words`). Every model is fine-tuned again
+with the domain study's recipe for these small models (`downstream.FINETUNE`: lr 1e-3, batch 32; `--recipes`).
+Writes results.json, results.md and objectives.png next to this file. Workdirs under `--out` (resumable: a
+rerun skips finished runs).
 """
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -135,17 +138,34 @@ def plot(results: dict, pre: dict, seconds: dict, bow: dict, out: str) -> None:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False)
   for ax, (task, per_model) in zip(axes[0], results.items()):
-    for arm, color in (('mlm', 'C0'), ('electra', 'C1'), ('random', 'C2')):
-      points = sorted((0 if arm == 'random' else seconds[arm] * s / 60, per_model[m]['metrics'])
-                      for m, s in model_steps(pre).items() if m.split('@')[0] == arm and m in per_model)
+    for (arm, color), (prefix, style) in itertools.product((('mlm', 'C0'), ('electra', 'C1'), ('random', 'C2')),
+                                                          (('', '-'), ('lr1e-3/', ':'))):
+      points = sorted((0 if arm == 'random' else seconds[arm] * s / 60, per_model[prefix + m]['metrics'])
+                      for m, s in model_steps(pre).items() if arm_of(m) == arm and prefix + m in per_model)
       if points:
         ax.errorbar([p[0] for p in points], [p[1]['test_accuracy'] for p in points],
-                    yerr=[p[1]['test_accuracy_std'] for p in points], marker='o', capsize=4, color=color, label=arm)
+                    yerr=[p[1]['test_accuracy_std'] for p in points], marker='o', capsize=4, color=color, ls=style,
+                    label=f"{arm}{' (default recipe)' if not prefix else ' (lr 1e-3 recipe)'}")
     ax.axhline(bow[task]['test_accuracy'], color='grey', ls='--', label='TF-IDF + logistic regression')
     ax.set(title=task, xlabel='pretraining compute (minutes of train steps, timed)', ylabel='test accuracy')
     ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(out, dpi=120)
+
+
+def recipe(name: str) -> dict:
+  """`downstream.finetune_all`'s overrides: `default` sets its recipe keys back to configs/finetune.py's (Trainer's:
+  5e-5, batch 8, no warmup, no weight decay); `lr1e-3` keeps the domain study's (`downstream.FINETUNE`: 1e-3,
+  batch 32, 10% warmup, weight decay 0.01; chosen there for these small models)."""
+  if name == 'lr1e-3':
+    return {}
+  c = finetune_config.get_config()
+  return {k: c[k.split('.')[0]][k.split('.')[1]] if '.' in k else c[k] for k in downstream.FINETUNE}
+
+
+def arm_of(model: str) -> str:
+  """`lr1e-3/mlm@550` -> `mlm`."""
+  return model.split('/')[-1].split('@')[0]
 
 
 def model_steps(pre: dict) -> dict[str, int]:
@@ -165,6 +185,9 @@ def main() -> None:
   parser.add_argument('--pydoc_train', type=int, default=1500, help="pydoc_chapter's training rows")
   parser.add_argument('--half', action=argparse.BooleanOptionalAction, default=True,
                       help='also fine-tune the half-way checkpoints (after the final ones)')
+  parser.add_argument('--recipes', default='default,lr1e-3',
+                      help='fine-tuning recipes, comma-separated: default (configs/finetune.py) and/or lr1e-3 (the '
+                      "domain study's, downstream.FINETUNE); models of a non-default one are named RECIPE/MODEL")
   parser.add_argument('--timing_steps', type=int, default=20)
   parser.add_argument('--timing_rounds', type=int, default=5)
   parser.add_argument('--cache', default=os.path.expanduser(os.path.join(
@@ -179,15 +202,16 @@ def main() -> None:
   task_paths = build_tasks(args.out, args.tasks.split(','), args.cache, args.pydoc_train)
   bow = {t: downstream.bag_of_words(p) for t, p in task_paths.items()}
   print('TF-IDF + logistic regression:', json.dumps(bow), flush=True)
-  defaults = finetune_config.get_config()  # finetune_all's recipe keys set back to configs/finetune.py's
-  recipe = {k: defaults[k.split('.')[0]][k.split('.')[1]] if '.' in k else defaults[k] for k in downstream.FINETUNE}
   steps = model_steps(pre)
-  models = {arm: pre[arm]['workdir'] for arm in ARMS}
-  half = {m: f"{pre[m.split('@')[0]]['workdir']}:{s}" for m, s in steps.items() if '@' in m}
-  results = downstream.finetune_all(args.out, task_paths, models, args.seeds, recipe)
-  if args.half:
-    for task, per_model in downstream.finetune_all(args.out, task_paths, half, args.seeds, recipe).items():
-      results[task].update(per_model)
+  results = {t: {} for t in task_paths}
+  for half in (False, True) if args.half else (False,):  # every recipe's final models first
+    for name in args.recipes.split(','):
+      prefix = '' if name == 'default' else f'{name}/'
+      models = {prefix + m: pre[arm_of(m)]['workdir'] + (f':{s}' if half else '')
+                for m, s in steps.items() if ('@' in m) == half}
+      for task, per_model in downstream.finetune_all(args.out, task_paths, models, args.seeds,
+                                                     recipe(name)).items():
+        results[task].update(per_model)
 
   seconds = timing['seconds_per_step']
   tasks = {t: downstream.describe(p) for t, p in task_paths.items()}
@@ -195,7 +219,7 @@ def main() -> None:
   pre_table = ['| model | pretraining steps | compute (timed step x steps) | final eval masked acc. (MLM / '
                'generator) | wall time |', '|---|---:|---:|---:|---:|']
   for m, s in steps.items():
-    arm = m.split('@')[0]
+    arm = arm_of(m)
     acc = next((r['masked_accuracy'] for r in pre[arm]['eval_curve'] if r['step'] == s), None)
     wall = '(same run)' if '@' in m else f"{pre[arm]['wall_seconds'] / 60:.1f} min"
     pre_table.append(f"| `{m}` | {s} | {0 if arm == 'random' else seconds[arm] * s / 60:.1f} min | "
@@ -207,7 +231,7 @@ def main() -> None:
   plot(results, pre, seconds, bow, os.path.join(HERE, 'objectives.png'))
   train.write_json(os.path.join(HERE, 'results.json'), {
       'cpu': cpu(), 'budget_steps': args.budget_steps, 'timing': timing, 'pretraining': pre, 'models': steps,
-      'finetune_recipe': 'configs/finetune.py defaults', 'seeds': args.seeds, 'tasks': tasks,
+      'finetune_recipes': {r: recipe(r) or downstream.FINETUNE for r in args.recipes.split(',')}, 'seeds': args.seeds, 'tasks': tasks,
       'pydoc_train_rows': args.pydoc_train, 'bag_of_words': bow, 'results': results,
       'wall_seconds_this_invocation': round(time.time() - start, 1)})
 
