@@ -95,16 +95,17 @@ def step_times(root: str, steps: int, timing_steps: int, rounds: int) -> dict:
   return out
 
 
-def pretrain(root: str, steps: dict[str, int]) -> dict:
+def pretrain(root: str, steps: dict[str, int], report_only: bool = False) -> dict:
   """Trains (or resumes, or just reports) each arm's workdir; returns steps, eval and wall time per arm."""
   out = {}
   for arm in ARMS:
     workdir = os.path.join(root, 'pretrain', arm)
-    print(f'=== pretraining {arm}: {steps[arm]} steps in {workdir} ===', flush=True)
-    result = train.train_and_evaluate(arm_config(arm, steps[arm]), workdir)
+    if not report_only:
+      print(f'=== pretraining {arm}: {steps[arm]} steps in {workdir} ===', flush=True)
+      train.train_and_evaluate(arm_config(arm, steps[arm]), workdir)
     rows = writers.read_metrics(workdir)
     out[arm] = {'steps': steps[arm], 'workdir': workdir,
-                'eval': {k: v for k, v in result.items() if isinstance(v, (int, float))},
+                'eval': [{k: v for k, v in r.items() if k != 'split'} for r in rows if r['split'] == 'eval'][-1],
                 'wall_seconds': max((r.get('wall_seconds', 0) for r in rows), default=0),
                 'eval_curve': [{k: r[k] for k in r if k in ('step', 'masked_accuracy', 'disc_auc', 'loss')}
                                for r in rows if r['split'] == 'eval']}
@@ -188,6 +189,8 @@ def main() -> None:
   parser.add_argument('--recipes', default='default,lr1e-3',
                       help='fine-tuning recipes, comma-separated: default (configs/finetune.py) and/or lr1e-3 (the '
                       "domain study's, downstream.FINETUNE); models of a non-default one are named RECIPE/MODEL")
+  parser.add_argument('--report_only', action='store_true',
+                      help='train nothing: write results.* from the runs finished so far')
   parser.add_argument('--timing_steps', type=int, default=20)
   parser.add_argument('--timing_rounds', type=int, default=5)
   parser.add_argument('--cache', default=os.path.expanduser(os.path.join(
@@ -197,7 +200,8 @@ def main() -> None:
   os.makedirs(args.out, exist_ok=True)
   timing = step_times(args.out, args.budget_steps, args.timing_steps, args.timing_rounds)
   print('step times:', json.dumps(timing['seconds_per_step']), 'ELECTRA steps:', timing['electra_steps'], flush=True)
-  pre = pretrain(args.out, {'mlm': args.budget_steps, 'electra': timing['electra_steps'], 'random': 1})
+  pre = pretrain(args.out, {'mlm': args.budget_steps, 'electra': timing['electra_steps'], 'random': 1},
+                 args.report_only)
 
   task_paths = build_tasks(args.out, args.tasks.split(','), args.cache, args.pydoc_train)
   bow = {t: downstream.bag_of_words(p) for t, p in task_paths.items()}
@@ -209,6 +213,12 @@ def main() -> None:
       prefix = '' if name == 'default' else f'{name}/'
       models = {prefix + m: pre[arm_of(m)]['workdir'] + (f':{s}' if half else '')
                 for m, s in steps.items() if ('@' in m) == half}
+      if args.report_only:  # what has finished so far
+        for task, m in itertools.product(task_paths, models):
+          path = os.path.join(args.out, 'finetune', m, task, 'results.json')
+          if os.path.isfile(path):
+            results[task][m] = json.load(open(path))
+        continue
       for task, per_model in downstream.finetune_all(args.out, task_paths, models, args.seeds,
                                                      recipe(name)).items():
         results[task].update(per_model)
@@ -216,14 +226,16 @@ def main() -> None:
   seconds = timing['seconds_per_step']
   tasks = {t: downstream.describe(p) for t, p in task_paths.items()}
   table = downstream.table(results, {t: d['majority_baseline_test_accuracy'] for t, d in tasks.items()}, bow)
+  table = '\n'.join('|'.join(line.split('|')[:-3] + ['']) for line in table.splitlines())  # no probe columns
   pre_table = ['| model | pretraining steps | compute (timed step x steps) | final eval masked acc. (MLM / '
                'generator) | wall time |', '|---|---:|---:|---:|---:|']
   for m, s in steps.items():
     arm = arm_of(m)
-    acc = next((r['masked_accuracy'] for r in pre[arm]['eval_curve'] if r['step'] == s), None)
+    at = [r for r in pre[arm]['eval_curve'] if r['step'] <= s][-1]  # the last eval at or before step s
+    acc = f"{at['masked_accuracy']:.3f}" + (f" (step {at['step']})" if at['step'] != s else '')
     wall = '(same run)' if '@' in m else f"{pre[arm]['wall_seconds'] / 60:.1f} min"
     pre_table.append(f"| `{m}` | {s} | {0 if arm == 'random' else seconds[arm] * s / 60:.1f} min | "
-                     f"{'' if acc is None else f'{acc:.3f}'} | {wall} |")
+                     f"{acc} | {wall} |")
   text = '\n'.join(pre_table) + '\n\n' + table + '\n'
   print(text, flush=True)
   with open(os.path.join(HERE, 'results.md'), 'w') as f:
