@@ -1,0 +1,26 @@
+"""experiments/objectives/run.py: its arms compare what they say (configs only, no training)."""
+
+import importlib.util
+import os
+
+_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                     'experiments', 'objectives', 'run.py')
+_spec = importlib.util.spec_from_file_location('objectives_run', _PATH)
+run = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(run)
+
+
+def test_random_arm_is_the_mlm_arm_untrained():
+  mlm, random = run.arm_config('mlm', 1100), run.arm_config('random', 1100)
+  assert mlm.model.to_dict() == random.model.to_dict() and mlm.data.to_dict() == random.data.to_dict()
+  assert mlm.seed == random.seed  # the same initial params as the MLM run starts from
+  assert (random.num_train_steps, random.optimizer.learning_rate, random.checkpoint_every_steps) == (1, 0.0, 1)
+  assert mlm.num_train_steps == 1100 and mlm.objective.type == 'mlm'
+
+
+def test_electra_arm_and_half_way_checkpoints():
+  electra = run.arm_config('electra', 955)
+  assert electra.objective.type == 'electra' and electra.num_train_steps == 955
+  assert electra.checkpoint_every_steps == 477 and electra.optimizer.warmup_steps == 136
+  pre = {'mlm': {'steps': 1100}, 'electra': {'steps': 955}, 'random': {'steps': 1}}
+  assert run.model_steps(pre) == {'mlm': 1100, 'electra': 955, 'random': 1, 'mlm@550': 550, 'electra@477': 477}
