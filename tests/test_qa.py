@@ -17,6 +17,7 @@ torch = pytest.importorskip('torch')
 import jax  # pylint: disable=g-import-not-at-top
 import transformers  # pylint: disable=g-import-not-at-top
 
+from test_classify import perturb_and_save  # pylint: disable=g-import-not-at-top
 from test_finetune import _config, _minilm_path, _write  # pylint: disable=g-import-not-at-top
 from test_hf import _bert_tokenizer, _roberta_tokenizer  # pylint: disable=g-import-not-at-top
 from mlm_flax import answer as answer_lib  # pylint: disable=g-import-not-at-top
@@ -37,19 +38,6 @@ def minilm_tok():
   return transformers.AutoTokenizer.from_pretrained(_minilm_path())
 
 
-@pytest.fixture(scope='module')
-def tiny_bert(tmp_path_factory, minilm_tok) -> str:
-  """A 2-layer, hidden-32 random BERT encoder (Hugging Face folder) with MiniLM's tokenizer (test_finetune's)."""
-  transformers.set_seed(0)
-  model = transformers.BertModel(transformers.BertConfig(
-      vocab_size=len(minilm_tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-      max_position_embeddings=64, pad_token_id=minilm_tok.pad_token_id))
-  path = str(tmp_path_factory.mktemp('tiny-bert'))
-  model.save_pretrained(path)
-  minilm_tok.save_pretrained(path)
-  return path
-
-
 def _save_qa(path, kind, tok):
   """A random HF `*ForQuestionAnswering` of odd sizes (hidden 36, 3 heads, 3 layers, intermediate 52) with
   non-trivial biases and norms, saved with its tokenizer."""
@@ -65,15 +53,7 @@ def _save_qa(path, kind, tok):
                                            global_attn_every_n_layers=2, bos_token_id=tok.cls_token_id,
                                            eos_token_id=tok.sep_token_id, cls_token_id=tok.cls_token_id,
                                            sep_token_id=tok.sep_token_id, **common)
-  model = getattr(transformers, f'{CLASSES[kind]}ForQuestionAnswering')(config)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if 'bias' in name or 'norm' in name.lower():
-        p.add_(0.1 * torch.randn_like(p))
-  model.eval()
-  model.save_pretrained(path)
-  tok.save_pretrained(path)
-  return model
+  return perturb_and_save(getattr(transformers, f'{CLASSES[kind]}ForQuestionAnswering')(config), path, tok)
 
 
 @pytest.mark.parametrize('kind', ['bert', 'roberta', 'modernbert', pytest.param('electra', marks=pytest.mark.slow)])
