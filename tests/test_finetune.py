@@ -145,16 +145,22 @@ def test_classification_learns_a_planted_keyword_and_writes_the_workdir(classifi
   assert os.listdir(os.path.join(workdir, 'best')) == [str(best['step'])]  # kept apart from retention
 
 
+def crashed_copy(workdir: str, dest: str, after_step: int) -> str:
+  """A copy of a finished fine-tuning `workdir` as a crash after the checkpoint of `after_step` leaves it: no
+  results.json, no later checkpoints (the best/ folder as it was)."""
+  shutil.copytree(workdir, dest)
+  os.remove(os.path.join(dest, 'results.json'))
+  for name in os.listdir(os.path.join(dest, 'checkpoints')):
+    if int(name) > after_step:
+      shutil.rmtree(os.path.join(dest, 'checkpoints', name))
+  return dest
+
+
 def test_killed_run_resumes_to_the_same_results(classification_run, tiny_bert, tmp_path):
   """A crash after the checkpoint of step 24 (later checkpoints, results, a later best lost or not): the rerun
   gives the uninterrupted run's results.json and metrics rows, also with another eval batch size."""
   config, workdir, results = classification_run
-  killed = str(tmp_path / 'killed')
-  shutil.copytree(workdir, killed)
-  os.remove(os.path.join(killed, 'results.json'))
-  for name in os.listdir(os.path.join(killed, 'checkpoints')):
-    if int(name) > 24:
-      shutil.rmtree(os.path.join(killed, 'checkpoints', name))
+  killed = crashed_copy(workdir, str(tmp_path / 'killed'), after_step=24)
   config.eval_batch_size = 8  # free to change: eval scores every row once whatever the batch
   assert finetune_lib.finetune(config, tiny_bert, killed) == results
   strip = lambda rows: [{k: v for k, v in r.items() if k not in ('wall_seconds', 'tokens_per_second')} for r in rows]

@@ -6,7 +6,6 @@ eval independent of the eval batch size), bad data named with its fix."""
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -18,7 +17,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import transformers  # pylint: disable=g-import-not-at-top
 
 from test_classify import perturb_and_save  # pylint: disable=g-import-not-at-top
-from test_finetune import _config, _minilm_path, _write  # pylint: disable=g-import-not-at-top
+from test_finetune import _config, _minilm_path, _write, crashed_copy  # pylint: disable=g-import-not-at-top
 from test_hf import _bert_tokenizer, _roberta_tokenizer  # pylint: disable=g-import-not-at-top
 from mlm_flax import answer as answer_lib  # pylint: disable=g-import-not-at-top
 from mlm_flax import finetune as finetune_lib  # pylint: disable=g-import-not-at-top
@@ -367,12 +366,7 @@ def test_qa_finetune_learns_planted_answers_and_scores_questions(qa_run):
 
 def test_qa_resume_and_eval_batch_size_give_the_same_results(qa_run, tiny_bert, tmp_path):
   config, workdir, results = qa_run
-  killed = str(tmp_path / 'killed')
-  shutil.copytree(workdir, killed)
-  os.remove(os.path.join(killed, 'results.json'))
-  for name in os.listdir(os.path.join(killed, 'checkpoints')):
-    if int(name) > 20:
-      shutil.rmtree(os.path.join(killed, 'checkpoints', name))
+  killed = crashed_copy(workdir, str(tmp_path / 'killed'), after_step=20)
   config.eval_batch_size = 8  # windows scored once whatever the batch; questions scored from all their windows
   assert finetune_lib.finetune(config, tiny_bert, killed) == results
   strip = lambda rows: [{k: v for k, v in r.items() if k not in ('wall_seconds', 'tokens_per_second')} for r in rows]
