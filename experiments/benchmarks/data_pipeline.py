@@ -17,7 +17,6 @@ import functools
 import json
 import os
 import platform
-import statistics
 import tempfile
 import time
 

@@ -22,6 +22,7 @@ import json
 import os
 import random
 import re
+import zlib
 
 import debian_text  # pylint: disable=import-error  # this folder is on sys.path (run.py)
 
@@ -164,21 +165,32 @@ FINETUNE = {'num_epochs': 3, 'batch_size': 32, 'max_seq_length': 128, 'optimizer
             'optimizer.warmup_ratio': 0.1, 'optimizer.weight_decay': 0.01}
 METRICS = ('test_accuracy', 'test_macro_f1')
 
+# Question answering on the domain's text: experiments/qa's docstring set (stdlib functions' signatures and
+# docstrings; SQuAD format). The recipe is FINETUNE with 10 epochs: a span head learned from scratch on 600
+# questions needs more than 3 epochs' ~75 updates (MiniLM with the defaults was still improving after epoch 3,
+# experiments/qa/README.md); the best epoch is picked on a validation split of the training modules.
+QA_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'qa', 'data')
+QA_FINETUNE = {**FINETUNE, 'num_epochs': 10}
+QA_METRICS = ('test_exact_match', 'test_f1')
+
 
 def finetune_all(root: str, task_paths: dict[str, dict[str, str]], models: dict[str, str], seeds: int = 3,
-                 overrides: dict | None = None) -> dict:
+                 overrides: dict | None = None, task_type: str = 'classification') -> dict:
   """Fine-tunes every model (name -> pretraining workdir) on every task with `seeds` seeds, each in
-  ROOT/finetune/MODEL/TASK (a rerun resumes or reuses finished ones); returns {task: {model: results.json}}."""
+  ROOT/finetune/MODEL/TASK (a rerun resumes or reuses finished ones); returns {task: {model: results.json}}.
+  `task_type` 'classification' (FINETUNE; `text` -> `label`) or 'question_answering' (QA_FINETUNE; SQuAD)."""
   from mlm_flax import finetune  # pylint: disable=g-import-not-at-top  # JAX only when fine-tuning
   from mlm_flax.configs import finetune as finetune_config  # pylint: disable=g-import-not-at-top
+  recipe, columns = FINETUNE, {'data.text_column': 'text', 'data.label_column': 'label'}
+  if task_type == 'question_answering':
+    recipe, columns = QA_FINETUNE, {}
   out = {}
   for task, paths in task_paths.items():
     for name, init in models.items():
       config = finetune_config.get_config()
-      for key, value in {**FINETUNE, **(overrides or {}), 'seeds': seeds, 'task.type': 'classification',
+      for key, value in {**recipe, **(overrides or {}), **columns, 'seeds': seeds, 'task.type': task_type,
                          'data.train_files': paths['train'], 'data.validation_files': paths['validation'],
-                         'data.test_files': paths['test'], 'data.text_column': 'text',
-                         'data.label_column': 'label', 'progress_bar': False}.items():
+                         'data.test_files': paths['test'], 'progress_bar': False}.items():
         node, *rest = key.split('.')
         if rest:
           config[node][rest[0]] = value
@@ -188,6 +200,34 @@ def finetune_all(root: str, task_paths: dict[str, dict[str, str]], models: dict[
       print(f'fine-tuning {name} on {task} ({seeds} seeds) in {workdir}', flush=True)
       out.setdefault(task, {})[name] = finetune.finetune(config, init, workdir)
   return out
+
+
+def build_qa_task(root: str) -> dict[str, str]:
+  """ROOT/tasks/docstring_qa/{train,validation}.jsonl: experiments/qa's training questions split by module
+  (the modules whose zlib.crc32 is 1 mod 5 validate, for best-epoch selection), and its held-out file (other
+  modules again) as test, so neither selection nor training sees a test module."""
+  folder = os.path.join(root, 'tasks', 'docstring_qa')
+  paths = {'train': os.path.join(folder, 'train.jsonl'), 'validation': os.path.join(folder, 'validation.jsonl'),
+           'test': os.path.join(QA_DATA, 'test.jsonl')}
+  with open(os.path.join(QA_DATA, 'train.jsonl'), encoding='utf-8') as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  os.makedirs(folder, exist_ok=True)
+  for split, keep in (('train', False), ('validation', True)):
+    with open(paths[split], 'w', encoding='utf-8') as f:
+      f.writelines(json.dumps(r, ensure_ascii=False) + '\n' for r in rows
+                   if (zlib.crc32(r['title'].encode()) % 5 == 1) == keep)
+  return paths
+
+
+def qa_table(results: dict) -> str:
+  """Markdown: one row per model, held-out exact match and F1 (0-100) as mean ± std over seeds."""
+  lines = ['| task | pretrained on | test exact match | test F1 | seeds |', '|---|---|---:|---:|---:|']
+  for task, per_model in results.items():
+    for name, r in per_model.items():
+      m = r['metrics']
+      cells = [f'{m[k]:.1f} ± {m.get(k + "_std", 0.0):.1f}' for k in QA_METRICS]
+      lines.append(f'| `{task}` | `{name}` | {cells[0]} | {cells[1]} | {len(r["per_seed"])} |')
+  return '\n'.join(lines)
 
 
 def _test_scores(truth: list[str], predicted) -> dict[str, float]:

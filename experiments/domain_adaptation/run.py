@@ -119,9 +119,11 @@ def main() -> None:
                       help="the adapted run's second-half peak learning rate (default: the config's)")
   parser.add_argument('--runs', default=','.join(RUNS), help='a subset to train (evaluation needs all three)')
   parser.add_argument('--results', default=HERE, help='folder for results.json and learning_curves.png')
-  parser.add_argument('--stages', default='pretrain,downstream',
-                      help='pretrain (the three runs, their evaluation and plot) and/or downstream (fine-tune each '
-                      'pretrained model on both downstream tasks: downstream.json and downstream.md)')
+  parser.add_argument('--stages', default='pretrain,downstream,qa',
+                      help='pretrain (the three runs, their evaluation and plot), downstream (fine-tune each '
+                      'pretrained model on both classification tasks: downstream.json and downstream.md) and/or qa '
+                      "(fine-tune each, and the same model from random init, on experiments/qa's docstring "
+                      'questions: qa.json and qa.md)')
   parser.add_argument('--seeds', type=int, default=3, help='fine-tuning seeds per model and task (downstream)')
   args = parser.parse_args()
 
@@ -140,6 +142,37 @@ def main() -> None:
     pretrain(args, base, paths, tok, workdirs, start)
   if 'downstream' in args.stages.split(','):
     run_downstream(args, workdirs)
+  if 'qa' in args.stages.split(','):
+    run_qa(args, base, paths['domain'], tok, workdirs)
+
+
+def run_qa(args: argparse.Namespace, base: ml_collections.ConfigDict, domain: dict[str, str], tok: str,
+           workdirs: dict[str, str]) -> None:
+  """Does domain pretraining help question answering on the domain's text? Fine-tunes each pretrained model,
+  and the same model from random init (ROOT/random: one step at learning rate 0 on the shared tokenizer, so its
+  checkpoint holds the seed's initial params), on experiments/qa's docstring questions with `--seeds` seeds
+  (`downstream.QA_FINETUNE`); writes qa.json and qa.md."""
+  start = time.time()
+  random_init = os.path.join(args.root, 'random')
+  config = run_config(base, domain['train'], domain['validation'], tok, 1)
+  config.optimizer.learning_rate, config.optimizer.warmup_steps = 0.0, 0
+  config.eval_every_steps = config.checkpoint_every_steps = 1
+  train.train_and_evaluate(config, random_init)
+  paths = downstream.build_qa_task(args.root)
+  results = downstream.finetune_all(args.root, {'docstring_qa': paths}, {**workdirs, 'random': random_init},
+                                    seeds=args.seeds, task_type='question_answering')
+  table = downstream.qa_table(results)
+  print(table, flush=True)
+  sizes = {}
+  for split, path in paths.items():
+    with open(path, encoding='utf-8') as f:
+      rows = [json.loads(line) for line in f if line.strip()]
+    sizes[split] = {'questions': len(rows), 'modules': len({r['title'] for r in rows})}
+  workdir_json.write_json(os.path.join(args.results, 'qa.json'), {
+      'task': sizes, 'recipe': downstream.QA_FINETUNE, 'seeds': args.seeds, 'results': results,
+      'wall_seconds': round(time.time() - start, 1)})
+  with open(os.path.join(args.results, 'qa.md'), 'w', encoding='utf-8') as f:
+    f.write(table + '\n')
 
 
 def run_downstream(args: argparse.Namespace, workdirs: dict[str, str]) -> None:

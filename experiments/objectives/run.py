@@ -18,7 +18,7 @@ Each model is fine-tuned with `mlm-flax finetune`'s defaults (`configs/finetune.
   training row held out for validation (best-step selection), test as finetune_defaults;
 plus a TF-IDF + logistic regression reference (`downstream.bag_of_words`). Every model is fine-tuned again
 with the domain study's recipe for these small models (`downstream.FINETUNE`: lr 1e-3, batch 32; `--recipes`).
-Writes results.json, results.md and objectives.png next to this file. Workdirs under `--out` (resumable: a
+Writes results.json, results.md and objectives.png next to this file (`--results`). Workdirs under `--out` (resumable: a
 rerun skips finished runs).
 """
 
@@ -37,7 +37,7 @@ sys.path[:0] = [os.path.join(os.path.dirname(HERE), 'domain_adaptation'), os.pat
 
 import downstream  # pylint: disable=wrong-import-position  # experiments/domain_adaptation
 import ml_collections  # pylint: disable=wrong-import-position
-from mlm_flax import train, writers  # pylint: disable=wrong-import-position
+from mlm_flax import train, workdir_json, writers  # pylint: disable=wrong-import-position
 from mlm_flax.configs import finetune as finetune_config  # pylint: disable=wrong-import-position
 from mlm_flax.configs import tiny, tiny_electra  # pylint: disable=wrong-import-position
 from mlm_flax.data import corpora  # pylint: disable=wrong-import-position
@@ -91,14 +91,15 @@ def step_times(root: str, steps: int, timing_steps: int, rounds: int) -> dict:
   out = {'seconds_per_step': {a: statistics.median(t) for a, t in times.items()}, 'rounds': times,
          'timing_steps': timing_steps}
   out['electra_steps'] = round(steps * out['seconds_per_step']['mlm'] / out['seconds_per_step']['electra'])
-  train.write_json(path, out)
+  workdir_json.write_json(path, out)
   return out
 
 
 def pretrain(root: str, steps: dict[str, int], report_only: bool = False) -> dict:
-  """Trains (or resumes, or just reports) each arm's workdir; returns steps, eval and wall time per arm."""
+  """Trains (or resumes, or just reports) each arm's workdir (the arms in `steps`); returns steps, eval and wall
+  time per arm."""
   out = {}
-  for arm in ARMS:
+  for arm in steps:
     workdir = os.path.join(root, 'pretrain', arm)
     if not report_only:
       print(f'=== pretraining {arm}: {steps[arm]} steps in {workdir} ===', flush=True)
@@ -172,7 +173,7 @@ def arm_of(model: str) -> str:
 def model_steps(pre: dict) -> dict[str, int]:
   """Models fine-tuned: each arm's final checkpoint, and the pretrained arms' half-way one (`ARM@STEP`)."""
   out = {arm: p['steps'] for arm, p in pre.items()}
-  out.update({f'{arm}@{pre[arm]["steps"] // 2}': pre[arm]['steps'] // 2 for arm in ('mlm', 'electra')})
+  out.update({f'{arm}@{pre[arm]["steps"] // 2}': pre[arm]['steps'] // 2 for arm in ('mlm', 'electra') if arm in pre})
   return out
 
 
@@ -181,6 +182,8 @@ def main() -> None:
   parser.add_argument('--out', default=os.path.join(HERE, 'runs'), help='workdirs, tasks and caches')
   parser.add_argument('--budget_steps', type=int, default=tiny.get_config().num_train_steps,
                       help="MLM's steps (default: configs/tiny.py's); ELECTRA gets the steps of equal time")
+  parser.add_argument('--arms', default=','.join(ARMS), help='a subset of mlm,electra,random')
+  parser.add_argument('--results', default=HERE, help='folder for results.json, results.md and objectives.png')
   parser.add_argument('--seeds', type=int, default=3)
   parser.add_argument('--tasks', default='pydoc_chapter,docstring_topics')
   parser.add_argument('--pydoc_train', type=int, default=1500, help="pydoc_chapter's training rows")
@@ -200,8 +203,11 @@ def main() -> None:
   os.makedirs(args.out, exist_ok=True)
   timing = step_times(args.out, args.budget_steps, args.timing_steps, args.timing_rounds)
   print('step times:', json.dumps(timing['seconds_per_step']), 'ELECTRA steps:', timing['electra_steps'], flush=True)
-  pre = pretrain(args.out, {'mlm': args.budget_steps, 'electra': timing['electra_steps'], 'random': 1},
-                 args.report_only)
+  arms = args.arms.split(',')
+  if not set(arms) <= set(ARMS):
+    parser.error(f'--arms {args.arms}: each arm must be one of {",".join(ARMS)}')
+  budget = {'mlm': args.budget_steps, 'electra': timing['electra_steps'], 'random': 1}
+  pre = pretrain(args.out, {a: budget[a] for a in ARMS if a in arms}, args.report_only)
 
   task_paths = build_tasks(args.out, args.tasks.split(','), args.cache, args.pydoc_train)
   bow = {t: downstream.bag_of_words(p) for t, p in task_paths.items()}
@@ -238,10 +244,11 @@ def main() -> None:
                      f"{acc} | {wall} |")
   text = '\n'.join(pre_table) + '\n\n' + table + '\n'
   print(text, flush=True)
-  with open(os.path.join(HERE, 'results.md'), 'w') as f:
+  os.makedirs(args.results, exist_ok=True)
+  with open(os.path.join(args.results, 'results.md'), 'w') as f:
     f.write(text)
-  plot(results, pre, seconds, bow, os.path.join(HERE, 'objectives.png'))
-  train.write_json(os.path.join(HERE, 'results.json'), {
+  plot(results, pre, seconds, bow, os.path.join(args.results, 'objectives.png'))
+  workdir_json.write_json(os.path.join(args.results, 'results.json'), {
       'cpu': cpu(), 'budget_steps': args.budget_steps, 'timing': timing, 'pretraining': pre, 'models': steps,
       'finetune_recipes': {r: recipe(r) or downstream.FINETUNE for r in args.recipes.split(',')}, 'seeds': args.seeds, 'tasks': tasks,
       'pydoc_train_rows': args.pydoc_train, 'bag_of_words': bow, 'results': results,
