@@ -163,10 +163,6 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'model.hidden_size={config.model.hidden_size} is not divisible by model.num_heads='
                      f'{config.model.num_heads}; pick num_heads dividing hidden_size (e.g. hidden_size/64).')
   models.architecture(config.model.type).check_config(models.ModelConfig.from_dict(config.model))
-  if _get(config, 'objective.type') == 'electra' and models.ARCHITECTURES[config.model.type] != 'bert':
-    raise ValueError(f'objective.type=electra needs a BERT-style encoder (model.type bert, roberta or electra), not '
-                     f'model.type={config.model.type!r}: the generator shares the discriminator\'s embeddings '
-                     'through an embeddings projection only those have; set --config.model.type=bert.')
   if config.model.vocab_size is not None and config.model.vocab_size < 1:
     raise ValueError(f'--config.model.vocab_size={config.model.vocab_size} must be positive (or unset).')
   offset = 0

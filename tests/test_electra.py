@@ -101,8 +101,13 @@ def test_embedding_size_unset_leaves_the_bert_params_unchanged():
   assert set(narrow) - set(shapes(without)) == {'embeddings_project'}
   with pytest.raises(ValueError, match='embedding_size'):
     make_model(dict(MODEL, embedding_size=0)).init(jax.random.PRNGKey(0), ids, ids + 1)
-  with pytest.raises(ValueError, match='embedding_size=12 is not supported for ModernBERT'):
-    architecture('modernbert').check_config(dict(MODEL, type='modernbert', num_heads=6, embedding_size=12))
+  modern = dict(MODEL, type='modernbert', num_heads=6)
+  assert shapes(dict(modern, embedding_size=36)) == shapes(modern)  # the hidden size: no projection
+  narrow = shapes(dict(modern, embedding_size=12))
+  assert set(narrow) - set(shapes(modern)) == {'embeddings_project'}
+  assert narrow['word_embeddings']['embedding'] == (101, 12) and narrow['embeddings_project']['kernel'] == (12, 36)
+  with pytest.raises(ValueError, match='embedding_size'):
+    architecture('modernbert').check_config(dict(modern, embedding_size=0))
 
 
 def test_generator_config_and_shared_embeddings():
@@ -114,8 +119,16 @@ def test_generator_config_and_shared_embeddings():
   full = electra.generator_params(params)
   assert full['word_embeddings'] is params['discriminator']['encoder']['word_embeddings']
   assert set(params['discriminator']) == {'encoder', 'head'}
-  with pytest.raises(ValueError, match='BERT-style'):
-    electra.generator_model_config(dict(MODEL, type='modernbert'), OBJECTIVE)
+  # ModernBERT: RoPE needs an even head size (a quarter of 72 is 18 wide; 2 heads would be 9 wide, so 1 head), and
+  # an explicit layer list is cut to the generator's layers.
+  modern = dict(MODEL, type='modernbert', hidden_size=72, num_heads=6, num_layers=3,
+                layer_types='full_attention,sliding_attention,full_attention')
+  gen = electra.generator_model_config(modern, {'generator_hidden_fraction': 0.25, 'generator_layers_fraction': 0.5})
+  assert (gen['hidden_size'], gen['num_layers'], gen['layer_types']) == (18, 2, 'full_attention,sliding_attention')
+  assert gen['num_heads'] == 1 and gen['embedding_size'] == 72  # 2 heads would be 9 wide (odd)
+  params = electra.init_params(jax.random.PRNGKey(0), modern, OBJECTIVE, 8)
+  assert set(electra.generator_params(params)) >= {'word_embeddings', 'embeddings_norm', 'embeddings_project'}
+  assert not {'word_embeddings', 'embeddings_norm'} & set(params['generator'])
 
 
 def test_hf_random_pair_imports_with_logits_parity(hf_pair, tok):
@@ -154,7 +167,8 @@ def test_export_loads_in_transformers_with_parity_and_round_trips(tmp_path, tok)
 def test_export_refuses_roberta_and_ablations(tmp_path, tok):
   params = electra.init_params(jax.random.PRNGKey(1), MODEL, OBJECTIVE, 8)
   for model, match in ((dict(MODEL, type='roberta'), 'numbers positions'),
-                       (dict(MODEL, norm_position='pre'), 'norm_position')):
+                       (dict(MODEL, norm_position='pre'), 'norm_position'),
+                       (dict(MODEL, type='modernbert', num_heads=6), "BERT-style encoder.*'modernbert'")):
     with pytest.raises(ValueError, match=match):
       electra_hf.export_electra(params, model, OBJECTIVE, tok, str(tmp_path / 'x'))
   assert not os.path.exists(tmp_path / 'x')

@@ -11,6 +11,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from conftest import tiny_config
 from mlm_flax import evaluate, inference, parallel, train, writers
@@ -137,3 +138,33 @@ def test_electra_run_resumes_exactly_exports_imports_and_fine_tunes(tmp_path):
   encoder = task_model.load_encoder(full)
   disc = inference.load_run(full)[1]['discriminator']['encoder']
   jax.tree.map(np.testing.assert_array_equal, encoder.params['word_embeddings'], disc['word_embeddings'])
+
+
+def test_modernbert_electra_resumes_exactly_fine_tunes_and_refuses_hf_export(tmp_path):
+  """ELECTRA on the quick start's architecture: a ModernBERT discriminator and a quarter-width ModernBERT generator
+  (its `embeddings_project` from the shared embeddings); resume is exact, fill-mask and fine-tuning use the right
+  model, and export names why transformers has no equivalent."""
+  config = tiny_config(tmp_path)
+  config.model.type, config.objective.type = 'modernbert', 'electra'
+  config.num_train_steps, config.checkpoint_every_steps, config.eval_every_steps = 6, 3, 3
+  full = str(tmp_path / 'full')
+  result = train.train_and_evaluate(config, full)
+  assert {'masked_accuracy', 'disc_accuracy', 'disc_auc'} <= set(result)
+  params = inference.load_run(full)[1]
+  assert 'embeddings_project' in params['generator'] and 'word_embeddings' not in params['generator']
+  killed = str(tmp_path / 'killed')
+  shutil.copytree(full, killed)
+  shutil.rmtree(os.path.join(killed, 'checkpoints', '6'))
+  assert train.train_and_evaluate(config, killed) == result
+  jax.tree.map(np.testing.assert_array_equal, inference.load_run(killed)[1], params)
+
+  mlm = inference.load(full)  # the generator
+  assert (mlm.config.model.type, mlm.config.model.hidden_size) == ('modernbert', config.model.hidden_size // 4)
+  assert len(inference.fill_mask(mlm, f'a b {mlm.tokenizer.mask_token} c', top_k=3)) == 3
+  from mlm_flax.tasks import model as task_model  # pylint: disable=g-import-not-at-top
+  encoder = task_model.load_encoder(full)
+  jax.tree.map(np.testing.assert_array_equal, encoder.params, params['discriminator']['encoder'])
+  from mlm_flax import cli  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="BERT-style encoder.*'modernbert'"):
+    cli._export(full, str(tmp_path / 'hf'))  # pylint: disable=protected-access
+  assert not os.path.exists(tmp_path / 'hf')

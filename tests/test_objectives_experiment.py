@@ -21,6 +21,8 @@ def test_random_arm_is_the_mlm_arm_untrained():
 def test_electra_arm_and_half_way_checkpoints():
   electra = run.arm_config('electra', 955)
   assert electra.objective.type == 'electra' and electra.num_train_steps == 955
+  assert electra.model.to_dict() == run.arm_config('mlm', 1100).model.to_dict()  # the same encoder as MLM's
+  assert electra.masking.rate == 0.15
   assert electra.checkpoint_every_steps == 477 and electra.optimizer.warmup_steps == 136
   pre = {'mlm': {'steps': 1100}, 'electra': {'steps': 955}, 'random': {'steps': 1}}
   assert run.model_steps(pre) == {'mlm': 1100, 'electra': 955, 'random': 1, 'mlm@550': 550, 'electra@477': 477}

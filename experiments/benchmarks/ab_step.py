@@ -2,6 +2,7 @@
 `workers/mlm_flax_step.py`, one per (round, dtype, checkout), so that a shared, noisy CPU hits both alike.
 
   python experiments/benchmarks/ab_step.py --a /tmp/base --b . --rounds 3 [--dtypes bfloat16,float32]
+  python experiments/benchmarks/ab_step.py --a . --b . --b_xla_flags=--xla_cpu_prefer_vector_width=512
 
 Prints each round's tokens/s and per dtype the median of A and B, the median of the per-round ratios B/A and
 their spread (min-max).
@@ -17,9 +18,11 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def run(root: str, dtype: str, args: argparse.Namespace) -> float:
-  """tokens/s of one worker process with `root` first on PYTHONPATH."""
+def run(root: str, dtype: str, args: argparse.Namespace, xla_flags: str = '') -> float:
+  """tokens/s of one worker process with `root` first on PYTHONPATH (and `xla_flags` added to XLA_FLAGS)."""
   env = {**os.environ, 'PYTHONPATH': os.path.abspath(root), 'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1'}
+  if xla_flags:
+    env['XLA_FLAGS'] = f"{env.get('XLA_FLAGS', '')} {xla_flags}".strip()
   cmd = [sys.executable, os.path.join(HERE, 'workers', 'mlm_flax_step.py'), '--config', args.config,
          '--dtype', dtype, '--steps', str(args.steps), '--warmup', str(args.warmup)]
   out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
@@ -36,13 +39,14 @@ def main() -> None:
   p.add_argument('--steps', type=int, default=20)
   p.add_argument('--warmup', type=int, default=3)
   p.add_argument('--dtypes', default='bfloat16,float32')
+  p.add_argument('--b_xla_flags', default='', help="B's extra XLA_FLAGS (A/B of a flag: the same --a and --b)")
   args = p.parse_args()
   results = {d: {'a': [], 'b': []} for d in args.dtypes.split(',')}
   for r in range(args.rounds):
     for dtype, res in results.items():
       order = ('a', 'b') if r % 2 == 0 else ('b', 'a')
       for which in order:
-        res[which].append(run(getattr(args, which), dtype, args))
+        res[which].append(run(getattr(args, which), dtype, args, args.b_xla_flags if which == 'b' else ''))
       print(f'round {r} {dtype}: A {res["a"][-1]:.0f} B {res["b"][-1]:.0f} tokens/s', flush=True)
   for dtype, res in results.items():
     ratios = [b / a for a, b in zip(res['a'], res['b'])]

@@ -5,8 +5,9 @@
 
 Arms, all on the built-in corpus (`builtin:stdlib_docs`), one after the other in this process:
 - `mlm`: the quick start, `configs/tiny.py` (3-layer ModernBERT-style encoder), `--budget_steps` steps;
-- `electra`: `configs/tiny_electra.py` (tiny_bert.py's 2-layer BERT as the discriminator, a quarter-width
-  generator), as many steps as take the MLM budget's time: both train steps are timed back to back in one
+- `electra`: the same model as the discriminator (`configs/tiny.py` with `tiny_electra.electra`'s keys: 15%
+  masks, lr 1e-3, a quarter-width generator sharing its embeddings, λ = 50), as many steps as take the MLM
+  budget's time: both train steps are timed back to back in one
   process (after compilation, alternating rounds of `--timing_steps` steps, median), warmup 1/7 of its steps;
 - `random`: `configs/tiny.py` from random init: a 1-step run at learning rate 0 (the seed's initial params);
 and both pretrained arms again at their half-way checkpoint (`DIR:STEP`), a second point on the time axis.
@@ -54,7 +55,7 @@ def cpu() -> dict:
 
 def arm_config(arm: str, steps: int) -> ml_collections.ConfigDict:
   """The pretraining config of `arm` at `steps` steps (checkpoints at half and at the end)."""
-  c = (tiny_electra if arm == 'electra' else tiny).get_config()
+  c = tiny_electra.electra(tiny.get_config()) if arm == 'electra' else tiny.get_config()
   c.progress_bar = False
   if arm == 'random':  # one step at learning rate 0: the checkpoint holds the seed's initial params
     c.num_train_steps, c.optimizer.learning_rate, c.optimizer.warmup_steps = 1, 0.0, 0

@@ -32,7 +32,7 @@ def _electra_model(model_cfg: Mapping[str, Any]) -> ml_collections.ConfigDict:
   """`model_cfg` (every key, defaults filled in) as an ELECTRA `model` config, or ValueError naming why it has no
   ELECTRA equivalent."""
   model = dataclasses.asdict(ModelConfig.from_dict(model_cfg))
-  electra.check_architecture(model['type'])
+  electra.check_exportable(model['type'])
   if model['type'] == 'roberta':
     raise ValueError('cannot export to Hugging Face ELECTRA: model.type=roberta numbers positions after the '
                      'padding index, ELECTRA from 0; pretrain with model.type=bert (or electra) to export.')

@@ -133,6 +133,10 @@ def hf_config_from_model(model: Mapping[str, Any], tok) -> dict:
   """A `ModernBertForMaskedLM` config.json for our `model` config (both the legacy and the v5 keys); ValueError
   (`check_exportable`) for an MLP or norm it cannot represent."""
   check_exportable(model, EXPORTABLE, ARCHITECTURE)
+  if model.get('embedding_size') not in (None, model['hidden_size']):
+    raise ValueError(f'cannot export to Hugging Face: ModernBERT\'s embeddings are hidden_size wide, this model\'s '
+                     f'model.embedding_size={model["embedding_size"]} (hidden_size={model["hidden_size"]}) has an '
+                     'embeddings projection ModernBertForMaskedLM lacks; export needs model.embedding_size unset.')
   types = list(modernbert.layer_types(model))
   every = model['global_attn_every_n_layers']
   config = {'architectures': [ARCHITECTURE], 'model_type': 'modernbert', 'vocab_size': model['vocab_size'],

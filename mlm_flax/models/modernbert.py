@@ -2,7 +2,8 @@
 `ModernBertForMaskedLM`.
 
 Differences from BERT, all as the Hugging Face reference computes them:
-- embeddings: token embeddings only (no positions, no token types), LayerNorm, dropout;
+- embeddings: token embeddings only (no positions, no token types), LayerNorm, dropout (`model.embedding_size`,
+  ours only: another width, projected to the hidden size as BERT's `embeddings_project`; an ELECTRA generator's);
 - pre-LN layers; layer 0 has no attention norm (its input is the already normalised embedding);
 - fused QKV projection, rotary position embeddings (RoPE) on queries and keys, with one base for
   full-attention layers (`global_rope_theta`) and one for sliding-window layers (`local_rope_theta`);
@@ -83,9 +84,8 @@ def check_config(model_cfg: ModelConfig | Mapping[str, Any]) -> None:
   if c.norm_position not in (None, 'pre'):
     raise ValueError(f'model.norm_position={c.norm_position!r}: ModernBERT is pre-LN by definition; leave '
                      "model.norm_position unset (or 'pre'), or use model.type=bert for a post-LN encoder.")
-  if c.embedding_size not in (None, c.hidden_size):
-    raise ValueError(f'model.embedding_size={c.embedding_size} is not supported for ModernBERT (its embeddings are '
-                     'hidden_size wide); leave it unset, or use model.type=bert.')
+  if c.embedding_size is not None and c.embedding_size < 1:
+    raise ValueError(f'model.embedding_size={c.embedding_size} must be at least 1; or leave it unset (hidden_size).')
   if not c.tie_word_embeddings:
     raise ValueError('model.tie_word_embeddings=False is not supported for ModernBERT (its decoder is the token '
                      'embeddings); leave it True.')
@@ -151,10 +151,14 @@ class ModernBertMLM(MaskedLM):
       raise ValueError(f'model.hidden_size={c.hidden_size} is not divisible by model.num_heads={c.num_heads}')
     check_config(self.config)
     norm = functools.partial(layers.norm, c.norm, c.layer_norm_eps, c.norm_bias, c.param_jnp_dtype)
-    self.word_embeddings = nn.Embed(c.vocab_size, c.hidden_size, param_dtype=c.param_jnp_dtype,
+    self.word_embeddings = nn.Embed(c.vocab_size, c.embedding_width, param_dtype=c.param_jnp_dtype,
                                     embedding_init=nn.initializers.normal(c.initializer_range))
     self.embeddings_norm = norm()
     self.embeddings_dropout = Dropout(c.hidden_dropout)
+    # Embeddings of another width (`model.embedding_size`: an ELECTRA generator sharing a wider discriminator's
+    # embeddings) are projected to the hidden size, as BERT's `embeddings_project`; not in Hugging Face ModernBERT.
+    self.embeddings_project = (None if c.embedding_width == c.hidden_size else Dense(
+        c.hidden_size, dtype=c.compute_dtype, param_dtype=c.param_jnp_dtype, init_std=c.initializer_range))
     # remat: keep each layer's input only and recompute the rest; `deterministic` (argument 5, counting self) is static.
     layer = nn.remat(Layer, static_argnums=(5,)) if c.remat else Layer
     self.layers = [layer(c, i, name=f'layer_{i}') for i in range(c.num_layers)]
@@ -171,6 +175,8 @@ class ModernBertMLM(MaskedLM):
       positions = jnp.broadcast_to(jnp.arange(length), input_ids.shape)
     x = self.embeddings_dropout(self.embeddings_norm(self.word_embeddings(input_ids)), deterministic=deterministic,
                                 row_ids=row_ids)
+    if self.embeddings_project is not None:
+      x = self.embeddings_project(x)
     biases = {'full_attention': layers.attention_bias(segment_ids),
               'sliding_attention': layers.attention_bias(segment_ids, window=c.local_attention)}
     head_dim = c.hidden_size // c.num_heads

@@ -1,6 +1,7 @@
 """ELECTRA (Clark et al. 2020): replaced-token detection with a small MLM generator.
 
-A generator (a masked LM of the discriminator's architecture, `generator_hidden_fraction` as wide) fills the
+A generator (a masked LM of the discriminator's architecture, `generator_hidden_fraction` as wide; any
+architecture: BERT, RoBERTa, ELECTRA or ModernBERT) fills the
 masked positions with samples from its own predictions (no gradient through sampling); the discriminator reads
 the original ids with those samples in place and predicts, for every real token, whether it was replaced (a sample
 equal to the original counts as original, as in the paper). Loss = generator MLM loss + `disc_weight` (λ = 50)
@@ -39,12 +40,12 @@ def option(objective: Mapping[str, Any] | None, key: str) -> Any:
   return DEFAULTS[key] if value is None else value
 
 
-def check_architecture(model_type: str) -> None:
-  """Raises ValueError for an architecture ELECTRA cannot share embeddings with (only the BERT-module ones)."""
+def check_exportable(model_type: str) -> None:
+  """Raises ValueError for a discriminator with no Hugging Face ELECTRA equivalent (ELECTRA is BERT-style there)."""
   if ARCHITECTURES.get(model_type) != 'bert':
-    raise ValueError(f'objective.type=electra needs a BERT-style encoder (model.type bert, roberta or electra), '
-                     f'not model.type={model_type!r}: the generator shares the discriminator\'s embeddings through '
-                     'an embeddings projection that only those have; set model.type=bert.')
+    raise ValueError(f'cannot export to Hugging Face ELECTRA: transformers\' ELECTRA is a BERT-style encoder, this '
+                     f'discriminator is model.type={model_type!r}; fine-tune it (finetune --init WORKDIR) or use its '
+                     'generator (fill-mask) here, or pretrain with model.type=bert to export.')
 
 
 def _as_dict(model: Mapping[str, Any] | ModelConfig) -> dict:
@@ -58,16 +59,19 @@ def generator_model_config(model: Mapping[str, Any] | ModelConfig, objective: Ma
   intermediate size (heads at least 1 and dividing the width, as the original's max(1, ...)),
   `generator_layers_fraction` of its layers, and the discriminator's embedding width (embeddings shared)."""
   m = _as_dict(model)
-  check_architecture(m['type'])
   frac = float(option(objective, 'generator_hidden_fraction'))
   hidden = max(1, int(round(m['hidden_size'] * frac)))
   num_heads = max(1, int(round(m['num_heads'] * frac)))
-  while hidden % num_heads:
+  rope = ARCHITECTURES.get(m['type']) == 'modernbert' or m.get('positions') == 'rope'
+  while num_heads > 1 and (hidden % num_heads or (rope and (hidden // num_heads) % 2)):  # RoPE: even head size
     num_heads -= 1
   layers = max(1, int(round(m['num_layers'] * float(option(objective, 'generator_layers_fraction')))))
-  return dict(m, hidden_size=hidden, num_heads=num_heads, num_layers=layers,
-              intermediate_size=max(1, int(round(m['intermediate_size'] * frac))),
-              embedding_size=m.get('embedding_size') or m['hidden_size'])
+  out = dict(m, hidden_size=hidden, num_heads=num_heads, num_layers=layers,
+             intermediate_size=max(1, int(round(m['intermediate_size'] * frac))),
+             embedding_size=m.get('embedding_size') or m['hidden_size'])
+  if m.get('layer_types'):  # an explicit per-layer list (ModernBERT): the discriminator's first `layers`
+    out['layer_types'] = ','.join(t.strip() for t in m['layer_types'].split(',')[:layers])
+  return out
 
 
 class Discriminator(nn.Module):
