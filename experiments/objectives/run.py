@@ -134,36 +134,68 @@ def build_tasks(root: str, names: list[str], cache: str, pydoc_train: int) -> di
   return paths
 
 
-def plot(results: dict, pre: dict, seconds: dict, bow: dict, out: str) -> None:
+def plot(results: dict, pre: dict, seconds: dict, bow: dict, out: str, recipes: list[str]) -> None:
   """Test accuracy (mean ± std over seeds) against pretraining compute, one panel per task."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False)
   for ax, (task, per_model) in zip(axes[0], results.items()):
-    for (arm, color), (prefix, style) in itertools.product((('mlm', 'C0'), ('electra', 'C1'), ('random', 'C2')),
-                                                          (('', '-'), ('lr1e-3/', ':'))):
+    styles = [('' if r == 'default' else f'{r}/', r, ls) for r, ls in zip(recipes, ('-', ':', '--', '-.'))]
+    for (arm, color), (prefix, name, style) in itertools.product(
+        (('mlm', 'C0'), ('electra', 'C1'), ('random', 'C2')), styles):
       points = sorted((0 if arm == 'random' else seconds[arm] * s / 60, per_model[prefix + m]['metrics'])
                       for m, s in model_steps(pre).items() if arm_of(m) == arm and prefix + m in per_model)
       if points:
         ax.errorbar([p[0] for p in points], [p[1]['test_accuracy'] for p in points],
                     yerr=[p[1]['test_accuracy_std'] for p in points], marker='o', capsize=4, color=color, ls=style,
-                    label=f"{arm}{' (default recipe)' if not prefix else ' (lr 1e-3 recipe)'}")
-    ax.axhline(bow[task]['test_accuracy'], color='grey', ls='--', label='TF-IDF + logistic regression')
+                    label=f'{arm} ({name} recipe)')
+    ax.axhline(bow[task]['test_accuracy'], color='grey', ls=(0, (1, 4)), label='TF-IDF + logistic regression')
     ax.set(title=task, xlabel='pretraining compute (minutes of train steps, timed)', ylabel='test accuracy')
     ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(out, dpi=120)
 
 
+# Fine-tuning recipes (`--recipes`), as overrides of the domain study's (`downstream.FINETUNE`: lr 1e-3, batch 32,
+# 3 epochs, 10% warmup, weight decay 0.01; chosen there for these small models). `default` is configs/finetune.py's.
+RECIPES = {'lr1e-3': {}, 'lr1e-3x10': {'num_epochs': 10}, 'lr3e-4x10': {'num_epochs': 10, 'optimizer.learning_rate': 3e-4}}
+
+
 def recipe(name: str) -> dict:
   """`downstream.finetune_all`'s overrides: `default` sets its recipe keys back to configs/finetune.py's (Trainer's:
-  5e-5, batch 8, no warmup, no weight decay); `lr1e-3` keeps the domain study's (`downstream.FINETUNE`: 1e-3,
-  batch 32, 10% warmup, weight decay 0.01; chosen there for these small models)."""
-  if name == 'lr1e-3':
-    return {}
+  5e-5, batch 8, no warmup, no weight decay); the others are `RECIPES[name]`."""
+  if name != 'default':
+    return RECIPES[name]
   c = finetune_config.get_config()
   return {k: c[k.split('.')[0]][k.split('.')[1]] if '.' in k else c[k] for k in downstream.FINETUNE}
+
+
+def selected(results: dict, recipes: list[str]) -> dict:
+  """Each arm's final model with its own best recipe: per task and arm, the recipe of the highest mean validation
+  accuracy (the best step's, as results.json reports it; the test set chooses nothing); its test accuracy."""
+  out = {}
+  for task, per_model in results.items():
+    for arm in ARMS:
+      runs = {r: per_model.get(arm if r == 'default' else f'{r}/{arm}') for r in recipes}
+      runs = {r: m['metrics'] for r, m in runs.items() if m}
+      if runs:
+        best = max(runs, key=lambda r: runs[r]['accuracy'])
+        out.setdefault(task, {})[arm] = {'recipe': best, 'validation_accuracy': runs[best]['accuracy'],
+                                         'test_accuracy': runs[best]['test_accuracy'],
+                                         'test_accuracy_std': runs[best]['test_accuracy_std']}
+  return out
+
+
+def selected_table(chosen: dict) -> str:
+  """Markdown of `selected`: one row per task and arm."""
+  lines = ['| task | model | recipe (best validation accuracy) | validation accuracy | test accuracy |',
+           '|---|---|---|---:|---:|']
+  for task, per_arm in chosen.items():
+    for arm, c in per_arm.items():
+      lines.append(f"| `{task}` | `{arm}` | `{c['recipe']}` | {c['validation_accuracy']:.3f} | "
+                   f"{c['test_accuracy']:.3f} ± {c['test_accuracy_std']:.3f} |")
+  return '\n'.join(lines)
 
 
 def arm_of(model: str) -> str:
@@ -191,8 +223,8 @@ def main() -> None:
   parser.add_argument('--half', action=argparse.BooleanOptionalAction, default=True,
                       help='also fine-tune the half-way checkpoints (after the final ones)')
   parser.add_argument('--recipes', default='default,lr1e-3',
-                      help='fine-tuning recipes, comma-separated: default (configs/finetune.py) and/or lr1e-3 (the '
-                      "domain study's, downstream.FINETUNE); models of a non-default one are named RECIPE/MODEL")
+                      help='fine-tuning recipes, comma-separated: default (configs/finetune.py) and/or RECIPES\' '
+                      f"({', '.join(RECIPES)}); models of a non-default one are named RECIPE/MODEL")
   parser.add_argument('--report_only', action='store_true',
                       help='train nothing: write results.* from the runs finished so far')
   parser.add_argument('--timing_steps', type=int, default=20)
@@ -200,6 +232,9 @@ def main() -> None:
   parser.add_argument('--cache', default=os.path.expanduser(os.path.join(
       os.environ.get('MLM_FLAX_CACHE', '~/.cache/mlm_flax'), 'debian')), help='downloaded Debian packages')
   args = parser.parse_args()
+  unknown = set(args.recipes.split(',')) - set(RECIPES) - {'default'}
+  if unknown:
+    parser.error(f'--recipes: {", ".join(sorted(unknown))} not in default, {", ".join(RECIPES)}')
   start = time.time()
   os.makedirs(args.out, exist_ok=True)
   timing = step_times(args.out, args.budget_steps, args.timing_steps, args.timing_rounds)
@@ -243,16 +278,17 @@ def main() -> None:
     wall = '(same run)' if '@' in m else f"{pre[arm]['wall_seconds'] / 60:.1f} min"
     pre_table.append(f"| `{m}` | {s} | {0 if arm == 'random' else seconds[arm] * s / 60:.1f} min | "
                      f"{acc} | {wall} |")
-  text = '\n'.join(pre_table) + '\n\n' + table + '\n'
+  chosen = selected(results, args.recipes.split(','))
+  text = '\n'.join(pre_table) + '\n\n' + table + '\n\n' + selected_table(chosen) + '\n'
   print(text, flush=True)
   os.makedirs(args.results, exist_ok=True)
   with open(os.path.join(args.results, 'results.md'), 'w') as f:
     f.write(text)
-  plot(results, pre, seconds, bow, os.path.join(args.results, 'objectives.png'))
+  plot(results, pre, seconds, bow, os.path.join(args.results, 'objectives.png'), args.recipes.split(','))
   workdir_json.write_json(os.path.join(args.results, 'results.json'), {
       'cpu': cpu(), 'budget_steps': args.budget_steps, 'timing': timing, 'pretraining': pre, 'models': steps,
-      'finetune_recipes': {r: recipe(r) or downstream.FINETUNE for r in args.recipes.split(',')}, 'seeds': args.seeds, 'tasks': tasks,
-      'pydoc_train_rows': args.pydoc_train, 'bag_of_words': bow, 'results': results,
+      'finetune_recipes': {r: {**downstream.FINETUNE, **recipe(r)} for r in args.recipes.split(',')}, 'seeds': args.seeds, 'tasks': tasks,
+      'pydoc_train_rows': args.pydoc_train, 'bag_of_words': bow, 'results': results, 'selected': chosen,
       'wall_seconds_this_invocation': round(time.time() - start, 1)})
 
 
