@@ -53,8 +53,8 @@ def write_task(root: str) -> dict[str, str]:
 
 
 def ours(model: str, paths: dict[str, str], workdir: str, seed: int, old: bool, dtype: str) -> dict:
-  """`finetune` with the defaults (or the old ones); accuracy of the last step's eval on the held-out split, the
-  call's wall time (data, compilation, training, three evaluations) and the train rows' steps/s."""
+  """`finetune` with the defaults (or the old ones); accuracy of the last step's eval on the held-out split and
+  the call's wall time (data, compilation, training, three evaluations)."""
   start = time.perf_counter()
   c = finetune_config.get_config()
   c.seed = seed

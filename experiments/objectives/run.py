@@ -134,13 +134,13 @@ def build_tasks(root: str, names: list[str], cache: str, pydoc_train: int) -> di
   return paths
 
 
-def plot(results: dict, pre: dict, seconds: dict, bow: dict, out: str, recipes: list[str]) -> None:
+def plot(results: dict, pre: dict, seconds: dict, bow: dict, out: str, recipes: list[str], chosen: dict) -> None:
   """Test accuracy (mean ± std over seeds) against pretraining compute, one panel per task: the pretrained arms
-  per recipe (line style), random init as a band (its validation-chosen recipe, `selected`), TF-IDF dotted."""
+  per recipe (line style), random init as a band (its validation-chosen recipe: `chosen`, from `selected`),
+  TF-IDF dotted."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  chosen = selected(results, recipes)
   fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.6), squeeze=False)
   styles = [('' if r == 'default' else f'{r}/', r, ls) for r, ls in zip(recipes, ('-', ':', '--', '-.'))]
   for ax, (task, per_model) in zip(axes[0], results.items()):
@@ -242,13 +242,13 @@ def main() -> None:
   unknown = set(args.recipes.split(',')) - set(RECIPES) - {'default'}
   if unknown:
     parser.error(f'--recipes: {", ".join(sorted(unknown))} not in default, {", ".join(RECIPES)}')
+  arms = args.arms.split(',')
+  if not set(arms) <= set(ARMS):
+    parser.error(f'--arms {args.arms}: each arm must be one of {",".join(ARMS)}')
   start = time.time()
   os.makedirs(args.out, exist_ok=True)
   timing = step_times(args.out, args.budget_steps, args.timing_steps, args.timing_rounds)
   print('step times:', json.dumps(timing['seconds_per_step']), 'ELECTRA steps:', timing['electra_steps'], flush=True)
-  arms = args.arms.split(',')
-  if not set(arms) <= set(ARMS):
-    parser.error(f'--arms {args.arms}: each arm must be one of {",".join(ARMS)}')
   budget = {'mlm': args.budget_steps, 'electra': timing['electra_steps'], 'random': 1}
   pre = pretrain(args.out, {a: budget[a] for a in ARMS if a in arms}, args.report_only)
 
@@ -291,7 +291,7 @@ def main() -> None:
   os.makedirs(args.results, exist_ok=True)
   with open(os.path.join(args.results, 'results.md'), 'w') as f:
     f.write(text)
-  plot(results, pre, seconds, bow, os.path.join(args.results, 'objectives.png'), args.recipes.split(','))
+  plot(results, pre, seconds, bow, os.path.join(args.results, 'objectives.png'), args.recipes.split(','), chosen)
   workdir_json.write_json(os.path.join(args.results, 'results.json'), {
       'cpu': cpu(), 'budget_steps': args.budget_steps, 'timing': timing, 'pretraining': pre, 'models': steps,
       'finetune_recipes': {r: {**downstream.FINETUNE, **recipe(r)} for r in args.recipes.split(',')}, 'seeds': args.seeds, 'tasks': tasks,

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from mlm_flax.interop import bert, hf, read_tensor, tree_get, tree_set
-from mlm_flax.models import ModelConfig, make_model
+from mlm_flax.models import ARCHITECTURES, ModelConfig, make_model
 from mlm_flax.objectives import electra
 
 DISCRIMINATOR = 'ElectraForPreTraining'
@@ -32,7 +32,10 @@ def _electra_model(model_cfg: Mapping[str, Any]) -> ml_collections.ConfigDict:
   """`model_cfg` (every key, defaults filled in) as an ELECTRA `model` config, or ValueError naming why it has no
   ELECTRA equivalent."""
   model = dataclasses.asdict(ModelConfig.from_dict(model_cfg))
-  electra.check_exportable(model['type'])
+  if ARCHITECTURES[model['type']] != 'bert':
+    raise ValueError(f'cannot export to Hugging Face ELECTRA: transformers\' ELECTRA is a BERT-style encoder, this '
+                     f'discriminator is model.type={model["type"]!r}; fine-tune it (finetune --init WORKDIR) or use '
+                     'its generator (fill-mask) here, or pretrain with model.type=bert to export.')
   if model['type'] == 'roberta':
     raise ValueError('cannot export to Hugging Face ELECTRA: model.type=roberta numbers positions after the '
                      'padding index, ELECTRA from 0; pretrain with model.type=bert (or electra) to export.')

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mlm_flax.models import ARCHITECTURES, ModelConfig, architecture, heads, make_model
+from mlm_flax.models import ModelConfig, architecture, heads, make_model
+from mlm_flax.models.config import resolved_switches
 from mlm_flax.objectives import mlm
 from mlm_flax.objectives.masking import Masked
 
@@ -38,14 +39,6 @@ def option(objective: Mapping[str, Any] | None, key: str) -> Any:
   """`objective[key]` (a ConfigDict or dict; None or a missing key: `DEFAULTS[key]`)."""
   value = None if objective is None else objective.get(key)
   return DEFAULTS[key] if value is None else value
-
-
-def check_exportable(model_type: str) -> None:
-  """Raises ValueError for a discriminator with no Hugging Face ELECTRA equivalent (ELECTRA is BERT-style there)."""
-  if ARCHITECTURES.get(model_type) != 'bert':
-    raise ValueError(f'cannot export to Hugging Face ELECTRA: transformers\' ELECTRA is a BERT-style encoder, this '
-                     f'discriminator is model.type={model_type!r}; fine-tune it (finetune --init WORKDIR) or use its '
-                     'generator (fill-mask) here, or pretrain with model.type=bert to export.')
 
 
 def _as_dict(model: Mapping[str, Any] | ModelConfig) -> dict:
@@ -62,7 +55,7 @@ def generator_model_config(model: Mapping[str, Any] | ModelConfig, objective: Ma
   frac = float(option(objective, 'generator_hidden_fraction'))
   hidden = max(1, int(round(m['hidden_size'] * frac)))
   num_heads = max(1, int(round(m['num_heads'] * frac)))
-  rope = ARCHITECTURES.get(m['type']) == 'modernbert' or m.get('positions') == 'rope'
+  rope = resolved_switches(m)['positions'] == 'rope'
   while num_heads > 1 and (hidden % num_heads or (rope and (hidden // num_heads) % 2)):  # RoPE: even head size
     num_heads -= 1
   layers = max(1, int(round(m['num_layers'] * float(option(objective, 'generator_layers_fraction')))))
