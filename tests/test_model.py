@@ -1,6 +1,7 @@
 """Model: packing semantics, padding, masked-position head, mixed precision."""
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -212,3 +213,75 @@ def test_dropout_draws_each_row_from_its_row_id():
   np.testing.assert_array_equal(apply(x, jnp.arange(8)), full)  # the default row ids are the indices
   np.testing.assert_array_equal(apply(x[:2], jnp.asarray([5, 2])), full[[5, 2]])  # x is all ones
   assert (full[0] != full[1]).any() and (apply(x[:1], jnp.asarray([1]))[0] == full[1]).all()
+
+
+def _attention_reference(q, k, v, bias):
+  """softmax(q k^T + bias) v in f32, differentiated by JAX: what `layers._softmax_attention` writes out."""
+  return jnp.einsum('bhqk,bhkd->bhqd', jax.nn.softmax(jnp.einsum('bhqd,bhkd->bhqk', q, k) + bias, axis=-1), v)
+
+
+def test_written_out_attention_backward_equals_autodiff():
+  """The bf16 training path's attention (`_softmax_attention`: recomputed p^T, one-pass softmax backward) has
+  the forward and the gradients of plain softmax attention: to f32 rounding when run in f32, to bf16 rounding
+  in bf16. The bias is not symmetric (a transposed-bias bug shows), and one row is fully masked (padding)."""
+  keys = jax.random.split(jax.random.PRNGKey(3), 5)
+  q, k, v, w = (jax.random.normal(key, (2, 3, 12, 8)) for key in keys[:4])
+  seg = jnp.array([[1] * 7 + [2] * 4 + [0], [1] * 12])
+  bias = model_lib.attention_bias(seg, window=6) + jnp.where(
+      jax.random.uniform(keys[4], (2, 1, 12, 12)) < 0.2, -1e9, 0.5 * jax.random.normal(keys[4], (2, 1, 12, 12)))
+  ref_out, ref_grads = jax.value_and_grad(lambda *a: jnp.sum(_attention_reference(*a, bias) * w),
+                                          argnums=(0, 1, 2))(q, k, v)
+  for dtype, rtol in ((jnp.float32, 2e-6), (jnp.bfloat16, 2e-2)):
+    attend = lambda *a: jnp.sum(model_lib._softmax_attention(*a, bias, jnp.dtype(dtype)) * w)
+    out, grads = jax.value_and_grad(attend, argnums=(0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(float(out), float(ref_out), rtol=rtol)
+    for name, got, want in zip('qkv', grads, ref_grads):
+      assert got.dtype == jnp.float32
+      scale = float(jnp.abs(want).max())
+      assert float(jnp.abs(got - want).max()) <= rtol * scale, (dtype, name)
+
+
+def test_bf16_attention_takes_the_written_out_path_and_f32_keeps_autodiff(monkeypatch):
+  """`attention` in bf16 without active dropout (inference, or `attention_dropout=0` as the quick start trains)
+  runs `_softmax_attention`; f32 (where autodiff's backward is faster on CPU) and active attention dropout keep
+  the einsums."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
+  class Attend(nn.Module):
+    dtype: Any
+    deterministic: bool
+    rate: float = 0.1
+
+    @nn.compact
+    def __call__(self, q, bias):
+      return model_lib.attention(q, q, q, bias, dtype=self.dtype, dropout_rate=self.rate,
+                                 deterministic=self.deterministic, mode='einsum')
+
+  calls = []
+  real = model_lib._softmax_attention
+  monkeypatch.setattr(model_lib, '_softmax_attention', lambda *a: calls.append(a[-1]) or real(*a))
+  q = jnp.ones((1, 2, 4, 8))
+  bias = model_lib.attention_bias(jnp.ones((1, 4), jnp.int32))
+  for dtype, deterministic, rate in ((jnp.bfloat16, True, 0.1), (jnp.float32, True, 0.1),
+                                    (jnp.bfloat16, False, 0.1), (jnp.bfloat16, False, 0.0)):
+    out = Attend(dtype, deterministic, rate).apply({}, q, bias, rngs={'dropout': jax.random.PRNGKey(0)})
+    assert out.shape == (1, 4, 16) and out.dtype == jnp.float32
+  assert calls == [jnp.dtype(jnp.bfloat16)] * 2  # inference, and training without attention dropout
+
+
+def test_weight_gradients_in_halves_equal_the_plain_contraction():
+  """`_row_contracting_einsum` (weight gradients as two contracted halves, the form XLA:CPU runs fast) is the
+  plain contraction, for both operand orders of the backward, and falls back for an odd number of rows; and
+  `mixed_einsum`'s gradients equal autodiff's in f32."""
+  rng = np.random.default_rng(0)
+  for rows in (64, 63):
+    x, y = (jnp.asarray(rng.standard_normal((rows, n)), jnp.float32) for n in (24, 40))
+    for spec in ('mk,mn->kn', 'mh,mv->vh', 'mn,mk->kn'):
+      np.testing.assert_allclose(model_lib._row_contracting_einsum(spec, x, y), jnp.einsum(spec, x, y),
+                                 rtol=1e-5, atol=1e-5)
+  a, b = jnp.asarray(rng.standard_normal((32, 24)), jnp.float32), jnp.asarray(rng.standard_normal((40, 24)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((32, 40)), jnp.float32)
+  mixed = jax.grad(lambda a, b: jnp.sum(model_lib.mixed_einsum('mh,vh->mv', a, b, jnp.float32) * w), (0, 1))(a, b)
+  plain = jax.grad(lambda a, b: jnp.sum(jnp.einsum('mh,vh->mv', a, b) * w), (0, 1))(a, b)
+  for got, want in zip(mixed, plain):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -52,7 +52,7 @@ def jax_class(op_name: str, shape: str, opcode: str) -> str:
   if 'convert_element_type' in op_name and 'dot_general' not in op_name:
     return 'dtype converts'
   if 'dot_general' in op_name or opcode == 'dot':
-    return 'matmul: attention' if re.search(r'bh[qk]', op_name) else 'matmul: dense + head'
+    return 'matmul: attention' if re.search(r'bh[qk]|\bn[qk][dkq],', op_name) else 'matmul: dense + head'
   if 'mask_tokens' in op_name or 'random' in op_name or 'threefry' in op_name:
     return 'masking'
   if 'norm' in op_name:

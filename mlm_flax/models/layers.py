@@ -29,35 +29,54 @@ def _transpose_specs(spec: str) -> tuple[str, str]:
   return f'{out},{b}->{a}', f'{a},{out}->{b}'
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _bf16_einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
-  return jnp.einsum(spec, a.astype(jnp.bfloat16), b.astype(jnp.bfloat16),
-                    preferred_element_type=jnp.float32)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def _custom_einsum(spec: str, a: jax.Array, b: jax.Array, dtype: Dtype) -> jax.Array:
+  return _custom_einsum_fwd(spec, a, b, dtype)[0]
 
 
-def _bf16_einsum_fwd(spec, a, b):
-  a16, b16 = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+def _custom_einsum_fwd(spec, a, b, dtype):
+  a16, b16 = a.astype(dtype), b.astype(dtype)
   out = jnp.einsum(spec, a16, b16, preferred_element_type=jnp.float32)
   # Zero-size carriers remember the primal dtypes for the cotangents.
   return out, (a16, b16, jnp.zeros((0,), a.dtype), jnp.zeros((0,), b.dtype))
 
 
-def _bf16_einsum_bwd(spec, res, g):
+def _row_contracting_einsum(spec: str, x: jax.Array, y: jax.Array) -> jax.Array:
+  """`einsum(spec, x, y)` (f32 accumulation) where `spec` contracts the first axis of two 2-D operands ('mk,mn->kn':
+  a weight's gradient). XLA:CPU runs that form as a generic dot, in f32 after converting bf16 operands: 3-5x
+  slower than a bf16 matmul. With the rows split in two halves that are contracted too, XLA transposes the left
+  operand and runs a bf16 library dot. The same sum, in another order."""
+  inputs, out = spec.split('->')
+  (m, i), (m2, j) = inputs.split(',')
+  rows = x.shape[0]
+  if m != m2 or m in out or rows % 2:
+    return jnp.einsum(spec, x, y, preferred_element_type=jnp.float32)
+  halves, s = lambda t: t.reshape(2, rows // 2, t.shape[1]), next(c for c in 'hsabc' if c not in spec)
+  return jnp.einsum(f'{s}{i}{m},{s}{m}{j}->{out}', halves(x).transpose(0, 2, 1), halves(y),
+                    preferred_element_type=jnp.float32)
+
+
+def _custom_einsum_bwd(spec, dtype, res, g):
   a16, b16, a_dtype, b_dtype = res
   spec_a, spec_b = _transpose_specs(spec)
-  g16 = g.astype(jnp.bfloat16)  # bf16 cotangent, f32 accumulation: the fast path backward too
-  da = jnp.einsum(spec_a, g16, b16, preferred_element_type=jnp.float32)
-  db = jnp.einsum(spec_b, a16, g16, preferred_element_type=jnp.float32)
+  g16 = g.astype(dtype)  # a `dtype` cotangent, f32 accumulation: the fast path backward too
+  contract = _row_contracting_einsum if a16.ndim == b16.ndim == g16.ndim == 2 else functools.partial(
+      jnp.einsum, preferred_element_type=jnp.float32)
+  da = contract(spec_a, g16, b16)
+  db = contract(spec_b, a16, g16)
   return da.astype(a_dtype.dtype), db.astype(b_dtype.dtype)
 
 
-_bf16_einsum.defvjp(_bf16_einsum_fwd, _bf16_einsum_bwd)
+_custom_einsum.defvjp(_custom_einsum_fwd, _custom_einsum_bwd)
 
 
 def mixed_einsum(spec: str, a: jax.Array, b: jax.Array, dtype: Dtype) -> jax.Array:
-  """einsum in `dtype` with f32 accumulation and f32 output; bf16 has a matching fast backward."""
-  if jnp.dtype(dtype) == jnp.bfloat16:  # batched (attention) dots too: XLA:CPU (jax 0.10) runs them ~8% faster
-    return _bf16_einsum(spec, a, b)
+  """einsum in `dtype` with f32 accumulation and f32 output. In bf16 its backward keeps bf16 (cotangents in bf16:
+  the fast path backward too) and computes 2-D weight gradients in the form XLA:CPU runs fast; f32 keeps autodiff
+  (the same backward in f32 measured 0.88x on CPU)."""
+  dtype = jnp.dtype(dtype)
+  if dtype == jnp.bfloat16:  # batched (attention) dots too: ~8% faster (jax 0.10)
+    return _custom_einsum(spec, a, b, dtype)
   return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
 
 
@@ -253,6 +272,55 @@ def attention_bias(segment_ids: jax.Array, window: int | None = None) -> jax.Arr
   return jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)[:, None]
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, dtype: Dtype) -> jax.Array:
+  """softmax(q k^T + bias) v over heads-major [batch, heads, len, head_dim], dots in `dtype` with f32
+  accumulation, softmax in f32: the context in f32. `attention` uses it in bf16 when no dropout is active.
+
+  Its backward is written out for XLA:CPU, which runs a bf16 batched dot as a bf16 library call only when it is
+  3-D and its left operand contracts its last axis; autodiff's dv = p^T g and dk = ds^T q are not, and run as
+  generic f32 dots ~4x slower (XLA folds an explicit transpose back into them). So the backward computes the
+  transposed products it needs, p^T = exp(k q^T + bias^T - max) / sum and dp^T = v g^T, as dots of their own
+  (as flash attention recomputes p), and softmax's backward is one pass per layout, `p * (dp - rowsum(g *
+  context))`. The forward equals the einsum path's bit for bit. In f32 the two extra dots cost more than they
+  save (0.95x), so f32 keeps autodiff.
+  """
+  return _softmax_attention_fwd(q, k, v, bias, dtype)[0]
+
+
+def _softmax_attention_fwd(q, k, v, bias, dtype):
+  b, h, l, d = q.shape
+  q16, k16, v16 = (t.astype(dtype).reshape(b * h, l, d) for t in (q, k, v))  # 3-D: XLA:CPU keeps bf16 dots
+  scores = jnp.einsum('nqd,nkd->nqk', q16, k16, preferred_element_type=jnp.float32).reshape(b, h, l, l) + bias
+  peak = jnp.max(scores, axis=-1, keepdims=True)
+  unnormalized = jnp.exp(scores - peak)
+  total = jnp.sum(unnormalized, axis=-1, keepdims=True)
+  p = unnormalized / total  # = jax.nn.softmax(scores), bit for bit
+  context = jnp.einsum('nqk,nkd->nqd', p.astype(dtype).reshape(b * h, l, l), v16,
+                       preferred_element_type=jnp.float32).reshape(b, h, l, d)
+  carriers = tuple(jnp.zeros((0,), t.dtype) for t in (q, k, v))  # the primal dtypes of the cotangents
+  return context, (q16, k16, v16, p, peak, total, context, bias, carriers)
+
+
+def _softmax_attention_bwd(dtype, res, g):
+  q16, k16, v16, p, peak, total, context, bias, carriers = res
+  b, h, l, d = g.shape
+  g16, swap = g.astype(dtype).reshape(b * h, l, d), lambda t: jnp.swapaxes(t, -1, -2)
+  dot = lambda spec, x, y: jnp.einsum(spec, x, y, preferred_element_type=jnp.float32)
+  to3, to4 = lambda t: t.astype(dtype).reshape(b * h, l, l), lambda t: t.reshape(b, h, l, -1)
+  rowsum = jnp.sum(g * context, axis=-1, keepdims=True)  # = rowsum(p * dp)
+  p_t = jnp.exp(to4(dot('nkd,nqd->nkq', k16, q16)) + swap(bias) - swap(peak)) / swap(total)
+  ds_t = p_t * (to4(dot('nkd,nqd->nkq', v16, g16)) - swap(rowsum))
+  ds = p * (to4(dot('nqd,nkd->nqk', g16, v16)) - rowsum)
+  dq = dot('nqk,nkd->nqd', to3(ds), k16)
+  dk = dot('nkq,nqd->nkd', to3(ds_t), q16)
+  dv = dot('nkq,nqd->nkd', to3(p_t), g16)
+  return (*(to4(x).astype(c.dtype) for x, c in zip((dq, dk, dv), carriers)), jnp.zeros_like(bias))  # bias: a mask
+
+
+_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, *, dtype: Dtype, dropout_rate: float,
               deterministic: bool, mode: str = 'auto', row_ids: jax.Array | None = None,
               cudnn: bool = True) -> jax.Array:
@@ -272,6 +340,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, *, dtyp
     else:
       context = jax.nn.dot_product_attention(*qkv, mask=bias == 0)
     return context.astype(jnp.float32).reshape(b, l, heads * head_dim)
+  if jnp.dtype(dtype) == jnp.bfloat16 and (dropout_rate == 0.0 or deterministic):
+    context = _softmax_attention(q * head_dim ** -0.5, k, v, bias, jnp.dtype(dtype))
+    return context.transpose(0, 2, 1, 3).reshape(b, l, heads * head_dim)
   # Heads-major layout: batched dots over (batch, head) run ~3x faster than 'bqhd,bkhd' on CPU.
   scores = mixed_einsum('bhqd,bhkd->bhqk', q * head_dim ** -0.5, k, dtype) + bias
   probs = Dropout(dropout_rate)(jax.nn.softmax(scores, axis=-1), deterministic=deterministic, row_ids=row_ids)
@@ -316,7 +387,10 @@ def decode(x: jax.Array, embedding: jax.Array, vocab_multiple: int, dtype: Dtype
   pad = -vocab % vocab_multiple
   if pad:
     embedding = jnp.pad(embedding, ((0, pad), (0, 0)))
-  return mixed_einsum('bph,vh->bpv', x, embedding, dtype)[..., :vocab]
+  # A 2-D dot, as `Dense`'s: on [batch, P, hidden] XLA:CPU transposes the logits' cotangent for the embedding's
+  # gradient (a ~2 ms copy per step at the quick start's shapes).
+  logits = mixed_einsum('mh,vh->mv', x.reshape(-1, x.shape[-1]), embedding, dtype)
+  return logits.reshape(*x.shape[:-1], -1)[..., :vocab]
 
 
 def _cpu_has_fast_bf16() -> bool:
