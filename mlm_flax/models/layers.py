@@ -52,8 +52,11 @@ def _row_contracting_einsum(spec: str, x: jax.Array, y: jax.Array) -> jax.Array:
   if m != m2 or m in out or rows % 2:
     return jnp.einsum(spec, x, y, preferred_element_type=jnp.float32)
   halves, s = lambda t: t.reshape(2, rows // 2, t.shape[1]), next(c for c in 'hsabc' if c not in spec)
-  return jnp.einsum(f'{s}{i}{m},{s}{m}{j}->{out}', halves(x).transpose(0, 2, 1), halves(y),
-                    preferred_element_type=jnp.float32)
+  product = jnp.einsum(f'{s}{i}{m},{s}{m}{j}->{i}{j}', halves(x).transpose(0, 2, 1), halves(y),
+                       preferred_element_type=jnp.float32)
+  # In the other order ('mh,mv->vh': the tied decoder's gradient) XLA would transpose the (large) right operand,
+  # or, with a plain transpose after the dot, fold it back into a dot it cannot run; the barrier keeps this order.
+  return product if out == i + j else jax.lax.optimization_barrier(product).T
 
 
 def _custom_einsum_bwd(spec, dtype, res, g):

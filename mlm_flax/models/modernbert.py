@@ -124,7 +124,8 @@ class Layer(nn.Module):
 
     y = x if self.index == 0 else norm(name='attention_norm')(x)
     qkv = dense(3 * h, use_bias=attn_bias, name='qkv')(y)  # features ordered (q|k|v, head, head_dim)
-    q, k, v = qkv.reshape(b, l, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)  # each [b, heads, l, head_dim]
+    # Split, not unpacked from a [3, ...] array: the backward is then one concatenation, not three padded sums.
+    q, k, v = (t.reshape(b, l, heads, head_dim).transpose(0, 2, 1, 3) for t in jnp.split(qkv, 3, axis=-1))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     # cudnn=False: XLA's attention, as before the layers were shared (cuDNN with the sliding-window mask is
     # not yet checked against it on a GPU).
