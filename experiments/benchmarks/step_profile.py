@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -217,15 +218,25 @@ def main() -> None:
   parser.add_argument('--steps', type=int, default=5)
   parser.add_argument('--torch_compile', action='store_true')
   parser.add_argument('--out', default=os.path.join(HERE, 'results'))
+  parser.add_argument('--_one', help=argparse.SUPPRESS)  # 'mlm_flax:DTYPE' or 'torch:DTYPE', in a subprocess
   args = parser.parse_args()
+  if args._one:  # pylint: disable=protected-access
+    framework, dtype = args._one.split(':')  # pylint: disable=protected-access
+    c = config_for(args.size)
+    result = (profile_jax(c, dtype, args.steps) if framework == 'mlm_flax'
+              else profile_torch(c, dtype, args.steps, args.torch_compile))
+    print('RESULT ' + json.dumps(result))
+    return
   results, flops = {}, {}
   for dtype in args.dtypes.split(','):
-    c = config_for(args.size)
-    results[f'mlm_flax {dtype}'] = profile_jax(c, dtype, args.steps)
-    flops[f'mlm_flax {dtype}'] = matmul_flops(c, False)
-    name = f"torch {dtype}{' compiled' if args.torch_compile else ''}"
-    results[name] = profile_torch(config_for(args.size), dtype, args.steps, args.torch_compile)
-    flops[name] = matmul_flops(c, True)
+    # Each profile in its own process: at base size the JAX trace and torch's profiler together outgrow 24 GB.
+    for framework in ('mlm_flax', 'torch'):
+      name = f"{framework} {dtype}{' compiled' if framework == 'torch' and args.torch_compile else ''}"
+      cmd = [sys.executable, os.path.abspath(__file__), '--size', args.size, '--steps', str(args.steps),
+             '--_one', f'{framework}:{dtype}'] + (['--torch_compile'] if args.torch_compile else [])
+      out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+      results[name] = json.loads(next(l for l in out.splitlines() if l.startswith('RESULT '))[len('RESULT '):])
+      flops[name] = matmul_flops(config_for(args.size), framework == 'torch')
   import platform  # pylint: disable=g-import-not-at-top
   cpu = open('/proc/cpuinfo').read()
   model = re.search(r'model name\s*:\s*(.*)', cpu)

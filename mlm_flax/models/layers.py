@@ -285,8 +285,8 @@ def _softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array
   generic f32 dots ~4x slower (XLA folds an explicit transpose back into them). So the backward computes the
   transposed products it needs, p^T = exp(k q^T + bias^T - max) / sum and dp^T = v g^T, as dots of their own
   (as flash attention recomputes p), and softmax's backward is one pass per layout, `p * (dp - rowsum(g *
-  context))`. The forward equals the einsum path's bit for bit. In f32 the two extra dots cost more than they
-  save (0.95x), so f32 keeps autodiff.
+  context))`. The forward is the einsum path's (the same dots and softmax, 3-D). In f32 the two extra dots cost
+  more than they save (0.95x), so f32 keeps autodiff.
   """
   return _softmax_attention_fwd(q, k, v, bias, dtype)[0]
 
