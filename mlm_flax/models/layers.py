@@ -29,28 +29,29 @@ def _transpose_specs(spec: str) -> tuple[str, str]:
   return f'{out},{b}->{a}', f'{a},{out}->{b}'
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
-def _custom_einsum(spec: str, a: jax.Array, b: jax.Array, dtype: Dtype) -> jax.Array:
-  return _custom_einsum_fwd(spec, a, b, dtype)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _bf16_einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  return _bf16_einsum_fwd(spec, a, b)[0]
 
 
-def _custom_einsum_fwd(spec, a, b, dtype):
-  a16, b16 = a.astype(dtype), b.astype(dtype)
+def _bf16_einsum_fwd(spec, a, b):
+  a16, b16 = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
   out = jnp.einsum(spec, a16, b16, preferred_element_type=jnp.float32)
   # Zero-size carriers remember the primal dtypes for the cotangents.
   return out, (a16, b16, jnp.zeros((0,), a.dtype), jnp.zeros((0,), b.dtype))
 
 
 def _row_contracting_einsum(spec: str, x: jax.Array, y: jax.Array) -> jax.Array:
-  """`einsum(spec, x, y)` (f32 accumulation) where `spec` contracts the first axis of two 2-D operands ('mk,mn->kn':
-  a weight's gradient). XLA:CPU runs that form as a generic dot, in f32 after converting bf16 operands: 3-5x
-  slower than a bf16 matmul. With the rows split in two halves that are contracted too, XLA transposes the left
-  operand and runs a bf16 library dot. The same sum, in another order."""
+  """`einsum(spec, x, y)` with f32 accumulation; when `spec` contracts the first axis of two 2-D operands
+  ('mk,mn->kn': a weight's gradient), in the form XLA:CPU runs fast. It runs that form as a generic dot, in f32
+  after converting bf16 operands: 3-5x slower than a bf16 matmul. With the rows split in two halves that are
+  contracted too, XLA transposes the left operand and runs a bf16 library dot. The same sum, in another order."""
   inputs, out = spec.split('->')
-  (m, i), (m2, j) = inputs.split(',')
+  a, b = inputs.split(',')
   rows = x.shape[0]
-  if m != m2 or m in out or rows % 2:
+  if x.ndim != 2 or y.ndim != 2 or a[0] != b[0] or a[0] in out or rows % 2:
     return jnp.einsum(spec, x, y, preferred_element_type=jnp.float32)
+  m, i, j = a[0], a[1], b[1]
   halves, s = lambda t: t.reshape(2, rows // 2, t.shape[1]), next(c for c in 'hsabc' if c not in spec)
   # Transpose x only once y (the cotangent) exists: XLA would hoist the transpose of a forward activation into the
   # forward pass and keep both copies alive until the backward (+4 GB at BERT-base, 32 x 128).
@@ -62,27 +63,24 @@ def _row_contracting_einsum(spec: str, x: jax.Array, y: jax.Array) -> jax.Array:
   return product if out == i + j else jax.lax.optimization_barrier(product).T
 
 
-def _custom_einsum_bwd(spec, dtype, res, g):
+def _bf16_einsum_bwd(spec, res, g):
   a16, b16, a_dtype, b_dtype = res
   spec_a, spec_b = _transpose_specs(spec)
-  g16 = g.astype(dtype)  # a `dtype` cotangent, f32 accumulation: the fast path backward too
-  contract = _row_contracting_einsum if a16.ndim == b16.ndim == g16.ndim == 2 else functools.partial(
-      jnp.einsum, preferred_element_type=jnp.float32)
-  da = contract(spec_a, g16, b16)
-  db = contract(spec_b, a16, g16)
+  g16 = g.astype(jnp.bfloat16)  # bf16 cotangent, f32 accumulation: the fast path backward too
+  da = _row_contracting_einsum(spec_a, g16, b16)
+  db = _row_contracting_einsum(spec_b, a16, g16)
   return da.astype(a_dtype.dtype), db.astype(b_dtype.dtype)
 
 
-_custom_einsum.defvjp(_custom_einsum_fwd, _custom_einsum_bwd)
+_bf16_einsum.defvjp(_bf16_einsum_fwd, _bf16_einsum_bwd)
 
 
 def mixed_einsum(spec: str, a: jax.Array, b: jax.Array, dtype: Dtype) -> jax.Array:
   """einsum in `dtype` with f32 accumulation and f32 output. In bf16 its backward keeps bf16 (cotangents in bf16:
   the fast path backward too) and computes 2-D weight gradients in the form XLA:CPU runs fast; f32 keeps autodiff
   (the same backward in f32 measured 0.88x on CPU)."""
-  dtype = jnp.dtype(dtype)
-  if dtype == jnp.bfloat16:  # batched (attention) dots too: ~8% faster (jax 0.10)
-    return _custom_einsum(spec, a, b, dtype)
+  if jnp.dtype(dtype) == jnp.bfloat16:  # batched (attention) dots too: ~8% faster (jax 0.10)
+    return _bf16_einsum(spec, a, b)
   return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
 
 
