@@ -39,13 +39,15 @@ class Evaluator:
   def __call__(self, params: Any, rows: dict[str, np.ndarray], batch_size: int, max_batches: int = 0) -> dict:
     """The objective's eval metrics (masked-token loss, accuracy, perplexity, counts for MLM) over `rows` (all of
     them unless `max_batches`)."""
-    pending = []
+    pending, queued = [], parallel.steps_queued()
     rows = {**rows, 'row_ids': np.arange(len(rows['input_ids']), dtype=np.int32)}  # padding rows get 0: unmasked
     batches = data.eval_batches(rows, batch_size, jax.process_index(), jax.process_count())
     for i, batch in enumerate(batches):
       if max_batches and i >= max_batches:
         break
       pending.append(self.step(params, parallel.to_global(batch, self.mesh), self.rng))
+      if len(pending) > queued:  # on CPU one batch at a time: queued batches' buffers page-fault beside it
+        jax.block_until_ready(pending[-1 - queued])
     sums = jax.tree.map(lambda *x: np.sum(np.asarray(x, np.float64), axis=0), *parallel.fetch(pending))
     return self.objective.summarize(sums)
 

@@ -4,7 +4,9 @@ XLA:CPU allocates a step's temporary buffers at every execution. With glibc's de
 mmap-ed and unmapped each step and every XLA worker thread gets its own arena, so each step touches fresh pages:
 ~50,000 page faults per step of the quick start (2-core Intel Xeon with AMX: 10.1k tokens/s with them, 11.5k
 without, `experiments/benchmarks/README.md`). One arena, no mmap and no trimming make a freed block the next
-step's block. It is process-wide (glibc's `mallopt`), takes effect for threads that have not allocated yet, so it
+step's block; trimming is off altogether (`M_TRIM_THRESHOLD=-1`): a threshold of 2 GB, glibc's largest positive
+one, still handed a BERT-base step's freed buffers back every step (16 GB of page faults in 4 steps). It is
+process-wide (glibc's `mallopt`), takes effect for threads that have not allocated yet, so it
 runs at `import mlm_flax`, before JAX starts its CPU client; `MLM_FLAX_MALLOC=system` leaves glibc as it is.
 tcmalloc or jemalloc preloaded (`LD_PRELOAD`) do the same and are left alone.
 """
@@ -17,7 +19,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 
 
 def keep_freed_memory() -> bool:
-  """Sets glibc to reuse freed memory (one arena, no mmap-ed blocks, no trim); True when it did."""
+  """Sets glibc to reuse freed memory (one arena, no mmap-ed blocks, no trim: -1 is SIZE_MAX); True when it did."""
   if (os.environ.get('MLM_FLAX_MALLOC', 'reuse') == 'system' or not sys.platform.startswith('linux')
       or any(name in os.environ.get('LD_PRELOAD', '') for name in ('tcmalloc', 'jemalloc'))):
     return False
@@ -27,4 +29,4 @@ def keep_freed_memory() -> bool:
   except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
     return False
   return all(mallopt(option, value) == 1 for option, value in
-             ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)))
+             ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))

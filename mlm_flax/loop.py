@@ -1,8 +1,8 @@
 """The one training loop, for every kind of run (MLM or ELECTRA pretraining, fine-tuning).
 
 A run's set-up (`train.py`, `finetune.py`) builds a `Run`: its state, jitted step, batches, evaluation and the
-summary of its metrics. `run_loop` does the rest once: the steps with one step's metrics queued (the bar and
-ETA follow real progress, metrics leave the device only at log time), the log / eval / checkpoint cadences,
+summary of its metrics. `run_loop` does the rest once: the steps (one queued behind the running one on accelerators, none on
+CPU: `parallel.steps_queued`; the bar and ETA follow real progress, metrics leave the device only at log time), the log / eval / checkpoint cadences,
 tokens/s and MFU, the non-finite policy (`optimizer.nonfinite`), preemption (SIGTERM/SIGINT save and return),
 HParams, and checkpoints whose metadata holds the metrics of the steps since the last log, so a resumed run logs
 exactly what an uninterrupted one does.
@@ -122,7 +122,7 @@ def _evaluate(run: Run, step: int, params: Any, bar: tqdm) -> dict:
 def run_loop(run: Run, preempt: preemption.Watcher) -> Outcome:
   """Trains `run` from its start step to `num_steps`; returns the final state and evaluation (or, stopped by a
   signal, the state whose checkpoint was saved, `preempted=True`)."""
-  state, pending, result = run.state, list(run.pending), None
+  state, pending, result, queued = run.state, list(run.pending), None, parallel.steps_queued()
   last_time, last_step = time.time(), run.start_step
   bar = tqdm(total=run.num_steps, initial=run.start_step, unit='step', dynamic_ncols=True,
              disable=not run.progress_bar or jax.process_index() != 0)
@@ -131,9 +131,9 @@ def run_loop(run: Run, preempt: preemption.Watcher) -> Outcome:
       batch, data_position = next(run.batches)
       state, metrics = run.step(state, batch)
       pending.append(metrics)
-      if len(pending) > 1:  # keep one step queued, so the bar and ETA follow real progress
-        jax.block_until_ready(pending[-2]['skipped_steps'])
-        check_finite(pending[-2], step - 1, run.nonfinite)
+      if len(pending) > queued:  # no more queued than that, so the bar and ETA follow real progress
+        jax.block_until_ready(pending[-1 - queued]['skipped_steps'])
+        check_finite(pending[-1 - queued], step - queued, run.nonfinite)
       bar.update(1)
       last = step == run.num_steps
       if step % run.log_every == 0 or last:

@@ -31,6 +31,16 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     jax.distributed.initialize()
 
 
+def steps_queued() -> int:
+  """How many dispatched steps the loops leave queued behind the running one (training and evaluation).
+
+  1 on GPU and TPU: the host readies the next step while the device runs this one. 0 on CPU, where the host is
+  the device: XLA:CPU sets up a queued step's buffers beside the running one's, and one queued step took
+  BERT-base (32 x 128, bf16) from 7.4 to 17.6 GB peak and 2.2x slower (page faults), the quick start 5% slower.
+  """
+  return 0 if jax.default_backend() == 'cpu' else 1
+
+
 def make_mesh(num_devices: int | None = None, fsdp: int = 1) -> Mesh:
   """A (data, fsdp) mesh over all (or the first `num_devices`) devices.
 

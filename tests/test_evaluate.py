@@ -72,3 +72,22 @@ def test_eval_sums_do_not_depend_on_the_device_count():
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   for key, result in out.items():
     _assert_same(result, out['1x8'])
+
+
+def test_on_cpu_evaluation_waits_for_each_batch_before_the_next():
+  """`parallel.steps_queued()` is 0 on CPU: a batch is dispatched once the previous one is done (queued XLA:CPU
+  executions set up their buffers side by side), and the sums stay those of the whole split."""
+  mesh = parallel.make_mesh(1)
+  model, _, mask_fn, num_predictions, state = setup(mesh)
+  evaluator = evaluate.Evaluator(mlm.MLM(model, mask_fn, num_predictions, baseline_token=7), mesh, seed=0)
+  jitted, dispatched, ready_at_dispatch = evaluator.step, [], []
+
+  def step(*args):
+    ready_at_dispatch.append(all(x.is_ready() for out in dispatched for x in jax.tree.leaves(out)))
+    dispatched.append(jitted(*args))
+    return dispatched[-1]
+
+  evaluator.step = step
+  result = evaluator(state.params, eval_rows(), 8)
+  assert len(ready_at_dispatch) == 13 and all(ready_at_dispatch)
+  assert result == evaluate_rows(1, 8)
