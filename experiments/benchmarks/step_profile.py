@@ -104,6 +104,8 @@ def profile_jax(c, dtype: str, steps: int) -> dict:
   start = time.perf_counter()
   for _ in range(steps):
     state, metrics = step(state, batch)
+    if not parallel.steps_queued():  # as the training loop does on CPU
+      jax.block_until_ready(metrics)
   jax.block_until_ready(metrics)
   step_s = (time.perf_counter() - start) / steps
   folder = tempfile.mkdtemp()
