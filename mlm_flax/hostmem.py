@@ -4,11 +4,11 @@ XLA:CPU allocates a step's temporary buffers at every execution. With glibc's de
 mmap-ed and unmapped each step and every XLA worker thread gets its own arena, so each step touches fresh pages:
 ~50,000 page faults per step of the quick start (2-core Intel Xeon with AMX: 10.1k tokens/s with them, 11.5k
 without, `experiments/benchmarks/README.md`). One arena, no mmap and no trimming make a freed block the next
-step's block; trimming is off altogether (`M_TRIM_THRESHOLD=-1`): a threshold of 2 GB, glibc's largest positive
-one, still handed a BERT-base step's freed buffers back every step (16 GB of page faults in 4 steps). It is
-process-wide (glibc's `mallopt`), takes effect for threads that have not allocated yet, so it
-runs at `import mlm_flax`, before JAX starts its CPU client; `MLM_FLAX_MALLOC=system` leaves glibc as it is.
-tcmalloc or jemalloc preloaded (`LD_PRELOAD`) do the same and are left alone.
+step's block. Trimming is off altogether (`M_TRIM_THRESHOLD=-1`, i.e. SIZE_MAX): at 2 GB, the largest positive
+threshold, glibc still handed a BERT-base step's freed buffers back every step (32 x 128: 16 GB given back and
+faulted in again over 3 steps, 2x slower). It is process-wide (glibc's `mallopt`), takes effect for threads that
+have not allocated yet, so it runs at `import mlm_flax`, before JAX starts its CPU client; `MLM_FLAX_MALLOC=system`
+leaves glibc as it is. tcmalloc or jemalloc preloaded (`LD_PRELOAD`) do the same and are left alone.
 """
 
 import ctypes

@@ -1,11 +1,11 @@
 """The one training loop, for every kind of run (MLM or ELECTRA pretraining, fine-tuning).
 
 A run's set-up (`train.py`, `finetune.py`) builds a `Run`: its state, jitted step, batches, evaluation and the
-summary of its metrics. `run_loop` does the rest once: the steps (one queued behind the running one on accelerators, none on
-CPU: `parallel.steps_queued`; the bar and ETA follow real progress, metrics leave the device only at log time), the log / eval / checkpoint cadences,
-tokens/s and MFU, the non-finite policy (`optimizer.nonfinite`), preemption (SIGTERM/SIGINT save and return),
-HParams, and checkpoints whose metadata holds the metrics of the steps since the last log, so a resumed run logs
-exactly what an uninterrupted one does.
+summary of its metrics. `run_loop` does the rest once: the steps (one queued behind the running one on
+accelerators, none on CPU: `parallel.steps_queued`; the bar and ETA follow real progress, metrics leave the device
+only at log time), the log / eval / checkpoint cadences, tokens/s and MFU, the non-finite policy
+(`optimizer.nonfinite`), preemption (SIGTERM/SIGINT save and return), HParams, and checkpoints whose metadata
+holds the metrics of the steps since the last log, so a resumed run logs exactly what an uninterrupted one does.
 """
 
 import dataclasses
