@@ -74,7 +74,8 @@ def jax_class(op_name: str, shape: str, opcode: str) -> str:
   return 'other'
 
 
-def profile_jax(c, dtype: str, steps: int) -> dict:
+def build_jax_step(c, dtype: str):
+  """Our jitted training step of config `c` in `dtype`, its state after 3 steps, and its synthetic batch."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np
   from mlm_flax import parallel, train
@@ -94,20 +95,33 @@ def profile_jax(c, dtype: str, steps: int) -> dict:
                               'positions': np.broadcast_to(np.arange(args.seq, dtype=np.int32), ones.shape)}, mesh)
   for _ in range(3):
     state, metrics = step(state, batch)
-  jax.block_until_ready(metrics)
-  info = {}
-  for line in step.lower(state, batch).compile().as_text().splitlines():
-    m = re.match(r'\s*(?:ROOT )?%([\w.\-]+) = (\S+) (\w+)\(', line)
-    if m:
-      o = re.search(r'op_name="([^"]*)"', line)
-      info[m.group(1)] = (m.group(2), m.group(3), o.group(1) if o else '')
+    jax.block_until_ready(metrics)
+  return step, state, batch
+
+
+def time_jax_step(step, state, batch, steps: int):
+  """Seconds per step as the training loop runs it, and the state after."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from mlm_flax import parallel  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   for _ in range(steps):
     state, metrics = step(state, batch)
     if not parallel.steps_queued():  # as the training loop does on CPU
       jax.block_until_ready(metrics)
   jax.block_until_ready(metrics)
-  step_s = (time.perf_counter() - start) / steps
+  return (time.perf_counter() - start) / steps, state
+
+
+def profile_jax(c, dtype: str, steps: int) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  step, state, batch = build_jax_step(c, dtype)
+  info = {}
+  for line in step.lower(state, batch).compile().as_text().splitlines():
+    m = re.match(r'\s*(?:ROOT )?%([\w.\-]+) = (\S+) (\w+)\(', line)
+    if m:
+      o = re.search(r'op_name="([^"]*)"', line)
+      info[m.group(1)] = (m.group(2), m.group(3), o.group(1) if o else '')
+  step_s, state = time_jax_step(step, state, batch, steps)
   folder = tempfile.mkdtemp()
   try:
     with jax.profiler.trace(folder, create_perfetto_trace=True):
@@ -143,7 +157,8 @@ def torch_class(name: str) -> str:
   return 'other'
 
 
-def profile_torch(c, dtype: str, steps: int, compiled: bool) -> dict:
+def build_torch_step(c, dtype: str, compiled: bool):
+  """The eager-attention peer's training step of config `c` (`dtype`: bf16 autocast or f32), warmed up."""
   import contextlib  # pylint: disable=g-import-not-at-top
   import torch
   import torch_modernbert_step as peer
@@ -167,10 +182,20 @@ def profile_torch(c, dtype: str, steps: int, compiled: bool) -> dict:
 
   for _ in range(5):
     run()
+  return run
+
+
+def time_torch_step(run, steps: int) -> float:
   start = time.perf_counter()
   for _ in range(steps):
     run()
-  step_s = (time.perf_counter() - start) / steps
+  return (time.perf_counter() - start) / steps
+
+
+def profile_torch(c, dtype: str, steps: int, compiled: bool) -> dict:
+  import torch  # pylint: disable=g-import-not-at-top
+  run = build_torch_step(c, dtype, compiled)
+  step_s = time_torch_step(run, steps)
   with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
     for _ in range(steps):
       run()

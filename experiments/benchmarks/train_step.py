@@ -12,6 +12,7 @@ framework runs in its own process (so peak memory is its own), in rotating order
                position), in a venv of its own (`--hf_venv`, built on first use)
   torch_fp32   transformers `BertForMaskedLM` + `torch.optim.AdamW`
   torch_bf16   the same under `torch.autocast('cpu', bfloat16)`
+  *_passive    a torch worker under OMP_WAIT_POLICY=PASSIVE (faster on a loaded machine; see PASSIVE)
 
 MFU is model FLOPs (`mlm_flax.flops`, 15% masked) per second over this machine's measured matmul peak
 (the best of JAX and torch, f32 and bf16), so it is against this machine, not a datasheet. Writes
@@ -40,8 +41,18 @@ WORKERS = {'mlm_flax': ('mlm_flax_step.py', 'auto'), 'hf_flax': ('hf_flax_step.p
            'torch_modernbert_bf16_sdpa': ('torch_modernbert_step.py', 'bfloat16', '--attn=sdpa'),
            'torch_modernbert_fp32_compile': ('torch_modernbert_step.py', 'float32', '--attn=eager', '--compile'),
            'torch_modernbert_bf16_compile': ('torch_modernbert_step.py', 'bfloat16', '--attn=eager', '--compile')}
+# OpenMP's wait policy is worth a variant of its own: its default (threads spin a while between parallel regions)
+# is fastest on a quiet machine (torch.compile bf16 at the quick start: 32-33k tokens/s against 23k with
+# OMP_WAIT_POLICY=PASSIVE, 2026-12-04), PASSIVE on a loaded one (spinning threads fight other processes). Every
+# torch worker runs under OpenMP's default (an OMP_WAIT_POLICY in the caller's environment is dropped); each
+# `_passive` variant under PASSIVE.
+PASSIVE = 'OMP_WAIT_POLICY=PASSIVE'
+WORKERS.update({f'{name}_passive': (*WORKERS[name], PASSIVE) for name in
+                ('torch_fp32', 'torch_bf16', 'torch_modernbert_fp32_compile', 'torch_modernbert_bf16_compile')})
+BERT_FRAMEWORKS = 'mlm_flax,hf_flax,torch_fp32,torch_bf16,torch_fp32_passive,torch_bf16_passive'
 RECIPE_FRAMEWORKS = ('mlm_flax_fp32,mlm_flax_bf16,torch_modernbert_fp32,torch_modernbert_bf16,torch_modernbert_bf16_sdpa,'
-                     'torch_modernbert_fp32_compile,torch_modernbert_bf16_compile')
+                     'torch_modernbert_fp32_compile,torch_modernbert_bf16_compile,torch_modernbert_fp32_compile_passive,'
+                     'torch_modernbert_bf16_compile_passive')
 # What run_mlm_flax.py ran on: the last transformers with Flax models and the JAX/Flax of its time.
 HF_REQUIREMENTS = ['transformers==4.46.3', 'flax==0.8.5', 'jax==0.4.30', 'jaxlib==0.4.30', 'optax==0.2.2',
                    'orbax-checkpoint==0.5.20', 'numpy<2']
@@ -88,6 +99,11 @@ def _time(fn) -> float:
 
 def run_worker(framework: str, shape: dict, args, python: str, env: dict, extra: tuple = ()) -> dict:
   script, dtype, *flags = WORKERS[framework]
+  if script.startswith('torch'):  # OpenMP's default wait policy unless the variant says PASSIVE (see PASSIVE)
+    env = {k: v for k, v in env.items() if k != 'OMP_WAIT_POLICY'}
+    if PASSIVE in flags:
+      flags.remove(PASSIVE)
+      env['OMP_WAIT_POLICY'] = 'PASSIVE'
   cmd = [python, os.path.join(HERE, 'workers', script), '--vocab', str(VOCAB), '--dtype', dtype,
          '--steps', str(args.steps), '--warmup', str(args.warmup), *flags]
   if args.config:  # the recipe's own shapes and model (the workers read the file)
@@ -116,7 +132,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--sizes', default='small,base')
   parser.add_argument('--seq_lens', default='128,512')
-  parser.add_argument('--frameworks', default=','.join(WORKERS))
+  parser.add_argument('--frameworks', default=BERT_FRAMEWORKS)
   parser.add_argument('--tokens_per_step', type=int, default=4096)
   parser.add_argument('--steps', type=int, default=5)
   parser.add_argument('--warmup', type=int, default=2)
@@ -194,7 +210,7 @@ def recipe_main(args) -> None:
   """The equal-recipe grid: every framework of `--frameworks` (default `RECIPE_FRAMEWORKS`) on the shapes and
   model of `--config`, `--rounds` alternating rounds; tokens/s and the speed-up of each of ours over the fastest
   peer of each precision. Writes results/recipe_step.{json,md}."""
-  frameworks = (args.frameworks if args.frameworks != ','.join(WORKERS) else RECIPE_FRAMEWORKS).split(',')
+  frameworks = (args.frameworks if args.frameworks != BERT_FRAMEWORKS else RECIPE_FRAMEWORKS).split(',')
   env = {**os.environ, 'PYTHONPATH': os.path.dirname(os.path.dirname(HERE))}
   runs = {f: [] for f in frameworks}
   for r in range(args.rounds):

@@ -357,7 +357,8 @@ def markdown(summary: dict) -> str:
 def machine_lines(summary: dict) -> list[str]:
   cpu = summary['machine']['cpu']
   return ['', f"Machine: {cpu['cores']}-core {cpu['model_name']}, avx512_bf16={cpu['avx512_bf16']}, "
-          f"amx_bf16={cpu['amx_bf16']}; load average before: {summary['machine']['load_average_before']}.", '']
+          f"amx_bf16={cpu['amx_bf16']}; load average before: {summary['machine']['load_average_before']}; "
+          f"OMP_WAIT_POLICY {summary['machine'].get('omp_wait_policy', 'not recorded')}.", '']
 
 
 def main() -> None:
@@ -457,7 +458,10 @@ def main() -> None:
       'runs': runs,
       'eval': {'num_masked_tokens': counts.pop(), 'rate': ours_config['masking']['eval_rate']},
       'probe_ours': {k: v for k, v in probe.items() if k != 'workdir'},
-      'machine': {'cpu': arch.cpu_info(), 'load_average_before': load_before},
+      'machine': {'cpu': arch.cpu_info(), 'load_average_before': load_before,
+                  # torch's speed depends on it (experiments/benchmarks/train_step.py, PASSIVE): on a quiet machine
+                  # OpenMP's default (unset) is the peer's faster setting.
+                  'omp_wait_policy': os.environ.get('OMP_WAIT_POLICY', 'default')},
       'command': ' '.join(['python', os.path.relpath(os.path.abspath(sys.argv[0]), REPO), *sys.argv[1:]]),
       'total_wall_seconds': round(time.time() - started, 1)}
   os.makedirs(args.results, exist_ok=True)
