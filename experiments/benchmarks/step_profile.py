@@ -261,7 +261,9 @@ def main() -> None:
       name = f"{framework} {dtype}{' compiled' if framework == 'torch' and args.torch_compile else ''}"
       cmd = [sys.executable, os.path.abspath(__file__), '--size', args.size, '--steps', str(args.steps),
              '--_one', f'{framework}:{dtype}'] + (['--torch_compile'] if args.torch_compile else [])
-      out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+      # torch under OpenMP's default wait policy, its faster one on a quiet machine (train_step.PASSIVE).
+      env = {k: v for k, v in os.environ.items() if k != 'OMP_WAIT_POLICY'}
+      out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
       results[name] = json.loads(next(l for l in out.splitlines() if l.startswith('RESULT '))[len('RESULT '):])
       flops[name] = matmul_flops(config_for(args.size), framework == 'torch')
   import platform  # pylint: disable=g-import-not-at-top
