@@ -37,7 +37,7 @@ def step_dots(hlo: str) -> list[dict]:
   dots = []
   for comp in re.split(r'\n(?=\S)', hlo):  # computations start at column 0
     shapes = {}
-    header = re.match(r'%?\S+ \((.*?)\) ->', comp)
+    header = re.match(r'(?:ENTRY )?%?\S+ \((.*?)\) ->', comp)
     if header:
       shapes.update((m.group(1), m.group(2)) for m in re.finditer(r'([\w.\-]+): (\w+\[[\d,]*\])', header.group(1)))
     for line in comp.splitlines():
@@ -147,6 +147,8 @@ def summary(size: str, dtype: str, mine: dict, theirs: dict, compiled: bool, mac
           ('the same matmuls alone, PyTorch (oneDNN)', onednn, f'{gflop / onednn * 1000:.0f} GFLOP/s'),
           ('our step less its matmuls (everything else)', mine['step_ms'] - xla, ''),
           (peer_name, theirs['step_ms'], f"ours: {theirs['step_ms'] / mine['step_ms']:.2f}x"),
+          ("the peer's step less the same matmuls' oneDNN time (approx.: its head runs at every position)",
+           theirs['step_ms'] - onednn, ''),
           ("our step with PyTorch's matmul times (estimate)", bound, f"{theirs['step_ms'] / bound:.2f}x the peer")]
   lines = [f'Matmul bound, {size}, {dtype} ({machine}):', '', '| | ms per step | |', '|---|---:|---|']
   lines += [f'| {name} | {ms:.1f} | {note} |' for name, ms, note in rows]
