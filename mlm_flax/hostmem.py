@@ -9,6 +9,10 @@ threshold, glibc still handed a BERT-base step's freed buffers back every step (
 faulted in again over 3 steps, 2x slower). It is process-wide (glibc's `mallopt`), takes effect for threads that
 have not allocated yet, so it runs at `import mlm_flax`, before JAX starts its CPU client; `MLM_FLAX_MALLOC=system`
 leaves glibc as it is. tcmalloc or jemalloc preloaded (`LD_PRELOAD`) do the same and are left alone.
+
+`mlm_flax.parallel` also has XLA:CPU run each single-device computation in the calling thread (`run_inline`),
+so that a step's temporaries are freed before the call returns (see there); `MLM_FLAX_MALLOC=system` leaves that
+as it is too.
 """
 
 import ctypes
@@ -30,3 +34,4 @@ def keep_freed_memory() -> bool:
     return False
   return all(mallopt(option, value) == 1 for option, value in
              ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
+

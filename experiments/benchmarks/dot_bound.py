@@ -143,7 +143,8 @@ def summary(size: str, dtype: str, mine: dict, theirs: dict, compiled: bool, mac
   peer_name = (f"the peer's step ({'torch.compile' if compiled else 'eager'}, {dtype}, OpenMP wait policy "
                f"{theirs['policy']})")
   rows = [('our step, as the training loop runs it', mine['step_ms'], ''),
-          (f"its {len(mine['dots'])} matmuls alone, XLA:CPU ({gflop:.1f} GFLOP)", xla, f'{gflop / xla * 1000:.0f} GFLOP/s'),
+          (f"its {len(mine['dots'])} matmuls alone, XLA:CPU ({gflop:.1f} GFLOP)", xla,
+           f'{gflop / xla * 1000:.0f} GFLOP/s'),
           ('the same matmuls alone, PyTorch (oneDNN)', onednn, f'{gflop / onednn * 1000:.0f} GFLOP/s'),
           ('our step less its matmuls (everything else)', mine['step_ms'] - xla, ''),
           (peer_name, theirs['step_ms'], f"ours: {theirs['step_ms'] / mine['step_ms']:.2f}x"),

@@ -50,9 +50,10 @@ PASSIVE = 'OMP_WAIT_POLICY=PASSIVE'
 WORKERS.update({f'{name}_passive': (*WORKERS[name], PASSIVE) for name in
                 ('torch_fp32', 'torch_bf16', 'torch_modernbert_fp32_compile', 'torch_modernbert_bf16_compile')})
 BERT_FRAMEWORKS = 'mlm_flax,hf_flax,torch_fp32,torch_bf16,torch_fp32_passive,torch_bf16_passive'
-RECIPE_FRAMEWORKS = ('mlm_flax_fp32,mlm_flax_bf16,torch_modernbert_fp32,torch_modernbert_bf16,torch_modernbert_bf16_sdpa,'
-                     'torch_modernbert_fp32_compile,torch_modernbert_bf16_compile,torch_modernbert_fp32_compile_passive,'
-                     'torch_modernbert_bf16_compile_passive')
+RECIPE_FRAMEWORKS = ','.join(['mlm_flax_fp32', 'mlm_flax_bf16', 'torch_modernbert_fp32', 'torch_modernbert_bf16',
+                              'torch_modernbert_bf16_sdpa', 'torch_modernbert_fp32_compile',
+                              'torch_modernbert_bf16_compile', 'torch_modernbert_fp32_compile_passive',
+                              'torch_modernbert_bf16_compile_passive'])
 # What run_mlm_flax.py ran on: the last transformers with Flax models and the JAX/Flax of its time.
 HF_REQUIREMENTS = ['transformers==4.46.3', 'flax==0.8.5', 'jax==0.4.30', 'jaxlib==0.4.30', 'optax==0.2.2',
                    'orbax-checkpoint==0.5.20', 'numpy<2']
