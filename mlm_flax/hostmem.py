@@ -34,4 +34,3 @@ def keep_freed_memory() -> bool:
     return False
   return all(mallopt(option, value) == 1 for option, value in
              ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
-
