@@ -22,9 +22,14 @@ import sys
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 
 
+def opted_out() -> bool:
+  """True when `MLM_FLAX_MALLOC=system`: glibc and JAX's CPU dispatch are left as they are."""
+  return os.environ.get('MLM_FLAX_MALLOC', 'reuse') == 'system'
+
+
 def keep_freed_memory() -> bool:
   """Sets glibc to reuse freed memory (one arena, no mmap-ed blocks, no trim: -1 is SIZE_MAX); True when it did."""
-  if (os.environ.get('MLM_FLAX_MALLOC', 'reuse') == 'system' or not sys.platform.startswith('linux')
+  if (opted_out() or not sys.platform.startswith('linux')
       or any(name in os.environ.get('LD_PRELOAD', '') for name in ('tcmalloc', 'jemalloc'))):
     return False
   try:

@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mlm_flax import hostmem
+
 DATA_AXIS = 'data'
 FSDP_AXIS = 'fsdp'
 BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # the batch is split over every device
@@ -39,7 +41,7 @@ def run_inline() -> bool:
   GB in about one run in four). The loops wait for each step on CPU anyway (`steps_queued`). JAX reads the flag
   when it creates its CPU client: this runs at import, and applies unless JAX ran a computation before. True when
   it set the flag."""
-  if os.environ.get('MLM_FLAX_MALLOC', 'reuse') == 'system':
+  if hostmem.opted_out():
     return False
   jax.config.update('jax_cpu_enable_async_dispatch', False)
   return True

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from mlm_flax import (checkpoint, evaluate, inference, loop, parallel, preemption, train, validation,
+from mlm_flax import (checkpoint, evaluate, hostmem, inference, loop, parallel, preemption, train, validation,
                       workdir_lock, writers)
 from mlm_flax.interop import hf
 from test_train import random_batch, setup
@@ -239,12 +239,17 @@ def test_on_cpu_the_loop_waits_for_each_step_before_the_next(tmp_path):
   assert outcome.step == 6 and len(ready_at_next_batch) == 6 and all(ready_at_next_batch)
 
 
+def _glibc_tuned() -> bool:
+  """Whether `mlm_flax.hostmem` tuned glibc's malloc here (and the malloc in use is glibc's)."""
+  return (not hostmem.opted_out() and 'alloc' not in os.environ.get('LD_PRELOAD', '')
+          and sys.platform.startswith('linux'))
+
+
 def test_freed_host_memory_stays_with_the_process():
   """`import mlm_flax` turns glibc's trimming off (`hostmem`): a freed 3 GB block stays in the process for the
   next step's buffers. With a 2 GB trim threshold glibc handed it back, and a BERT-base step page-faulted it in
   again every step."""
-  if (os.environ.get('MLM_FLAX_MALLOC') == 'system' or 'alloc' in os.environ.get('LD_PRELOAD', '')
-      or not sys.platform.startswith('linux')):
+  if not _glibc_tuned():
     pytest.skip('glibc left as it is here')
   libc = ctypes.CDLL('libc.so.6')
   libc.malloc.restype, libc.sbrk.restype = ctypes.c_void_p, ctypes.c_void_p
@@ -266,8 +271,7 @@ def test_on_cpu_a_computations_temporaries_are_freed_when_it_returns():
   """`mlm_flax.parallel` has XLA:CPU run single-device computations in the calling thread: when a step returns,
   its temporaries are back in the heap. Dispatched asynchronously, a runtime thread freed them some time later,
   and a next step allocated first grew the heap by a step's temporaries (BERT-base: 7.7 -> 18.5 GB in some runs)."""
-  if (os.environ.get('MLM_FLAX_MALLOC') == 'system' or 'alloc' in os.environ.get('LD_PRELOAD', '')
-      or not sys.platform.startswith('linux') or jax.default_backend() != 'cpu'):
+  if not _glibc_tuned() or jax.default_backend() != 'cpu':
     pytest.skip('glibc or the CPU client left as they are here')
   libc = ctypes.CDLL('libc.so.6')
   libc.mallinfo2.restype = _MallInfo2

@@ -28,6 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, 'workers')]
 
 import step_profile  # pylint: disable=g-import-not-at-top,wrong-import-position
+import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 REPEATS = 10
 
@@ -176,11 +177,10 @@ def main() -> None:
     print('RESULT ' + json.dumps(peer(args.size, args.dtype, args.steps, compiled, dots)))
     return
 
-  def sub(*extra: str, omp: str | None = None) -> dict:  # each side in its own process (memory, thread pools)
+  def sub(*extra: str, passive: bool = False) -> dict:  # each side in its own process (memory, thread pools)
     cmd = [sys.executable, os.path.abspath(__file__), '--size', args.size, '--dtype', args.dtype, '--steps',
            str(args.steps), *(['--no_compile'] if args.no_compile else []), *extra]
-    env = {k: v for k, v in os.environ.items() if k != 'OMP_WAIT_POLICY'}
-    env.update({'OMP_WAIT_POLICY': omp} if omp else {})
+    env = train_step.torch_env(dict(os.environ), passive=passive)
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
     return json.loads(next(l for l in out.splitlines() if l.startswith('RESULT '))[len('RESULT '):])
 
@@ -190,7 +190,7 @@ def main() -> None:
   with open(dots_file, 'w') as f:
     json.dump(mine['dots'], f)
   try:  # the peer under OpenMP's default wait policy and under PASSIVE (train_step.PASSIVE): the faster counts
-    runs = {policy or 'default': sub('--_peer', dots_file, omp=policy) for policy in (None, 'PASSIVE')}
+    runs = {policy: sub('--_peer', dots_file, passive=policy == 'PASSIVE') for policy in ('default', 'PASSIVE')}
   finally:
     os.remove(dots_file)
   policy = min(runs, key=lambda p: runs[p]['step_ms'])

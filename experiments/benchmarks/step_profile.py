@@ -31,6 +31,7 @@ sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), os.path.join(HERE, 'work
 
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 import recipe  # pylint: disable=g-import-not-at-top,wrong-import-position
+import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 CLASSES = ('matmul: dense + head', 'matmul: attention', 'attention softmax + masks', 'RoPE + head layout',
            'norms', 'MLP activation (GeGLU)', 'embedding + gathers', 'loss', 'masking', 'dtype converts',
@@ -262,8 +263,8 @@ def main() -> None:
       cmd = [sys.executable, os.path.abspath(__file__), '--size', args.size, '--steps', str(args.steps),
              '--_one', f'{framework}:{dtype}'] + (['--torch_compile'] if args.torch_compile else [])
       # torch under OpenMP's default wait policy, its faster one on a quiet machine (train_step.PASSIVE).
-      env = {k: v for k, v in os.environ.items() if k != 'OMP_WAIT_POLICY'}
-      out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
+      out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                           env=train_step.torch_env(dict(os.environ))).stdout
       results[name] = json.loads(next(l for l in out.splitlines() if l.startswith('RESULT '))[len('RESULT '):])
       flops[name] = matmul_flops(config_for(args.size), framework == 'torch')
   import platform  # pylint: disable=g-import-not-at-top

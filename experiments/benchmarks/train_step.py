@@ -49,6 +49,14 @@ WORKERS = {'mlm_flax': ('mlm_flax_step.py', 'auto'), 'hf_flax': ('hf_flax_step.p
 PASSIVE = 'OMP_WAIT_POLICY=PASSIVE'
 WORKERS.update({f'{name}_passive': (*WORKERS[name], PASSIVE) for name in
                 ('torch_fp32', 'torch_bf16', 'torch_modernbert_fp32_compile', 'torch_modernbert_bf16_compile')})
+
+
+def torch_env(env: dict, passive: bool = False) -> dict:
+  """`env` for a torch process: OpenMP's default wait policy (an OMP_WAIT_POLICY in `env` dropped), or PASSIVE."""
+  env = {k: v for k, v in env.items() if k != 'OMP_WAIT_POLICY'}
+  return {**env, 'OMP_WAIT_POLICY': 'PASSIVE'} if passive else env
+
+
 BERT_FRAMEWORKS = 'mlm_flax,hf_flax,torch_fp32,torch_bf16,torch_fp32_passive,torch_bf16_passive'
 RECIPE_FRAMEWORKS = ','.join(['mlm_flax_fp32', 'mlm_flax_bf16', 'torch_modernbert_fp32', 'torch_modernbert_bf16',
                               'torch_modernbert_bf16_sdpa', 'torch_modernbert_fp32_compile',
@@ -101,10 +109,8 @@ def _time(fn) -> float:
 def run_worker(framework: str, shape: dict, args, python: str, env: dict, extra: tuple = ()) -> dict:
   script, dtype, *flags = WORKERS[framework]
   if script.startswith('torch'):  # OpenMP's default wait policy unless the variant says PASSIVE (see PASSIVE)
-    env = {k: v for k, v in env.items() if k != 'OMP_WAIT_POLICY'}
-    if PASSIVE in flags:
-      flags.remove(PASSIVE)
-      env['OMP_WAIT_POLICY'] = 'PASSIVE'
+    env = torch_env(env, passive=PASSIVE in flags)
+    flags = [f for f in flags if f != PASSIVE]
   cmd = [python, os.path.join(HERE, 'workers', script), '--vocab', str(VOCAB), '--dtype', dtype,
          '--steps', str(args.steps), '--warmup', str(args.warmup), *flags]
   if args.config:  # the recipe's own shapes and model (the workers read the file)
