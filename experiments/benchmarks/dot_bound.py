@@ -102,8 +102,8 @@ def median_seconds(fn) -> float:
   return sorted(times)[len(times) // 2]
 
 
-def ours(size: str, dtype: str, steps: int) -> dict:
-  """Our step's time and HLO dots, each dot timed alone in XLA."""
+def ours(size: str, dtype: str, steps: int, step_only: bool = False) -> dict:
+  """Our step's time and HLO dots, each dot timed alone in XLA (`step_only`: the time alone)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp
   c = step_profile.config_for(size)
@@ -111,6 +111,8 @@ def ours(size: str, dtype: str, steps: int) -> dict:
   hlo = step.lower(state, batch).compile().as_text()
   step_s, state = step_profile.time_jax_step(step, state, batch, steps)
   del state
+  if step_only:
+    return {'step_ms': step_s * 1000}
   dots = step_dots(hlo)
   for d in dots:
     (lt, ls), (rt, rs) = _shape(d['lhs']), _shape(d['rhs'])
@@ -143,7 +145,9 @@ def summary(size: str, dtype: str, mine: dict, theirs: dict, compiled: bool, mac
   bound = mine['step_ms'] - xla + onednn
   peer_name = (f"the peer's step ({'torch.compile' if compiled else 'eager'}, {dtype}, OpenMP wait policy "
                f"{theirs['policy']})")
-  rows = [('our step, as the training loop runs it', mine['step_ms'], ''),
+  rows = [("our step with oneDNN's matmuls (`MLM_FLAX_CPU_MATMUL=auto`, the default)", mine['onednn_step_ms'],
+           f"ours: {theirs['step_ms'] / mine['onednn_step_ms']:.2f}x"),
+          ("our step with XLA's dots (`MLM_FLAX_CPU_MATMUL=xla`)", mine['step_ms'], ''),
           (f"its {len(mine['dots'])} matmuls alone, XLA:CPU ({gflop:.1f} GFLOP)", xla,
            f'{gflop / xla * 1000:.0f} GFLOP/s'),
           ('the same matmuls alone, PyTorch (oneDNN)', onednn, f'{gflop / onednn * 1000:.0f} GFLOP/s'),
@@ -165,11 +169,12 @@ def main() -> None:
   parser.add_argument('--no_compile', action='store_true', help="time the eager peer instead of torch.compile's")
   parser.add_argument('--out', default=os.path.join(HERE, 'results'))
   parser.add_argument('--_ours', action='store_true', help=argparse.SUPPRESS)
+  parser.add_argument('--_step_only', action='store_true', help=argparse.SUPPRESS)
   parser.add_argument('--_peer', help=argparse.SUPPRESS)  # a JSON file of our dots, in the peer's subprocess
   args = parser.parse_args()
   compiled = not args.no_compile
   if args._ours:  # pylint: disable=protected-access
-    print('RESULT ' + json.dumps(ours(args.size, args.dtype, args.steps)))
+    print('RESULT ' + json.dumps(ours(args.size, args.dtype, args.steps, args._step_only)))  # pylint: disable=protected-access
     return
   if args._peer:  # pylint: disable=protected-access
     with open(args._peer) as f:  # pylint: disable=protected-access
@@ -177,14 +182,15 @@ def main() -> None:
     print('RESULT ' + json.dumps(peer(args.size, args.dtype, args.steps, compiled, dots)))
     return
 
-  def sub(*extra: str, passive: bool = False) -> dict:  # each side in its own process (memory, thread pools)
+  def sub(*extra: str, passive: bool = False, matmul: str = 'auto') -> dict:  # each in its own process
     cmd = [sys.executable, os.path.abspath(__file__), '--size', args.size, '--dtype', args.dtype, '--steps',
            str(args.steps), *(['--no_compile'] if args.no_compile else []), *extra]
-    env = train_step.torch_env(dict(os.environ), passive=passive)
+    env = {**train_step.torch_env(dict(os.environ), passive=passive), 'MLM_FLAX_CPU_MATMUL': matmul}
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
     return json.loads(next(l for l in out.splitlines() if l.startswith('RESULT '))[len('RESULT '):])
 
-  mine = sub('--_ours')
+  # Our dots as XLA runs them (the bound's accounting), and our default step (oneDNN's matmuls where it runs).
+  mine = {**sub('--_ours', matmul='xla'), 'onednn_step_ms': sub('--_ours', '--_step_only')['step_ms']}
   os.makedirs(args.out, exist_ok=True)
   dots_file = os.path.join(args.out, f'dot_bound_{args.size}.dots.json')
   with open(dots_file, 'w') as f:
@@ -204,6 +210,7 @@ def main() -> None:
              for d, t in zip(mine['dots'], theirs['dots'])]
   with open(os.path.join(args.out, f'dot_bound_{args.size}.json'), 'w') as f:
     json.dump({'machine': machine, 'args': vars(args), 'our_step_ms': mine['step_ms'],
+               'our_onednn_step_ms': mine['onednn_step_ms'],
                'peer_step_ms': {p: r['step_ms'] for p, r in runs.items()}, 'peer_policy': policy, 'dots': per_dot},
               f, indent=1)
   with open(os.path.join(args.out, f'dot_bound_{args.size}.md'), 'w') as f:

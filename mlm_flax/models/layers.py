@@ -17,7 +17,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mlm_flax.kernels import onednn
+
 Dtype = Any
+
+
+def _dot(spec: str, x: jax.Array, y: jax.Array) -> jax.Array:
+  """`einsum(spec, x, y)` with f32 accumulation: oneDNN's matmul where `onednn.enabled` (bf16 on one CPU device
+  with the library; 2.4x XLA:CPU's kernels), else XLA's dot."""
+  if onednn.enabled(x.dtype):
+    out = onednn.einsum(spec, x, y)
+    if out is not None:
+      return out
+  return jnp.einsum(spec, x, y, preferred_element_type=jnp.float32)
 
 
 def _transpose_specs(spec: str) -> tuple[str, str]:
@@ -36,7 +48,7 @@ def _bf16_einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
 
 def _bf16_einsum_fwd(spec, a, b):
   a16, b16 = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
-  out = jnp.einsum(spec, a16, b16, preferred_element_type=jnp.float32)
+  out = _dot(spec, a16, b16)
   # Zero-size carriers remember the primal dtypes for the cotangents.
   return out, (a16, b16, jnp.zeros((0,), a.dtype), jnp.zeros((0,), b.dtype))
 
@@ -45,7 +57,10 @@ def _row_contracting_einsum(spec: str, x: jax.Array, y: jax.Array) -> jax.Array:
   """`einsum(spec, x, y)` with f32 accumulation; when `spec` contracts the first axis of two 2-D operands
   ('mk,mn->kn': a weight's gradient), in the form XLA:CPU runs fast. It runs that form as a generic dot, in f32
   after converting bf16 operands: 3-5x slower than a bf16 matmul. With the rows split in two halves that are
-  contracted too, XLA transposes the left operand and runs a bf16 library dot. The same sum, in another order."""
+  contracted too, XLA transposes the left operand and runs a bf16 library dot. The same sum, in another order.
+  oneDNN (`_dot`) reads a transposed operand in place: the plain form."""
+  if onednn.enabled(x.dtype):
+    return _dot(spec, x, y)
   inputs, out = spec.split('->')
   a, b = inputs.split(',')
   rows = x.shape[0]
@@ -295,13 +310,12 @@ def _softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array
 def _softmax_attention_fwd(q, k, v, bias, dtype):
   b, h, l, d = q.shape
   q16, k16, v16 = (t.astype(dtype).reshape(b * h, l, d) for t in (q, k, v))  # 3-D: XLA:CPU keeps bf16 dots
-  scores = jnp.einsum('nqd,nkd->nqk', q16, k16, preferred_element_type=jnp.float32).reshape(b, h, l, l) + bias
+  scores = _dot('nqd,nkd->nqk', q16, k16).reshape(b, h, l, l) + bias
   peak = jnp.max(scores, axis=-1, keepdims=True)
   unnormalized = jnp.exp(scores - peak)
   total = jnp.sum(unnormalized, axis=-1, keepdims=True)
   p = unnormalized / total  # = jax.nn.softmax(scores), bit for bit
-  context = jnp.einsum('nqk,nkd->nqd', p.astype(dtype).reshape(b * h, l, l), v16,
-                       preferred_element_type=jnp.float32).reshape(b, h, l, d)
+  context = _dot('nqk,nkd->nqd', p.astype(dtype).reshape(b * h, l, l), v16).reshape(b, h, l, d)
   carriers = tuple(jnp.zeros((0,), t.dtype) for t in (q, k, v))  # the primal dtypes of the cotangents
   return context, (q16, k16, v16, p, peak, total, context, bias, carriers)
 
@@ -310,7 +324,7 @@ def _softmax_attention_bwd(dtype, res, g):
   q16, k16, v16, p, peak, total, context, bias, carriers = res
   b, h, l, d = g.shape
   g16, swap = g.astype(dtype).reshape(b * h, l, d), lambda t: jnp.swapaxes(t, -1, -2)
-  dot = lambda spec, x, y: jnp.einsum(spec, x, y, preferred_element_type=jnp.float32)
+  dot = _dot
   to3, to4 = lambda t: t.astype(dtype).reshape(b * h, l, l), lambda t: t.reshape(b, h, l, -1)
   rowsum = jnp.sum(g * context, axis=-1, keepdims=True)  # = rowsum(p * dp)
   p_t = jnp.exp(to4(dot('nkd,nqd->nkq', k16, q16)) + swap(bias) - swap(peak)) / swap(total)

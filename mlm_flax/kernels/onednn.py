@@ -1,0 +1,173 @@
+"""oneDNN matmuls for XLA:CPU: the bf16 model's dots on AMX / AVX512-BF16 kernels.
+
+XLA:CPU ran the quick start's bf16 dots at ~680 GFLOP/s on a 2-core Xeon with AMX; oneDNN, the library PyTorch
+calls, ran the same dots alone at 1,600-3,000 (`experiments/benchmarks/dot_bound.py`). This module compiles a
+small XLA FFI handler (`onednn_matmul.cc`) against the `onednn-cpu-gomp` wheel's library on first use (g++, ~3
+s; cached under `$MLM_FLAX_CACHE/kernels`), registers it, and `einsum` runs a 2-D or batched 3-D einsum through
+it: bf16 (or f32) operands, f32 out, transposed operands read in place. The sums are XLA's (f32 accumulation of
+exact bf16 products); only their order may differ. Inside a step each dot takes 2-3x its time alone (operands
+out of cache, oneDNN's threads waking up), so the step gains less than the kernels suggest: +7.5% tokens/s at
+the quick start, +11% at BERT-base 32 x 128 (`experiments/benchmarks/README.md`).
+
+`layers.mixed_einsum` and the bf16 attention call it where `enabled` says so. `MLM_FLAX_CPU_MATMUL` picks:
+'auto' (default: oneDNN for bf16 on a single CPU device when the CPU has AMX or AVX512-BF16 and the library and a
+C++ compiler are there; XLA's dots otherwise, logged once), 'onednn' (an error when it cannot run), 'xla'
+(never). Several devices keep XLA's dots: a custom call has no SPMD partitioning rule.
+"""
+
+import ctypes
+import functools
+import glob
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+_TARGET = 'mlm_flax_onednn_matmul'
+_SOURCE = os.path.join(os.path.dirname(__file__), 'onednn_matmul.cc')
+_MODES = ('auto', 'onednn', 'xla')
+
+
+def mode() -> str:
+  """`MLM_FLAX_CPU_MATMUL`: 'auto', 'onednn' or 'xla'."""
+  value = os.environ.get('MLM_FLAX_CPU_MATMUL', 'auto')
+  if value not in _MODES:
+    raise ValueError(f'MLM_FLAX_CPU_MATMUL={value!r}; use one of {_MODES}.')
+  return value
+
+
+def library_path() -> str | None:
+  """libdnnl.so.3 of the `onednn-cpu-gomp` wheel (installed under `sys.prefix/lib`), or `$MLM_FLAX_ONEDNN_LIB`."""
+  explicit = os.environ.get('MLM_FLAX_ONEDNN_LIB')
+  if explicit:
+    return explicit if os.path.exists(explicit) else None
+  for prefix in dict.fromkeys((sys.prefix, sys.base_prefix, os.path.dirname(os.path.dirname(sys.executable)))):
+    found = sorted(glob.glob(os.path.join(prefix, 'lib', 'libdnnl.so.3')))
+    if found:
+      return found[0]
+  return None
+
+
+def _cache_dir() -> str:
+  root = os.environ.get('MLM_FLAX_CACHE') or os.path.expanduser('~/.cache/mlm_flax')
+  return os.path.join(root, 'kernels')
+
+
+def _compiler() -> str | None:
+  return os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++')
+
+
+def unavailable_reason(lib: str | None) -> str | None:
+  """Why the kernel cannot be built here with the library `lib` (None: it can)."""
+  if not sys.platform.startswith('linux'):
+    return 'the oneDNN kernel is built on Linux only'
+  if lib is None:
+    return "no libdnnl.so.3 (pip install 'onednn-cpu-gomp', or set MLM_FLAX_ONEDNN_LIB to its path)"
+  if _compiler() is None:
+    return 'no C++ compiler (g++, or $CXX) to build the oneDNN kernel'
+  return None
+
+
+@functools.cache
+def _load() -> str | None:
+  """Builds (once per source, jax version and library) and registers the handler; None when it is registered,
+  else why it cannot be."""
+  lib = library_path()
+  why_not = unavailable_reason(lib)
+  if why_not is not None:
+    return why_not
+  with open(_SOURCE, 'rb') as f:
+    key = hashlib.sha256(f.read() + jax.__version__.encode() + os.path.realpath(lib).encode()).hexdigest()[:16]
+  target = os.path.join(_cache_dir(), f'onednn_matmul_{key}.so')
+  if not os.path.exists(target):
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    libdir = os.path.dirname(lib)
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(target)) as tmp:
+      # libdnnl.so.3 has no unversioned link name in the wheel: link it by path, find it by rpath at load.
+      built = os.path.join(tmp, 'kernel.so')
+      command = [_compiler(), '-O2', '-std=c++17', '-shared', '-fPIC', '-w', f'-I{jax.ffi.include_dir()}', _SOURCE,
+                 lib, f'-Wl,-rpath,{libdir}', '-o', built]
+      result = subprocess.run(command, capture_output=True, text=True)
+      if result.returncode:
+        return f'building the oneDNN kernel failed: {result.stderr.strip()[-2000:]}'
+      os.replace(built, target)  # atomic: a concurrent builder finds a whole file or none
+  try:
+    handler = ctypes.cdll.LoadLibrary(target).MlmFlaxOnednnMatmul
+  except (OSError, AttributeError) as e:
+    return f'loading the oneDNN kernel failed: {e}'
+  jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(handler), platform='cpu')
+  return None
+
+
+def _fast_bf16_cpu() -> bool:
+  try:
+    with open('/proc/cpuinfo') as f:
+      flags = set(next((l for l in f if l.startswith('flags')), '').split())
+  except OSError:
+    return False
+  return bool(flags & {'amx_bf16', 'avx512_bf16'})
+
+
+def enabled(dtype) -> bool:
+  """Whether the model's `dtype` dots run on oneDNN here (see the module docstring); read at trace time."""
+  chosen = mode()
+  if chosen == 'xla' or jnp.dtype(dtype) != jnp.bfloat16:
+    return False
+  if chosen == 'auto' and not (jax.default_backend() == 'cpu' and jax.device_count() == 1 and _fast_bf16_cpu()):
+    return False
+  why_not = _load()
+  if why_not is None:
+    return True
+  if chosen == 'onednn':
+    raise RuntimeError(f'MLM_FLAX_CPU_MATMUL=onednn, but {why_not}. Unset it to use XLA\'s dots.')
+  _log_once(why_not)
+  return False
+
+
+@functools.cache
+def _log_once(why_not: str) -> None:
+  logging.info('XLA dots instead of oneDNN: %s.', why_not)
+
+
+def _plan(spec: str) -> tuple[bool, bool, bool] | None:
+  """(swap, trans_a, trans_b) computing `spec` as op(a) @ op(b) (or op(b) @ op(a) when swap), or None when it
+  is not a 2-D / batched 3-D matmul einsum."""
+  inputs, out = spec.replace(' ', '').split('->')
+  a, b = inputs.split(',')
+  if len({len(a), len(b), len(out)}) != 1 or len(a) not in (2, 3) or len(set(a + b + out)) != len(a) + 1:
+    return None
+  if len(a) == 3:
+    if not a[0] == b[0] == out[0]:
+      return None
+    a, b, out = a[1:], b[1:], out[1:]
+  shared = set(a) & set(b)
+  if len(shared) != 1 or shared & set(out):
+    return None
+  (k,) = shared
+  fa, fb = a.replace(k, ''), b.replace(k, '')
+  if out == fa + fb:
+    return False, a[0] == k, b[1] == k
+  if out == fb + fa:
+    return True, b[0] == k, a[1] == k
+  return None
+
+
+def einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array | None:
+  """`jnp.einsum(spec, a, b, preferred_element_type=f32)` on oneDNN, or None when `spec` is not a matmul it runs
+  (the caller then uses XLA). The operands share a dtype (bf16 or f32). Call it where `enabled` is True."""
+  plan = _plan(spec)
+  if plan is None or a.dtype != b.dtype:
+    return None
+  swap, trans_a, trans_b = plan
+  if swap:
+    a, b = b, a
+  m = a.shape[-1] if trans_a else a.shape[-2]
+  n = b.shape[-2] if trans_b else b.shape[-1]
+  out = jax.ShapeDtypeStruct((*a.shape[:-2], m, n), jnp.float32)
+  return jax.ffi.ffi_call(_TARGET, out, vmap_method='sequential')(a, b, trans_a=trans_a, trans_b=trans_b)
