@@ -105,7 +105,8 @@ def _load() -> str | None:
   return None
 
 
-def _fast_bf16_cpu() -> bool:
+def cpu_has_fast_bf16() -> bool:
+  """Whether /proc/cpuinfo lists AMX-BF16 or AVX512-BF16 (bf16 dots in hardware, not emulated)."""
   try:
     with open('/proc/cpuinfo') as f:
       flags = set(next((l for l in f if l.startswith('flags')), '').split())
@@ -117,22 +118,23 @@ def _fast_bf16_cpu() -> bool:
 def enabled(dtype) -> bool:
   """Whether the model's `dtype` dots run on oneDNN here (see the module docstring); read at trace time."""
   chosen = mode()
-  if chosen == 'xla' or jnp.dtype(dtype) != jnp.bfloat16:
-    return False
-  if chosen == 'auto' and not (jax.default_backend() == 'cpu' and jax.device_count() == 1 and _fast_bf16_cpu()):
+  if chosen == 'xla' or jnp.dtype(dtype) != jnp.bfloat16 or jax.default_backend() != 'cpu':
+    return False  # a CPU kernel: GPU and TPU keep their own dots
+  if chosen == 'auto' and not (jax.device_count() == 1 and cpu_has_fast_bf16()):
     return False
   why_not = _load()
   if why_not is None:
+    _log_once(f'bf16 matmuls run on oneDNN ({library_path()}); MLM_FLAX_CPU_MATMUL=xla for XLA\'s dots.')
     return True
   if chosen == 'onednn':
     raise RuntimeError(f'MLM_FLAX_CPU_MATMUL=onednn, but {why_not}. Unset it to use XLA\'s dots.')
-  _log_once(why_not)
+  _log_once(f'bf16 matmuls run on XLA\'s dots, not oneDNN: {why_not}.')
   return False
 
 
 @functools.cache
-def _log_once(why_not: str) -> None:
-  logging.info('XLA dots instead of oneDNN: %s.', why_not)
+def _log_once(message: str) -> None:
+  logging.info(message)
 
 
 def _plan(spec: str) -> tuple[bool, bool, bool] | None:

@@ -57,6 +57,10 @@ struct Plan {
 
 struct State {
   std::mutex mutex;
+  // oneDNN (as built in the wheel) keeps one library scratchpad (e.g. the packed weights) shared by every
+  // primitive: two matmuls must not run at once. XLA runs independent ops concurrently (a layer's two cotangent
+  // dots), so executions take turns; each already has all cores through oneDNN's threads.
+  std::mutex execute;
   dnnl_engine_t engine = nullptr;
   std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, bool, bool, int>, Plan> plans;
 };
@@ -134,6 +138,7 @@ ffi::Error Matmul(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::Buffer<ff
             dnnl_memory_create(&mc, plan.dst, s.engine, out->untyped_data()) == 0;
   if (ok) {
     dnnl_exec_arg_t args[3] = {{kArgSrc, ma}, {kArgWeights, mb}, {kArgDst, mc}};
+    std::lock_guard<std::mutex> lock(s.execute);
     ok = dnnl_primitive_execute(plan.primitive, stream, 3, args) == 0 && dnnl_stream_wait(stream) == 0;
   }
   for (dnnl_memory_t mem : {ma, mb, mc}) if (mem) dnnl_memory_destroy(mem);

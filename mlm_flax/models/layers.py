@@ -411,13 +411,7 @@ def decode(x: jax.Array, embedding: jax.Array, vocab_multiple: int, dtype: Dtype
   return logits.reshape(*x.shape[:-1], -1)[..., :vocab]
 
 
-def _cpu_has_fast_bf16() -> bool:
-  try:
-    with open('/proc/cpuinfo') as f:
-      flags = set(next((l for l in f if l.startswith('flags')), '').split())
-  except OSError:
-    return False
-  return bool(flags & {'amx_bf16', 'avx512_bf16'})
+_cpu_has_fast_bf16 = onednn.cpu_has_fast_bf16  # a module global: tests stand in for the CPU
 
 
 def resolve_dtype(name: str) -> jnp.dtype:
