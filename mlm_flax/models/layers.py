@@ -3,7 +3,8 @@ that `model.mlp` / `model.norm` name, the MLM decoder.
 
 Params are kept in `param_dtype` (f32); with `dtype=bfloat16` every matmul takes bf16 inputs and accumulates in
 f32 (`preferred_element_type`), forward *and* backward (`mixed_einsum`), which is what makes AMX CPUs, GPUs and
-TPUs fast. Norms, softmax and the residual stream stay f32.
+TPUs fast. Norms, softmax and the residual stream stay f32. On one CPU device those bf16 dots run on oneDNN's
+kernels (`mlm_flax/kernels/onednn.py`, `MLM_FLAX_CPU_MATMUL`), the same sums as XLA's.
 
 Packed rows carry `segment_ids` (1, 2, ... per document, 0 for padding): `attention_bias` keeps attention inside
 a document (and, optionally, within a sliding window); `positions` restart per document.
