@@ -102,9 +102,11 @@ def _load() -> str | None:
   except (OSError, AttributeError) as e:
     return f'loading the oneDNN kernel failed: {e}'
   jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(handler), platform='cpu')
+  logging.info("bf16 matmuls run on oneDNN (%s); MLM_FLAX_CPU_MATMUL=xla for XLA's dots.", lib)
   return None
 
 
+@functools.cache  # read once: `enabled` asks at every dot of a trace
 def cpu_has_fast_bf16() -> bool:
   """Whether /proc/cpuinfo lists AMX-BF16 or AVX512-BF16 (bf16 dots in hardware, not emulated)."""
   try:
@@ -124,7 +126,6 @@ def enabled(dtype) -> bool:
     return False
   why_not = _load()
   if why_not is None:
-    _log_once(f'bf16 matmuls run on oneDNN ({library_path()}); MLM_FLAX_CPU_MATMUL=xla for XLA\'s dots.')
     return True
   if chosen == 'onednn':
     raise RuntimeError(f'MLM_FLAX_CPU_MATMUL=onednn, but {why_not}. Unset it to use XLA\'s dots.')
