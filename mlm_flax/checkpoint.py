@@ -50,15 +50,28 @@ def checksum(x: Any) -> str:
   return f'crc32:{zlib.crc32(np.ascontiguousarray(x).reshape(-1).view(np.uint8)):08x}'
 
 
-def checksums(items: dict[str, Any]) -> dict[str, dict[str, str]]:
-  """{item: {leaf path: checksum}} of the global arrays: the meta record that `verify` checks a restore
-  against."""
+def _host_leaves(items: dict[str, Any]) -> dict[str, list[tuple[str, np.ndarray]]]:
+  """{item: [(leaf path, the whole global array on the host)]}; every process must call it (see `_global_value`)."""
   out = {}
   for k, tree in items.items():
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     host = jax.device_get([_global_value(x) for _, x in flat])  # one batch of transfers per item
-    out[k] = {jax.tree_util.keystr(p): checksum(x) for (p, _), x in zip(flat, host)}
+    out[k] = [(jax.tree_util.keystr(p), np.asarray(x)) for (p, _), x in zip(flat, host)]
   return out
+
+
+def checksums(items: dict[str, Any], host: dict[str, list[tuple[str, np.ndarray]]] | None = None
+              ) -> dict[str, dict[str, str]]:
+  """{item: {leaf path: checksum}} of the global arrays (or of `host`, their `_host_leaves`): the meta record
+  that `verify` checks a restore against."""
+  host = _host_leaves(items) if host is None else host
+  return {k: {path: checksum(x) for path, x in leaves} for k, leaves in host.items()}
+
+
+def nonfinite_leaves(host: dict[str, list[tuple[str, np.ndarray]]]) -> list[str]:
+  """'item/leaf path' of every floating-point leaf of `_host_leaves` with a NaN or inf."""
+  return [f'{k}{path}' for k, leaves in host.items() for path, x in leaves
+          if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all()]
 
 
 def _leaf_bits(x: jax.Array) -> jax.Array:
@@ -138,11 +151,20 @@ class Checkpointer:
     """Saves `state` (a TrainState) with JSON `meta`; asynchronous unless `wait()` follows.
 
     A failed save raises `OSError` naming the folder; Orbax deletes old checkpoints (retention)
-    only after a save is finalised, so the last good one is never lost to a failed save.
+    only after a save is finalised, so the last good one is never lost to a failed save. A state with a NaN
+    or inf (the train step skips steps whose loss or gradient is not finite, not the rare finite step that
+    overflows a param) raises `FloatingPointError` before anything is written.
     """
     items = {'params': state.params, 'opt_state': state.opt_state,
              'extra': {'step': state.step, 'rng': state.rng}}
-    meta = {**meta, 'checksums': checksums(items)}
+    host = _host_leaves(items)
+    bad = nonfinite_leaves(host)
+    if bad:
+      raise FloatingPointError(
+          f'the state of step {step} has non-finite values ({", ".join(bad[:3])}{", ..." if len(bad) > 3 else ""}); '
+          f'not saved, earlier checkpoints in {self.directory} are kept. Lower optimizer.learning_rate or set '
+          'optimizer.grad_clip_norm, then resume from the last checkpoint.')
+    meta = {**meta, 'checksums': checksums(items, host)}
     self._saving = step
     try:
       return self.manager.save(step, force=force, args=ocp.args.Composite(

@@ -200,6 +200,22 @@ def test_nonfinite_steps_are_skipped_in_graph():
   assert int(state.step) == 4 and float(m['loss_sum']) == 0.0 and float(m['count']) == 0.0
 
 
+def test_a_state_with_a_nonfinite_value_is_never_checkpointed(tmp_path):
+  """The step guard tests the loss and gradient; a param that overflows all the same is refused at the save."""
+  *_, state = setup(parallel.make_mesh(1), dropout=0.0)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / 'run'), async_save=False)
+  ckpt.save(1, state, {'step': 1})
+  ckpt.wait()
+  leaves, treedef = jax.tree.flatten(state.opt_state)
+  first = next(i for i, x in enumerate(leaves) if x.ndim > 1)
+  leaves[first] = leaves[first].at[0, 0].set(jnp.inf)
+  with pytest.raises(FloatingPointError, match=r'state of step 2 has non-finite values \(opt_state.*; not saved'):
+    ckpt.save(2, state.replace(opt_state=jax.tree.unflatten(treedef, leaves)), {'step': 2})
+  ckpt.wait()
+  assert ckpt.manager.all_steps() == [1]
+  ckpt.close()
+
+
 def test_nonfinite_stop_names_the_step_and_keeps_the_last_checkpoint(tmp_path):
   c = tiny_config()
   c.num_train_steps, c.checkpoint_every_steps, c.log_every_steps, c.eval_every_steps = 6, 1, 1, 100
