@@ -160,7 +160,7 @@ def test_remat_fused_attention_and_vocab_padding_compute_the_same_function():
   import pytest  # pylint: disable=g-import-not-at-top
   make_model = models.make_model
   c = tiny_config()
-  c.model.vocab_size, c.model.pad_token_id = 100, 0
+  c.model.vocab_size, c.model.pad_token_id, c.model.vocab_multiple = 100, 0, 128
   c.model.hidden_dropout = c.model.attention_dropout = 0.0
   rng = np.random.default_rng(0)
   ids = jnp.asarray(rng.integers(1, 100, (2, 16)), jnp.int32)
@@ -172,12 +172,16 @@ def test_remat_fused_attention_and_vocab_padding_compute_the_same_function():
     f = lambda p: (model.apply({'params': p}, ids, seg) * (seg > 0)[..., None]).astype(jnp.float32).sum()
     return jax.value_and_grad(f)(params)
 
-  assert c.model.vocab_multiple == 128 and params['word_embeddings']['embedding'].shape == (100, c.model.hidden_size)
+  assert params['word_embeddings']['embedding'].shape == (100, c.model.hidden_size)
   assert base.apply({'params': params}, ids, seg).shape == (2, 16, 100)  # the padded 28 are sliced off
   ref_loss, ref_grad = loss_and_grad(base)
-  for key, value in (('remat', True), ('attention', 'dot_product_attention'), ('vocab_multiple', 1)):
+  assert tiny_config().model.vocab_multiple is None and model_lib.resolve_vocab_multiple(None) == (
+      1 if jax.default_backend() == 'cpu' else 128)
+  for key, value in (('remat', True), ('attention', 'dot_product_attention'), ('vocab_multiple', 1),
+                     ('vocab_multiple', None)):
     c2 = tiny_config()
-    c2.model.update(vocab_size=100, pad_token_id=0, hidden_dropout=0.0, attention_dropout=0.0, **{key: value})
+    c2.model.update(vocab_size=100, pad_token_id=0, vocab_multiple=128, hidden_dropout=0.0, attention_dropout=0.0)
+    c2.model.update(**{key: value})
     other_loss, other_grad = loss_and_grad(make_model(c2.model))
     np.testing.assert_allclose(float(other_loss), float(ref_loss), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(other_grad), jax.tree.leaves(ref_grad)):

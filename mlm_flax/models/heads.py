@@ -77,7 +77,7 @@ class MaskedLM(nn.Module):
     c = self.config.resolved
     embedding = self.word_embeddings.embedding if self.decoder is None else self.decoder
     logits = layers.decode(x, embedding, c.vocab_multiple, c.compute_dtype)
-    return logits if self.head_bias is None else logits + self.head_bias
+    return logits if self.head_bias is None else layers.add_bias(logits, self.head_bias)
 
 
 class DiscriminatorHead(nn.Module):

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from mlm_flax.data import tokenizer
 from mlm_flax.models import abstract_params as abstract_params_of
@@ -89,11 +90,45 @@ def masked_logits(params: Any, model: nn.Module, batch: dict[str, jax.Array], ma
                      rngs=None if dropout_rng is None else {'dropout': dropout_rng})
 
 
+@jax.custom_vjp
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """-log softmax(logits)[target] [...] of `logits` [..., vocab] (in f32) at integer `targets` [...]: the values
+  of `-take_along_axis(jax.nn.log_softmax(logits), targets)` (to XLA's `log`: 1 ulp) and its gradient, bit for
+  bit.
+
+  Its backward is the closed form, one elementwise pass over the logits: autodiff's chain (the take's cotangent
+  scattered into a [..., vocab] one-hot, log_softmax's row sum of it, then their combination) made three passes,
+  ~60 ms of a ModernBERT-base step on CPU (vocabulary 30,522)."""
+  return _cross_entropy_fwd(logits, targets)[0]
+
+
+def _cross_entropy_fwd(logits, targets):
+  x = logits.astype(jnp.float32)
+  shifted = x - jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))  # as jax.nn.log_softmax
+  total = jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True)
+  ce = -(jnp.take_along_axis(shifted, targets[..., None], axis=-1) - jnp.log(total))[..., 0]
+  return ce, (logits, targets, total)
+
+
+def _cross_entropy_bwd(res, g):
+  logits, targets, total = res
+  x = logits.astype(jnp.float32)
+  shifted = x - jnp.max(x, axis=-1, keepdims=True)
+  g = g[..., None]
+  target = jnp.arange(x.shape[-1]) == targets[..., None]
+  # autodiff's terms, in its rounding: the take's cotangent (-g at the target) plus log-sum-exp's
+  # (g / total) * exp(shifted)
+  dlogits = jnp.where(target, -g, 0.0) + (g / total) * jnp.exp(shifted)
+  return dlogits.astype(logits.dtype), np.zeros(targets.shape, jax.dtypes.float0)
+
+
+cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
+
+
 def prediction_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:
   """Summed cross-entropy (`loss_sum`, in f32), `count` and `correct` of `logits` [batch, P, vocab] at
   `targets` [batch, P], weighted by `weights` [batch, P]."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-  ce = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  ce = cross_entropy(logits, targets)
   return {'loss_sum': (ce * weights).sum(), 'count': weights.sum(),
           'correct': ((logits.argmax(-1) == targets) * weights).sum()}
 
