@@ -51,6 +51,8 @@ def jax_class(op_name: str, shape: str, opcode: str) -> str:
   """The class of an XLA op from its JAX call path (`op_name`), output shape and opcode."""
   dims = [int(d) for d in re.findall(r'\d+', shape.split('{')[0])]
   square = len(dims) >= 2 and dims[-1] == dims[-2]
+  if opcode == 'custom-call':  # oneDNN's matmuls (`mlm_flax/kernels`): batched 3-D in attention, 2-D elsewhere
+    return 'matmul: attention' if len(dims) == 3 else 'matmul: dense + head'
   if 'convert_element_type' in op_name and 'dot_general' not in op_name:
     return 'dtype converts'
   if 'dot_general' in op_name or opcode == 'dot':
@@ -118,7 +120,7 @@ def profile_jax(c, dtype: str, steps: int) -> dict:
   step, state, batch = build_jax_step(c, dtype)
   info = {}
   for line in step.lower(state, batch).compile().as_text().splitlines():
-    m = re.match(r'\s*(?:ROOT )?%([\w.\-]+) = (\S+) (\w+)\(', line)
+    m = re.match(r'\s*(?:ROOT )?%([\w.\-]+) = (\S+) ([\w\-]+)\(', line)  # opcodes: 'fusion', 'custom-call', ...
     if m:
       o = re.search(r'op_name="([^"]*)"', line)
       info[m.group(1)] = (m.group(2), m.group(3), o.group(1) if o else '')
