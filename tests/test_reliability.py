@@ -4,7 +4,6 @@ non-finite steps are skipped or stop the run, bad configs fail before any work."
 import contextlib
 import ctypes
 import dataclasses
-import functools
 import glob
 import json
 import os
