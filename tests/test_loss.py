@@ -84,7 +84,8 @@ def test_add_bias_gradient_is_the_sum_over_rows():
   """`layers.add_bias` sums the bias gradient as a dot with ones: autodiff's sum in another order."""
   from mlm_flax.models import layers  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(1)
-  y, bias = jnp.asarray(rng.standard_normal((4, 9, 301)), jnp.float32), jnp.asarray(rng.standard_normal(301), jnp.float32)
+  y = jnp.asarray(rng.standard_normal((4, 9, 301)), jnp.float32)
+  bias = jnp.asarray(rng.standard_normal(301), jnp.float32)
   f = lambda add: jax.grad(lambda y, b: jnp.sum(jnp.sin(add(y, b)) * y), argnums=(0, 1))(y, bias)
   (dy, db), (want_dy, want_db) = f(layers.add_bias), f(lambda y, b: y + b)
   np.testing.assert_array_equal(np.asarray(dy), np.asarray(want_dy))

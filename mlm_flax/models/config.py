@@ -13,9 +13,9 @@ from typing import Any, Mapping
 
 # Keys whose default is None (filled from the tokenizer, or "the architecture's own"): the type their values
 # take, for the config's FieldReferences (a None default otherwise accepts no typed override).
-OPTIONAL_TYPES = {'vocab_size': int, 'embedding_size': int, 'pad_token_id': int, 'vocab_multiple': int, 'mlp': str, 'norm': str,
-                  'positions': str, 'norm_position': str, 'attention_bias': bool, 'mlp_bias': bool, 'norm_bias': bool,
-                  'decoder_bias': bool, 'classifier_bias': bool}
+OPTIONAL_TYPES = {'vocab_size': int, 'embedding_size': int, 'pad_token_id': int, 'vocab_multiple': int,
+                  'mlp': str, 'norm': str, 'positions': str, 'norm_position': str, 'attention_bias': bool,
+                  'mlp_bias': bool, 'norm_bias': bool, 'decoder_bias': bool, 'classifier_bias': bool}
 BIASES = ('attention_bias', 'mlp_bias', 'norm_bias', 'decoder_bias', 'classifier_bias')
 # The architecture switches: None means the architecture's own value (`OWN`), resolved by `ModelConfig.resolved`.
 SWITCHES = ('mlp', 'norm', 'positions', 'norm_position', *BIASES)
@@ -72,7 +72,7 @@ class ModelConfig:
   attention: str = 'auto'
   # The head's matmul runs on the vocabulary padded (zero rows) to a multiple of this, aligned for GPU
   # tensor cores / TPU MXUs; logits, params and exports keep the real size. 1 turns it off; None: 128 on
-  # GPU/TPU, 1 on CPU (nothing to align there; `layers.vocab_multiple`).
+  # GPU/TPU, 1 on CPU (nothing to align there; `layers.resolve_vocab_multiple`).
   vocab_multiple: int | None = None
   remat: bool = False  # recompute each layer in the backward pass: less activation memory, ~1/3 more FLOPs
   tie_word_embeddings: bool = True  # False: the MLM decoder is its own [vocab, hidden] param (HF untied)
