@@ -104,18 +104,18 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 def _cross_entropy_fwd(logits, targets):
   x = logits.astype(jnp.float32)
-  shifted = x - jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))  # as jax.nn.log_softmax
+  peak = jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))  # as jax.nn.log_softmax
+  shifted = x - peak
   total = jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True)
   ce = -(jnp.take_along_axis(shifted, targets[..., None], axis=-1) - jnp.log(total))[..., 0]
-  return ce, (logits, targets, total)
+  return ce, (logits, targets, peak, total)  # the row statistics kept: the backward reads the logits once
 
 
 def _cross_entropy_bwd(res, g):
-  logits, targets, total = res
-  x = logits.astype(jnp.float32)
-  shifted = x - jnp.max(x, axis=-1, keepdims=True)
+  logits, targets, peak, total = res
+  shifted = logits.astype(jnp.float32) - peak
   g = g[..., None]
-  target = jnp.arange(x.shape[-1]) == targets[..., None]
+  target = jnp.arange(logits.shape[-1]) == targets[..., None]
   # autodiff's terms, in its rounding: the take's cotangent (-g at the target) plus log-sum-exp's
   # (g / total) * exp(shifted)
   dlogits = jnp.where(target, -g, 0.0) + (g / total) * jnp.exp(shifted)
