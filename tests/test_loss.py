@@ -60,9 +60,10 @@ def test_mlm_loss_with_nothing_masked_is_zero_not_nan():
   assert float(value) == 0.0 and float(metrics['count']) == 0.0 and float(metrics['correct']) == 0.0
 
 
-def test_cross_entropy_equals_log_softmax_autodiff_bit_for_bit():
-  """`cross_entropy`'s closed-form backward gives autodiff's gradients exactly (f32 and bf16 logits, a vocabulary
-  wide enough for blocked sums); the values agree to XLA's `log` (vectorized or not, by fusion: 1 ulp)."""
+def test_cross_entropy_equals_log_softmax_autodiff():
+  """`cross_entropy`'s closed-form backward gives autodiff's gradients (f32 and bf16 logits, a vocabulary wide
+  enough for blocked sums), to an ulp: two XLA programs may evaluate `exp` and `log` differently by fusion (the
+  values differed by 1 ulp here). Bit for bit on this machine; not asserted, it is XLA's, not a promise."""
   rng = np.random.default_rng(0)
   for dtype in (jnp.float32, jnp.bfloat16):
     logits = jnp.asarray(rng.standard_normal((3, 7, 2053)) * 4, dtype)
@@ -77,7 +78,8 @@ def test_cross_entropy_equals_log_softmax_autodiff_bit_for_bit():
     got = jax.jit(jax.value_and_grad(lambda x: (loss.cross_entropy(x, targets) * weights).sum()))(logits)
     assert got[1].dtype == dtype
     np.testing.assert_allclose(np.float32(got[0]), np.float32(want[0]), rtol=1e-6)
-    np.testing.assert_array_equal(np.asarray(got[1], np.float32), np.asarray(want[1], np.float32))
+    np.testing.assert_allclose(np.asarray(got[1], np.float32), np.asarray(want[1], np.float32), rtol=1e-6,
+                               atol=1e-12)
 
 
 def test_add_bias_gradient_is_the_sum_over_rows():

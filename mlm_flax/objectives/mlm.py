@@ -93,8 +93,8 @@ def masked_logits(params: Any, model: nn.Module, batch: dict[str, jax.Array], ma
 @jax.custom_vjp
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """-log softmax(logits)[target] [...] of `logits` [..., vocab] (in f32) at integer `targets` [...]: the values
-  of `-take_along_axis(jax.nn.log_softmax(logits), targets)` (to XLA's `log`: 1 ulp) and its gradient, bit for
-  bit.
+  and gradient of `-take_along_axis(jax.nn.log_softmax(logits), targets)`, each term in autodiff's rounding (bit
+  for bit on the CPUs measured; XLA's `log` and `exp` may differ by an ulp between fusions).
 
   Its backward is the closed form, one elementwise pass over the logits: autodiff's chain (the take's cotangent
   scattered into a [..., vocab] one-hot, log_softmax's row sum of it, then their combination) made three passes,
