@@ -1,5 +1,6 @@
-"""The oneDNN matmul (`mlm_flax.kernels.onednn`): XLA's dot for every einsum form the model runs, in the bf16
-model's forward and backward, and a clear refusal where it cannot run."""
+"""The oneDNN kernels (`mlm_flax.kernels.onednn`): the matmul is XLA's dot for every einsum form the model runs,
+in the bf16 model's forward and backward; the fused attention is the einsum path's; a clear refusal where they
+cannot run."""
 
 import platform
 import sys
@@ -120,21 +121,61 @@ def test_bf16_layers_run_their_dots_on_onednn_forward_and_backward(spec, monkeyp
     np.testing.assert_allclose(g, g_xla, rtol=1e-5, atol=1e-5)
 
 
-def test_bf16_attention_runs_its_dots_on_onednn(monkeypatch):
-  """The bf16 attention's 2 forward and 6 backward dots (it recomputes p^T) go to oneDNN; context and gradients
-  are XLA's."""
+def _attention_case(length: int):
+  """q, k, v [2, 3, length, 8] and a bias with two documents in one row and padding in the other (query rows whose
+  keys are all masked), under a sliding window."""
+  keys = jax.random.split(jax.random.key(length), 3)
+  q, k, v = (jax.random.normal(key, (2, 3, length, 8), jnp.float32) for key in keys)
+  half, pad = length // 2, length // 4
+  segments = jnp.array([[1] * half + [2] * (length - half), [1] * (length - pad) + [0] * pad])
+  return (q, k, v), layers.attention_bias(segments, window=length // 2)
+
+
+def _attention_fn(bias):
+  return lambda q, k, v: layers.attention(q, k, v, bias, dtype=jnp.bfloat16, dropout_rate=0.0, deterministic=True)
+
+
+@pytest.mark.parametrize('length', [16, 20])  # 20: rows of 16 lanes and a tail
+def test_bf16_attention_runs_as_one_kernel_and_equals_the_dots(length, monkeypatch):
+  """Where the CPU has AVX512-BF16, the bf16 attention is one kernel forward and one backward
+  (`onednn.attention`), no other dot; context and gradients are the einsum path's on XLA's dots to f32
+  rounding (its probabilities and score gradients rounded to bf16 as there; sums in another order). Padded
+  queries (every key masked) are in the case: their probabilities are uniform in both."""
   if onednn._load() is not None:
     pytest.skip(onednn._load())
-  keys = jax.random.split(jax.random.key(0), 3)
-  q, k, v = (jax.random.normal(key, (2, 3, 16, 8), jnp.float32) for key in keys)
-  bias = layers.attention_bias(jnp.array([[1] * 10 + [2] * 6, [1] * 12 + [0] * 4]))
-  fn = lambda q, k, v: layers.attention(q, k, v, bias, dtype=jnp.bfloat16, dropout_rate=0.0, deterministic=True)
-  (value, grads), calls = _loss_and_grads('onednn', monkeypatch, fn, q, k, v)
-  (value_xla, grads_xla), calls_xla = _loss_and_grads('xla', monkeypatch, fn, q, k, v)
+  if not onednn.attention_enabled(jnp.bfloat16, length):
+    pytest.skip('the attention kernel needs AVX512-BF16')
+  qkv, bias = _attention_case(length)
+  fn = _attention_fn(bias)
+  (value, grads), calls = _loss_and_grads('onednn', monkeypatch, fn, *qkv)
+  text = jax.jit(jax.grad(lambda *x: jnp.sum(fn(*x)), argnums=(0, 1, 2))).lower(*qkv).as_text()
+  (value_xla, grads_xla), calls_xla = _loss_and_grads('xla', monkeypatch, fn, *qkv)
+  assert (text.count('mlm_flax_onednn_attention_fwd'), text.count('mlm_flax_onednn_attention_bwd')) == (1, 1)
+  assert (calls, calls_xla) == (0, 0)
+  np.testing.assert_allclose(value, value_xla, rtol=1e-5)
+  for g, g_xla in zip(grads, grads_xla):
+    np.testing.assert_allclose(g, g_xla, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_attention_without_avx512_bf16_runs_its_dots_on_onednn(monkeypatch):
+  """On a CPU with AMX-BF16 but not AVX512-BF16 (the kernel's softmax is AVX-512 code), the bf16 attention's 2
+  forward and 6 backward dots (it recomputes p^T) go to oneDNN; context and gradients are XLA's."""
+  if onednn._load() is not None:
+    pytest.skip(onednn._load())
+  monkeypatch.setattr(onednn, 'cpu_flags', lambda: frozenset({'amx_bf16', 'avx512f'}))
+  assert not onednn.attention_enabled(jnp.bfloat16, 16)
+  qkv, bias = _attention_case(16)
+  fn = _attention_fn(bias)
+  (value, grads), calls = _loss_and_grads('onednn', monkeypatch, fn, *qkv)
+  (value_xla, grads_xla), calls_xla = _loss_and_grads('xla', monkeypatch, fn, *qkv)
   assert (calls, calls_xla) == (8, 0)
   np.testing.assert_allclose(value, value_xla, rtol=1e-5)
   for g, g_xla in zip(grads, grads_xla):
     np.testing.assert_allclose(g, g_xla, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_longer_than_the_kernels_buffers_keeps_the_dots():
+  assert not onednn.attention_enabled(jnp.bfloat16, onednn.MAX_ATTENTION_LEN + 1)
 
 
 def test_f32_models_several_devices_and_an_explicit_xla_keep_xlas_dots(monkeypatch):
@@ -144,7 +185,8 @@ def test_f32_models_several_devices_and_an_explicit_xla_keep_xlas_dots(monkeypat
   assert not onednn.enabled(jnp.bfloat16)
   monkeypatch.setenv('MLM_FLAX_CPU_MATMUL', 'auto')
   monkeypatch.setattr(onednn, 'cpu_has_fast_bf16', lambda: True)
-  monkeypatch.setattr(onednn.jax, 'device_count', lambda: 2)  # a custom call has no partitioning rule
+  monkeypatch.setattr(onednn.jax, 'device_count', lambda: 2)
+  assert not onednn.attention_enabled(jnp.bfloat16, 16)  # a custom call has no partitioning rule
   assert not onednn.enabled(jnp.bfloat16)
   monkeypatch.setattr(onednn, 'cpu_has_fast_bf16', lambda: False)  # bf16 emulated: no oneDNN kernel for it
   monkeypatch.setattr(onednn.jax, 'device_count', lambda: 1)

@@ -30,7 +30,10 @@ import jax
 import jax.numpy as jnp
 
 _TARGET = 'mlm_flax_onednn_matmul'
-_SOURCE = os.path.join(os.path.dirname(__file__), 'onednn_matmul.cc')
+_ATTENTION_TARGETS = ('mlm_flax_onednn_attention_fwd', 'mlm_flax_onednn_attention_bwd')
+_HERE = os.path.dirname(__file__)
+_SOURCES = tuple(os.path.join(_HERE, name) for name in ('onednn_matmul.cc', 'onednn_attention.cc'))
+_HEADER = os.path.join(_HERE, 'onednn_api.h')
 _MODES = ('auto', 'onednn', 'xla')
 
 
@@ -82,8 +85,11 @@ def _load() -> str | None:
   why_not = unavailable_reason(lib)
   if why_not is not None:
     return why_not
-  with open(_SOURCE, 'rb') as f:
-    key = hashlib.sha256(f.read() + jax.__version__.encode() + os.path.realpath(lib).encode()).hexdigest()[:16]
+  digest = hashlib.sha256(jax.__version__.encode() + os.path.realpath(lib).encode())
+  for path in (*_SOURCES, _HEADER):
+    with open(path, 'rb') as f:
+      digest.update(f.read())
+  key = digest.hexdigest()[:16]
   target = os.path.join(_cache_dir(), f'onednn_matmul_{key}.so')
   if not os.path.exists(target):
     os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -91,30 +97,37 @@ def _load() -> str | None:
     with tempfile.TemporaryDirectory(dir=os.path.dirname(target)) as tmp:
       # libdnnl.so.3 has no unversioned link name in the wheel: link it by path, find it by rpath at load.
       built = os.path.join(tmp, 'kernel.so')
-      command = [_compiler(), '-O2', '-std=c++17', '-shared', '-fPIC', '-w', f'-I{jax.ffi.include_dir()}', _SOURCE,
-                 lib, f'-Wl,-rpath,{libdir}', '-o', built]
+      # OpenMP: the attention kernel's loop over heads, on the libgomp that the gomp wheel's oneDNN runs on.
+      command = [_compiler(), '-O2', '-std=c++17', '-shared', '-fPIC', '-fopenmp', '-w',
+                 f'-I{jax.ffi.include_dir()}', f'-I{_HERE}', *_SOURCES, lib, f'-Wl,-rpath,{libdir}', '-o', built]
       result = subprocess.run(command, capture_output=True, text=True)
       if result.returncode:
         return f'building the oneDNN kernel failed: {result.stderr.strip()[-2000:]}'
       os.replace(built, target)  # atomic: a concurrent builder finds a whole file or none
   try:
-    handler = ctypes.cdll.LoadLibrary(target).MlmFlaxOnednnMatmul
+    built = ctypes.cdll.LoadLibrary(target)
+    handlers = (built.MlmFlaxOnednnMatmul, built.MlmFlaxOnednnAttentionFwd, built.MlmFlaxOnednnAttentionBwd)
   except (OSError, AttributeError) as e:
     return f'loading the oneDNN kernel failed: {e}'
-  jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(handler), platform='cpu')
+  for name, handler in zip((_TARGET, *_ATTENTION_TARGETS), handlers):
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform='cpu')
   logging.info("bf16 matmuls run on oneDNN (%s); MLM_FLAX_CPU_MATMUL=xla for XLA's dots.", lib)
   return None
 
 
 @functools.cache  # read once: `enabled` asks at every dot of a trace
-def cpu_has_fast_bf16() -> bool:
-  """Whether /proc/cpuinfo lists AMX-BF16 or AVX512-BF16 (bf16 dots in hardware, not emulated)."""
+def cpu_flags() -> frozenset[str]:
+  """The CPU's flags in /proc/cpuinfo (empty where there is none)."""
   try:
     with open('/proc/cpuinfo') as f:
-      flags = set(next((l for l in f if l.startswith('flags')), '').split())
+      return frozenset(next((l for l in f if l.startswith('flags')), '').split())
   except OSError:
-    return False
-  return bool(flags & {'amx_bf16', 'avx512_bf16'})
+    return frozenset()
+
+
+def cpu_has_fast_bf16() -> bool:
+  """Whether the CPU has AMX-BF16 or AVX512-BF16 (bf16 dots in hardware, not emulated)."""
+  return bool(cpu_flags() & {'amx_bf16', 'avx512_bf16'})
 
 
 def enabled(dtype) -> bool:
@@ -174,3 +187,47 @@ def einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array | None:
   n = b.shape[-2] if trans_b else b.shape[-1]
   out = jax.ShapeDtypeStruct((*a.shape[:-2], m, n), jnp.float32)
   return jax.ffi.ffi_call(_TARGET, out, vmap_method='sequential')(a, b, trans_a=trans_a, trans_b=trans_b)
+
+
+MAX_ATTENTION_LEN = 2048  # each OpenMP thread keeps a head's [len, len] scores and gradients (f32 + bf16)
+
+
+def attention_enabled(dtype, length: int) -> bool:
+  """Whether bf16 attention of `length` tokens runs as one fused kernel (`attention`): where `enabled` puts the
+  dots on oneDNN, the CPU has AVX512-BF16 (the kernel's softmax and bf16 rounding are AVX-512 code), and
+  `length` <= MAX_ATTENTION_LEN. Read at trace time."""
+  needed = {'avx512f', 'avx512bw', 'avx512vl', 'avx512_bf16'}
+  return length <= MAX_ATTENTION_LEN and needed <= cpu_flags() and enabled(dtype)
+
+
+@jax.custom_vjp
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
+  """softmax(q k^T + bias) v over heads-major [batch, heads, len, head_dim] (q already scaled), as the bf16
+  einsum path computes it (`layers._softmax_attention`: bf16 operands, f32 sums and softmax), one (batch, head)
+  block at a time in cache (`onednn_attention.cc`); bias f32 [batch, 1, len, len]. The context in f32; the
+  cotangents in the operands' dtypes. Call it where `attention_enabled` is True."""
+  return _attention_fwd(q, k, v, bias)[0]
+
+
+def _attention_fwd(q, k, v, bias):
+  b, h, l, d = q.shape
+  q16, k16, v16 = (t.astype(jnp.bfloat16) for t in (q, k, v))
+  rows = jax.ShapeDtypeStruct((b, h, l), jnp.float32)
+  out = (jax.ShapeDtypeStruct((b, h, l, d), jnp.float32), rows, rows)
+  # The rows' maximum and 1 / sum of exp: the backward recomputes the probabilities from them.
+  context, peak, inv_total = jax.ffi.ffi_call(_ATTENTION_TARGETS[0], out, vmap_method='sequential')(
+      q16, k16, v16, bias)
+  carriers = tuple(jnp.zeros((0,), t.dtype) for t in (q, k, v))  # the primal dtypes of the cotangents
+  return context, (q16, k16, v16, bias, context, peak, inv_total, carriers)
+
+
+def _attention_bwd(res, g):
+  q16, k16, v16, bias, context, peak, inv_total, carriers = res
+  out = (jax.ShapeDtypeStruct(q16.shape, jnp.float32),) * 3
+  grads = jax.ffi.ffi_call(_ATTENTION_TARGETS[1], out, vmap_method='sequential')(
+      q16, k16, v16, bias, context, peak, inv_total, g.astype(jnp.float32))
+  # The bias is a mask: no gradient (as `layers._softmax_attention`).
+  return (*(x.astype(c.dtype) for x, c in zip(grads, carriers)), jnp.zeros_like(bias))
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)

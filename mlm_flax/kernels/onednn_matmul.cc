@@ -6,48 +6,17 @@
 // call is one matmul over whole buffers, threaded by oneDNN (OpenMP). Cutting it into blocks run on XLA's
 // intra-op pool, single-threaded each, made strided blocks that oneDNN ran on its slower `gemm:jit` (2x slower in
 // the quick start's step).
-//
-// oneDNN's C API is declared here (the part used; stable across oneDNN 3.x): the `onednn-cpu-gomp` wheel ships the
-// library without headers.
-#include <cstdint>
 #include <cstring>
 #include <map>
 #include <mutex>
 #include <tuple>
 
+#include "onednn_api.h"
 #include "xla/ffi/api/ffi.h"
-
-extern "C" {
-typedef int dnnl_status_t;  // dnnl_success = 0
-typedef struct dnnl_engine* dnnl_engine_t;
-typedef struct dnnl_stream* dnnl_stream_t;
-typedef struct dnnl_memory_desc* dnnl_memory_desc_t;
-typedef struct dnnl_memory* dnnl_memory_t;
-typedef struct dnnl_primitive_desc* dnnl_primitive_desc_t;
-typedef struct dnnl_primitive* dnnl_primitive_t;
-typedef int64_t dnnl_dims_t[12];
-typedef struct { int arg; dnnl_memory_t memory; } dnnl_exec_arg_t;
-dnnl_status_t dnnl_engine_create(dnnl_engine_t*, int kind, size_t index);
-dnnl_status_t dnnl_stream_create(dnnl_stream_t*, dnnl_engine_t, unsigned flags);
-dnnl_status_t dnnl_stream_wait(dnnl_stream_t);
-dnnl_status_t dnnl_stream_destroy(dnnl_stream_t);
-dnnl_status_t dnnl_memory_desc_create_with_strides(dnnl_memory_desc_t*, int ndims, const dnnl_dims_t dims,
-                                                   int data_type, const dnnl_dims_t strides);
-dnnl_status_t dnnl_memory_desc_destroy(dnnl_memory_desc_t);
-dnnl_status_t dnnl_matmul_primitive_desc_create(dnnl_primitive_desc_t*, dnnl_engine_t, const void* src,
-                                                const void* weights, const void* bias, const void* dst,
-                                                const void* attr);
-dnnl_status_t dnnl_primitive_desc_destroy(dnnl_primitive_desc_t);
-dnnl_status_t dnnl_primitive_create(dnnl_primitive_t*, const void* primitive_desc);
-dnnl_status_t dnnl_memory_create(dnnl_memory_t*, const void* memory_desc, dnnl_engine_t, void* handle);
-dnnl_status_t dnnl_memory_destroy(dnnl_memory_t);
-dnnl_status_t dnnl_primitive_execute(const void* primitive, dnnl_stream_t, int nargs, const dnnl_exec_arg_t* args);
-}
 
 namespace {
 namespace ffi = xla::ffi;
-constexpr int kCpu = 1, kBf16 = 2, kF32 = 3;
-constexpr int kArgSrc = 1, kArgDst = 17, kArgWeights = 33;
+using namespace mlm_flax;  // NOLINT: the oneDNN constants
 
 // One matmul primitive per (shapes, transposes, dtype), with the memory descriptors it runs on.
 struct Plan {
@@ -57,12 +26,6 @@ struct Plan {
 
 struct State {
   std::mutex mutex;
-  // Two oneDNN matmuls at once gave wrong results (most likely the library-managed scratchpad, e.g. the packed
-  // weights, which the wheel's build shares between primitives). XLA runs independent ops concurrently (a
-  // layer's two cotangent dots), so executions take turns; each already has all cores through oneDNN's threads.
-  // tests/test_kernels.py trains three steps against XLA's dots: without the turns its gradients were 23x off.
-  std::mutex execute;
-  dnnl_engine_t engine = nullptr;
   std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, bool, bool, int>, Plan> plans;
 };
 
@@ -70,7 +33,28 @@ State& state() {
   static State* s = new State();  // never destroyed: plans outlive every computation
   return *s;
 }
+}  // namespace
 
+namespace mlm_flax {
+dnnl_engine_t Engine() {
+  static dnnl_engine_t engine = [] {
+    dnnl_engine_t e = nullptr;
+    return dnnl_engine_create(&e, kCpu, 0) == 0 ? e : nullptr;
+  }();
+  return engine;
+}
+
+std::mutex& ExecuteTurns() {
+  // Two oneDNN matmuls at once gave wrong results (most likely the library-managed scratchpad, e.g. the packed
+  // weights, which the wheel's build shares between primitives). XLA runs independent ops concurrently (a
+  // layer's two cotangent dots), so executions take turns; each already has all cores through OpenMP threads.
+  // tests/test_kernels.py trains three steps against XLA's dots: without the turns its gradients were 23x off.
+  static std::mutex* turns = new std::mutex();
+  return *turns;
+}
+}  // namespace mlm_flax
+
+namespace {
 // A [batch, rows, cols] descriptor of a row-major [batch, r, c] buffer, read transposed when `transpose`; 2-D
 // when there is one batch: oneDNN 3.2 runs a 2-D matmul on its AMX kernels (brgemm), the same matmul described
 // in 3-D on its slower `gemm:jit`.
@@ -104,12 +88,12 @@ ffi::Error Matmul(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::Buffer<ff
     std::memset(out->untyped_data(), 0, sizeof(float) * batch * m * cols);
     return ffi::Error::Success();
   }
+  dnnl_engine_t engine = Engine();
+  if (engine == nullptr) return ffi::Error::Internal("onednn_matmul: no oneDNN CPU engine");
   State& s = state();
   Plan plan;
   {
     std::lock_guard<std::mutex> lock(s.mutex);
-    if (s.engine == nullptr && dnnl_engine_create(&s.engine, kCpu, 0) != 0)
-      return ffi::Error::Internal("onednn_matmul: no oneDNN CPU engine");
     auto key = std::make_tuple(batch, m, k, cols, trans_a, trans_b, dtype);
     auto it = s.plans.find(key);
     if (it == s.plans.end()) {
@@ -119,7 +103,7 @@ ffi::Error Matmul(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::Buffer<ff
       p.dst = Desc(batch, m, cols, false, kF32);
       dnnl_primitive_desc_t pd = nullptr;
       if (!p.src || !p.weights || !p.dst ||
-          dnnl_matmul_primitive_desc_create(&pd, s.engine, p.src, p.weights, nullptr, p.dst, nullptr) != 0 ||
+          dnnl_matmul_primitive_desc_create(&pd, engine, p.src, p.weights, nullptr, p.dst, nullptr) != 0 ||
           dnnl_primitive_create(&p.primitive, pd) != 0) {
         if (pd) dnnl_primitive_desc_destroy(pd);
         for (dnnl_memory_desc_t md : {p.src, p.weights, p.dst}) if (md) dnnl_memory_desc_destroy(md);
@@ -131,15 +115,15 @@ ffi::Error Matmul(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::Buffer<ff
     plan = it->second;
   }
   thread_local dnnl_stream_t stream = nullptr;  // in order (flag 1), one per calling thread
-  if (stream == nullptr && dnnl_stream_create(&stream, s.engine, 1) != 0) stream = nullptr;
+  if (stream == nullptr && dnnl_stream_create(&stream, engine, 1) != 0) stream = nullptr;
   dnnl_memory_t ma = nullptr, mb = nullptr, mc = nullptr;
   bool ok = stream != nullptr &&
-            dnnl_memory_create(&ma, plan.src, s.engine, a.untyped_data()) == 0 &&
-            dnnl_memory_create(&mb, plan.weights, s.engine, b.untyped_data()) == 0 &&
-            dnnl_memory_create(&mc, plan.dst, s.engine, out->untyped_data()) == 0;
+            dnnl_memory_create(&ma, plan.src, engine, a.untyped_data()) == 0 &&
+            dnnl_memory_create(&mb, plan.weights, engine, b.untyped_data()) == 0 &&
+            dnnl_memory_create(&mc, plan.dst, engine, out->untyped_data()) == 0;
   if (ok) {
     dnnl_exec_arg_t args[3] = {{kArgSrc, ma}, {kArgWeights, mb}, {kArgDst, mc}};
-    std::lock_guard<std::mutex> lock(s.execute);
+    std::lock_guard<std::mutex> lock(ExecuteTurns());
     ok = dnnl_primitive_execute(plan.primitive, stream, 3, args) == 0 && dnnl_stream_wait(stream) == 0;
   }
   for (dnnl_memory_t mem : {ma, mb, mc}) if (mem) dnnl_memory_destroy(mem);

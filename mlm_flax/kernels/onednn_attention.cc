@@ -1,0 +1,355 @@
+// XLA FFI handlers for CPU: softmax attention of one (batch, head) block at a time, forward and backward, its
+// matmuls on oneDNN (AMX / AVX512-BF16 brgemm) and its softmax in AVX-512, the whole block in cache. Built and
+// loaded by `onednn.py`; called only where the CPU has AVX512-BF16 (`onednn.attention_enabled`).
+//
+// Why: as XLA ops, a layer's attention was 8 batched oneDNN calls over all heads plus ~12 XLA fusions between
+// them, each streaming [batch * heads, len, len] f32 scores, probabilities or their bf16 copies through memory:
+// ~29 ms of the quick start's ~86 ms step. Here each thread takes whole heads (OpenMP, static: deterministic),
+// and a head's scores, probabilities and their gradients never leave its buffers. The forward keeps each row's
+// maximum and 1 / sum for the backward, which recomputes the probabilities bit for bit (as flash attention
+// recomputes them), not [len, len] of them. (Not one log-sum-exp: in a row with every key masked, the maximum is
+// the lowest f32 and log(len) vanishes in it.)
+//
+// Layouts: q, k, v bf16 [batch, heads, len, head_dim] (q already scaled), bias f32 [batch, 1, len, len] (0 or the
+// lowest f32: a mask), context and gradients f32 [batch, heads, len, head_dim], row statistics f32
+// [batch, heads, len].
+// Numerics are the XLA path's (`layers._softmax_attention`): bf16 products summed in f32, softmax in f32, the
+// probabilities and score gradients rounded to bf16 (nearest even) for their matmuls; sums run in another
+// order and exp is a polynomial (~1 ulp), so results agree to rounding, not bit for bit.
+#include <immintrin.h>
+#include <omp.h>
+
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <tuple>
+#include <vector>
+
+#include "onednn_api.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace {
+namespace ffi = xla::ffi;
+using namespace mlm_flax;  // NOLINT: the oneDNN constants
+
+// A 2-D matmul primitive op(a)[m, k] @ op(b)[k, n] -> f32 [m, n] on dense row-major bf16 buffers, with a
+// user-managed scratchpad: several threads run one primitive at once, each with its own scratchpad.
+struct Matmul {
+  dnnl_primitive_t primitive = nullptr;
+  dnnl_memory_desc_t a = nullptr, b = nullptr, c = nullptr;
+  const void* scratchpad = nullptr;  // its memory descriptor (owned by the primitive descriptor)
+  size_t scratchpad_bytes = 0;
+};
+
+dnnl_memory_desc_t Desc(int64_t rows, int64_t cols, bool transpose, int dtype) {
+  // A [rows, cols] buffer, described as its transpose when `transpose`.
+  dnnl_dims_t dims = {transpose ? cols : rows, transpose ? rows : cols};
+  dnnl_dims_t strides = {transpose ? 1 : cols, transpose ? cols : 1};
+  dnnl_memory_desc_t md = nullptr;
+  return dnnl_memory_desc_create_with_strides(&md, 2, dims, dtype, strides) == 0 ? md : nullptr;
+}
+
+// (a rows, a cols, a transposed, b rows, b cols, b transposed) -> its primitive; never destroyed.
+using Key = std::tuple<int64_t, int64_t, bool, int64_t, int64_t, bool>;
+
+const Matmul* GetMatmul(const Key& key) {
+  static std::mutex* mutex = new std::mutex();
+  static auto* plans = new std::map<Key, Matmul>();
+  std::lock_guard<std::mutex> lock(*mutex);
+  auto it = plans->find(key);
+  if (it != plans->end()) return &it->second;
+  auto [ar, ac, ta, br, bc, tb] = key;
+  Matmul m;
+  m.a = Desc(ar, ac, ta, kBf16);
+  m.b = Desc(br, bc, tb, kBf16);
+  m.c = Desc(ta ? ac : ar, tb ? br : bc, false, kF32);
+  dnnl_primitive_attr_t attr = nullptr;
+  dnnl_primitive_desc_t pd = nullptr;
+  bool ok = Engine() != nullptr && m.a && m.b && m.c && dnnl_primitive_attr_create(&attr) == 0 &&
+            dnnl_primitive_attr_set_scratchpad_mode(attr, kScratchpadUser) == 0 &&
+            dnnl_matmul_primitive_desc_create(&pd, Engine(), m.a, m.b, nullptr, m.c, attr) == 0 &&
+            dnnl_primitive_create(&m.primitive, pd) == 0;
+  if (attr) dnnl_primitive_attr_destroy(attr);
+  if (!ok) return nullptr;  // (leaks the descriptors of a shape oneDNN refuses: once per shape)
+  m.scratchpad = dnnl_primitive_desc_query_md(pd, kQueryScratchpadMd, 0);
+  m.scratchpad_bytes = m.scratchpad ? dnnl_memory_desc_get_size(m.scratchpad) : 0;
+  // The primitive descriptor stays alive: it owns the scratchpad's descriptor.
+  return &plans->emplace(key, m).first->second;
+}
+
+// One thread's buffers and oneDNN objects: a stream, each primitive's memory objects (their data set per call).
+struct Thread {
+  dnnl_stream_t stream = nullptr;
+  std::vector<char> scratchpad;
+  std::map<const Matmul*, std::tuple<dnnl_memory_t, dnnl_memory_t, dnnl_memory_t, dnnl_memory_t>> memories;
+  std::vector<float> scores, dscores;          // [len, len]
+  std::vector<uint16_t> probs16, dscores16;    // [len, len] bf16
+  std::vector<uint16_t> g16;                   // [len, head_dim] bf16
+  std::vector<float> row;                      // [len]
+
+  bool Run(const Matmul* m, const void* a, const void* b, float* c) {
+    if (stream == nullptr && dnnl_stream_create(&stream, Engine(), 1) != 0) return false;
+    if (scratchpad.size() < m->scratchpad_bytes + 64) {
+      scratchpad.resize(m->scratchpad_bytes + 64);
+      for (auto& [plan, mems] : memories) dnnl_memory_destroy(std::get<3>(mems));
+      memories.clear();  // their scratchpad memories point at the old buffer
+    }
+    auto it = memories.find(m);
+    if (it == memories.end()) {
+      dnnl_memory_t ma = nullptr, mb = nullptr, mc = nullptr, ms = nullptr;
+      if (dnnl_memory_create(&ma, m->a, Engine(), nullptr) || dnnl_memory_create(&mb, m->b, Engine(), nullptr) ||
+          dnnl_memory_create(&mc, m->c, Engine(), nullptr))
+        return false;
+      if (m->scratchpad && dnnl_memory_create(&ms, m->scratchpad, Engine(), scratchpad.data())) return false;
+      it = memories.emplace(m, std::make_tuple(ma, mb, mc, ms)).first;
+    }
+    auto [ma, mb, mc, ms] = it->second;
+    dnnl_memory_set_data_handle(ma, const_cast<void*>(a));
+    dnnl_memory_set_data_handle(mb, const_cast<void*>(b));
+    dnnl_memory_set_data_handle(mc, c);
+    dnnl_exec_arg_t args[4] = {{kArgSrc, ma}, {kArgWeights, mb}, {kArgDst, mc}, {kArgScratchpad, ms}};
+    return dnnl_primitive_execute(m->primitive, stream, ms ? 4 : 3, args) == 0 && dnnl_stream_wait(stream) == 0;
+  }
+};
+
+Thread& ThisThread(int64_t len, int64_t head_dim) {
+  thread_local Thread t;
+  const size_t square = len * len;
+  if (t.scores.size() < square) {
+    t.scores.resize(square), t.dscores.resize(square), t.probs16.resize(square), t.dscores16.resize(square);
+  }
+  if (t.g16.size() < static_cast<size_t>(len * head_dim)) t.g16.resize(len * head_dim);
+  if (t.row.size() < static_cast<size_t>(len)) t.row.resize(len);
+  return t;
+}
+
+// --- AVX-512 pieces: 16 lanes, the last block of a row under a mask ---------------------------------------------
+
+__attribute__((target("avx512f"))) inline __mmask16 Tail(int64_t n, int64_t j) {
+  return n - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
+}
+
+// exp(x) for x <= 0 (softmax): x = n ln2 + r, Cephes' degree-6 polynomial for exp(r), 2^n by scalef; 0 below
+// -87.3 (where the exact value is a denormal; masked scores sit at the lowest f32).
+__attribute__((target("avx512f"))) inline __m512 Exp(__m512 x) {
+  const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33f), _CMP_LT_OQ);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.33f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), _mm512_scalef_ps(p, n));
+}
+
+// f32 -> bf16, round to nearest even (XLA's convert), `n` values.
+__attribute__((target("avx512f,avx512bf16,avx512vl,avx512bw"))) inline void ToBf16(const float* x, uint16_t* y,
+                                                                                     int64_t n) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = Tail(n, j);
+    const __m256i h = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, x + j));
+    _mm256_mask_storeu_epi16(y + j, m, h);
+  }
+}
+
+// Forward of one head: context = softmax(q k^T + bias) v, and each row's maximum and 1 / sum.
+__attribute__((target("avx512f,avx512bf16,avx512vl,avx512bw"))) bool ForwardHead(
+    Thread& t, const Matmul* qk, const Matmul* pv, const uint16_t* q, const uint16_t* k, const uint16_t* v,
+    const float* bias, float* context, float* peaks, float* inv_totals, int64_t len) {
+  float* s = t.scores.data();
+  if (!t.Run(qk, q, k, s)) return false;
+  for (int64_t i = 0; i < len; ++i) {
+    float* row = s + i * len;
+    const float* b = bias + i * len;
+    __m512 peak = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < len; j += 16) {
+      const __mmask16 m = Tail(len, j);
+      const __m512 x = _mm512_add_ps(_mm512_maskz_loadu_ps(m, row + j), _mm512_maskz_loadu_ps(m, b + j));
+      _mm512_mask_storeu_ps(row + j, m, x);
+      peak = _mm512_mask_max_ps(peak, m, peak, x);
+    }
+    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(peak));
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t j = 0; j < len; j += 16) {
+      const __mmask16 m = Tail(len, j);
+      const __m512 e = _mm512_maskz_mov_ps(m, Exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + j), mx)));
+      _mm512_mask_storeu_ps(row + j, m, e);
+      total = _mm512_add_ps(total, e);
+    }
+    const float inv_total = 1.0f / _mm512_reduce_add_ps(total);
+    const __m512 inv = _mm512_set1_ps(inv_total);
+    for (int64_t j = 0; j < len; j += 16) {
+      const __mmask16 m = Tail(len, j);
+      _mm512_mask_storeu_ps(row + j, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, row + j), inv));
+    }
+    peaks[i] = _mm512_cvtss_f32(mx);
+    inv_totals[i] = inv_total;
+  }
+  ToBf16(s, t.probs16.data(), len * len);
+  return t.Run(pv, t.probs16.data(), v, context);
+}
+
+// Backward of one head, from the forward's row statistics: p = exp(q k^T + bias - peak) / total (the forward's
+// bits); dv = p^T g; dp = g v^T;
+// ds = p * (dp - rowsum(g * context)); dq = ds k; dk = ds^T q.
+__attribute__((target("avx512f,avx512bf16,avx512vl,avx512bw"))) bool BackwardHead(
+    Thread& t, const Matmul* const* mm, const uint16_t* q, const uint16_t* k, const uint16_t* v, const float* bias,
+    const float* context, const float* peaks, const float* inv_totals, const float* g, float* dq, float* dk, float* dv, int64_t len,
+    int64_t head_dim) {
+  float* s = t.scores.data();
+  float* dp = t.dscores.data();
+  if (!t.Run(mm[0], q, k, s)) return false;
+  for (int64_t i = 0; i < len; ++i) {
+    float* row = s + i * len;
+    const float* b = bias + i * len;
+    const __m512 peak = _mm512_set1_ps(peaks[i]), inv = _mm512_set1_ps(inv_totals[i]);
+    for (int64_t j = 0; j < len; j += 16) {
+      const __mmask16 m = Tail(len, j);
+      const __m512 x = _mm512_add_ps(_mm512_maskz_loadu_ps(m, row + j), _mm512_maskz_loadu_ps(m, b + j));
+      _mm512_mask_storeu_ps(row + j, m, _mm512_mul_ps(Exp(_mm512_sub_ps(x, peak)), inv));
+    }
+    __m512 acc = _mm512_setzero_ps();  // rowsum(g * context) = rowsum(p * dp)
+    for (int64_t d = 0; d < head_dim; d += 16) {
+      const __mmask16 m = Tail(head_dim, d);
+      acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, g + i * head_dim + d),
+                            _mm512_maskz_loadu_ps(m, context + i * head_dim + d), acc);
+    }
+    t.row[i] = _mm512_reduce_add_ps(acc);
+  }
+  ToBf16(s, t.probs16.data(), len * len);
+  ToBf16(g, t.g16.data(), len * head_dim);
+  if (!t.Run(mm[1], t.probs16.data(), t.g16.data(), dv) || !t.Run(mm[2], t.g16.data(), v, dp)) return false;
+  for (int64_t i = 0; i < len; ++i) {
+    const __m512 r = _mm512_set1_ps(t.row[i]);
+    for (int64_t j = 0; j < len; j += 16) {
+      const __mmask16 m = Tail(len, j);
+      const __m512 ds = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + i * len + j),
+                                      _mm512_sub_ps(_mm512_maskz_loadu_ps(m, dp + i * len + j), r));
+      _mm512_mask_storeu_ps(dp + i * len + j, m, ds);
+    }
+  }
+  ToBf16(dp, t.dscores16.data(), len * len);
+  return t.Run(mm[3], t.dscores16.data(), k, dq) && t.Run(mm[4], t.dscores16.data(), q, dk);
+}
+
+struct Shape {
+  int64_t batch, heads, len, head_dim;
+};
+
+ffi::Error CheckShapes(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer bias, Shape* shape) {
+  auto dq = q.dimensions();
+  if (dq.size() != 4) return ffi::Error::InvalidArgument("onednn_attention: q must be [batch, heads, len, dim]");
+  for (ffi::AnyBuffer x : {q, k, v}) {
+    if (x.element_type() != ffi::DataType::BF16) return ffi::Error::InvalidArgument("onednn_attention: q, k, v bf16");
+    auto dx = x.dimensions();
+    if (dx.size() != 4 || !std::equal(dx.begin(), dx.end(), dq.begin()))
+      return ffi::Error::InvalidArgument("onednn_attention: q, k, v must have one shape");
+  }
+  auto db = bias.dimensions();
+  if (bias.element_type() != ffi::DataType::F32 || db.size() != 4 || db[0] != dq[0] || db[1] != 1 ||
+      db[2] != dq[2] || db[3] != dq[2])
+    return ffi::Error::InvalidArgument("onednn_attention: bias must be f32 [batch, 1, len, len]");
+  *shape = {dq[0], dq[1], dq[2], dq[3]};
+  return ffi::Error::Success();
+}
+
+// Runs `head(t, n)` for every (batch, head) n on OpenMP's threads (static schedule: each head's sums in a fixed
+// order, whatever the thread), in oneDNN's turns.
+template <typename F>
+ffi::Error EveryHead(const Shape& s, const char* what, F head) {
+  const int64_t heads = s.batch * s.heads;
+  bool ok = true;
+  std::lock_guard<std::mutex> lock(ExecuteTurns());
+#pragma omp parallel for schedule(static) reduction(&& : ok)
+  for (int64_t n = 0; n < heads; ++n) {
+    if (ok) ok = head(ThisThread(s.len, s.head_dim), n);
+  }
+  return ok ? ffi::Error::Success() : ffi::Error::Internal(what);
+}
+
+ffi::Error Forward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer bias,
+                   ffi::Result<ffi::Buffer<ffi::F32>> context, ffi::Result<ffi::Buffer<ffi::F32>> peak,
+                   ffi::Result<ffi::Buffer<ffi::F32>> inv_total) {
+  Shape s;
+  if (ffi::Error e = CheckShapes(q, k, v, bias, &s); e.failure()) return e;
+  if (s.batch * s.heads * s.len == 0) return ffi::Error::Success();
+  if (s.head_dim == 0) return ffi::Error::InvalidArgument("onednn_attention: head_dim is 0");
+  const int64_t L = s.len, D = s.head_dim;
+  const Matmul* qk = GetMatmul({L, D, false, L, D, true});  // q k^T
+  const Matmul* pv = GetMatmul({L, L, false, L, D, false});  // p v
+  if (!qk || !pv) return ffi::Error::Internal("onednn_attention: oneDNN has no matmul for these shapes");
+  auto* pq = static_cast<const uint16_t*>(q.untyped_data());
+  auto* pk = static_cast<const uint16_t*>(k.untyped_data());
+  auto* pv_ = static_cast<const uint16_t*>(v.untyped_data());
+  auto* pb = static_cast<const float*>(bias.untyped_data());
+  float* out = context->typed_data();
+  float *peaks = peak->typed_data(), *inv_totals = inv_total->typed_data();
+  return EveryHead(s, "onednn_attention: oneDNN failed in the forward", [&](Thread& t, int64_t n) {
+    const int64_t x = n * L * D;
+    return ForwardHead(t, qk, pv, pq + x, pk + x, pv_ + x, pb + (n / s.heads) * L * L, out + x, peaks + n * L,
+                       inv_totals + n * L, L);
+  });
+}
+
+ffi::Error Backward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer bias,
+                    ffi::Buffer<ffi::F32> context, ffi::Buffer<ffi::F32> peak, ffi::Buffer<ffi::F32> inv_total,
+                    ffi::Buffer<ffi::F32> g,
+                    ffi::Result<ffi::Buffer<ffi::F32>> dq, ffi::Result<ffi::Buffer<ffi::F32>> dk,
+                    ffi::Result<ffi::Buffer<ffi::F32>> dv) {
+  Shape s;
+  if (ffi::Error e = CheckShapes(q, k, v, bias, &s); e.failure()) return e;
+  if (s.batch * s.heads * s.len == 0) return ffi::Error::Success();
+  if (s.head_dim == 0) return ffi::Error::InvalidArgument("onednn_attention: head_dim is 0");
+  const int64_t L = s.len, D = s.head_dim;
+  const Matmul* mm[5] = {GetMatmul({L, D, false, L, D, true}),    // s = q k^T
+                         GetMatmul({L, L, true, L, D, false}),    // dv = p^T g
+                         GetMatmul({L, D, false, L, D, true}),    // dp = g v^T
+                         GetMatmul({L, L, false, L, D, false}),   // dq = ds k
+                         GetMatmul({L, L, true, L, D, false})};   // dk = ds^T q
+  for (const Matmul* m : mm)
+    if (!m) return ffi::Error::Internal("onednn_attention: oneDNN has no matmul for these shapes");
+  auto* pq = static_cast<const uint16_t*>(q.untyped_data());
+  auto* pk = static_cast<const uint16_t*>(k.untyped_data());
+  auto* pv = static_cast<const uint16_t*>(v.untyped_data());
+  auto* pb = static_cast<const float*>(bias.untyped_data());
+  const float *pc = context.typed_data(), *pp = peak.typed_data(), *pi = inv_total.typed_data(), *pg = g.typed_data();
+  float *oq = dq->typed_data(), *ok = dk->typed_data(), *ov = dv->typed_data();
+  return EveryHead(s, "onednn_attention: oneDNN failed in the backward", [&](Thread& t, int64_t n) {
+    const int64_t x = n * L * D;
+    return BackwardHead(t, mm, pq + x, pk + x, pv + x, pb + (n / s.heads) * L * L, pc + x, pp + n * L, pi + n * L,
+                        pg + x, oq + x, ok + x, ov + x, L, D);
+  });
+}
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MlmFlaxOnednnAttentionFwd, Forward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MlmFlaxOnednnAttentionBwd, Backward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
