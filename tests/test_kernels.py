@@ -205,3 +205,39 @@ def test_a_bad_setting_or_a_missing_library_is_one_clear_error(monkeypatch):
     onednn.enabled(jnp.bfloat16)
   monkeypatch.setenv('MLM_FLAX_CPU_MATMUL', 'auto')  # auto falls back to XLA's dots
   assert not onednn.enabled(jnp.bfloat16)
+
+
+@pytest.mark.parametrize('center', [True, False])  # LayerNorm, RMSNorm
+def test_norm_kernel_is_the_norms_formula(center, monkeypatch):
+  """Where it runs (a bf16 model on one AVX-512 CPU device), the norm is one kernel each way, and its output
+  and the gradients of x, scale and bias are `layers._norm`'s to f32 rounding; rows of 40 features (16 lanes
+  and a tail)."""
+  monkeypatch.setenv('MLM_FLAX_CPU_MATMUL', 'onednn')
+  if onednn._load() is not None:
+    pytest.skip(onednn._load())
+  x = jax.random.normal(jax.random.key(0), (3, 70, 40), jnp.float32) * 3 + 1
+  if not onednn.norm_enabled(jnp.bfloat16, x):
+    pytest.skip('the norm kernel needs AVX-512')
+  module = layers.norm('layernorm' if center else 'rmsnorm', 1e-5, True, jnp.float32, dtype=jnp.bfloat16)
+  params = module.init(jax.random.key(1), x)
+  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)
+  g = jax.random.normal(jax.random.key(3), x.shape)
+  loss = lambda p, x: jnp.sum(module.apply(p, x) * g)
+  text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).as_text()
+  assert (text.count('mlm_flax_cpu_norm_fwd'), text.count('mlm_flax_cpu_norm_bwd')) == (1, 1)
+  value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
+  monkeypatch.setenv('MLM_FLAX_CPU_MATMUL', 'xla')
+  value_xla, grads_xla = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
+  np.testing.assert_allclose(value, value_xla, rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_xla)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_norm_kernel_only_for_f32_rows_of_a_bf16_model(monkeypatch):
+  monkeypatch.setenv('MLM_FLAX_CPU_MATMUL', 'onednn')
+  if onednn._load() is not None:
+    pytest.skip(onednn._load())
+  assert not onednn.norm_enabled(jnp.float32, jnp.zeros((2, 8)))  # f32 models keep XLA's norm
+  assert not onednn.norm_enabled(jnp.bfloat16, jnp.zeros((2, 8), jnp.bfloat16))
+  monkeypatch.setattr(onednn, 'cpu_flags', lambda: frozenset({'avx2', 'amx_bf16'}))
+  assert not onednn.norm_enabled(jnp.bfloat16, jnp.zeros((2, 8)))

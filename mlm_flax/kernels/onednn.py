@@ -28,11 +28,13 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _TARGET = 'mlm_flax_onednn_matmul'
 _ATTENTION_TARGETS = ('mlm_flax_onednn_attention_fwd', 'mlm_flax_onednn_attention_bwd')
+_NORM_TARGETS = ('mlm_flax_cpu_norm_fwd', 'mlm_flax_cpu_norm_bwd')
 _HERE = os.path.dirname(__file__)
-_SOURCES = tuple(os.path.join(_HERE, name) for name in ('onednn_matmul.cc', 'onednn_attention.cc'))
+_SOURCES = tuple(os.path.join(_HERE, name) for name in ('onednn_matmul.cc', 'onednn_attention.cc', 'cpu_norm.cc'))
 _HEADER = os.path.join(_HERE, 'onednn_api.h')
 _MODES = ('auto', 'onednn', 'xla')
 
@@ -106,10 +108,11 @@ def _load() -> str | None:
       os.replace(built, target)  # atomic: a concurrent builder finds a whole file or none
   try:
     built = ctypes.cdll.LoadLibrary(target)
-    handlers = (built.MlmFlaxOnednnMatmul, built.MlmFlaxOnednnAttentionFwd, built.MlmFlaxOnednnAttentionBwd)
+    handlers = (built.MlmFlaxOnednnMatmul, built.MlmFlaxOnednnAttentionFwd, built.MlmFlaxOnednnAttentionBwd,
+                built.MlmFlaxCpuNormFwd, built.MlmFlaxCpuNormBwd)
   except (OSError, AttributeError) as e:
     return f'loading the oneDNN kernel failed: {e}'
-  for name, handler in zip((_TARGET, *_ATTENTION_TARGETS), handlers):
+  for name, handler in zip((_TARGET, *_ATTENTION_TARGETS, *_NORM_TARGETS), handlers):
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform='cpu')
   logging.info("bf16 matmuls run on oneDNN (%s); MLM_FLAX_CPU_MATMUL=xla for XLA's dots.", lib)
   return None
@@ -231,3 +234,38 @@ def _attention_bwd(res, g):
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def norm_enabled(dtype, x: jax.Array) -> bool:
+  """Whether a norm of f32 `x` in a model computing in `dtype` runs as one kernel per direction (`norm`): where
+  `enabled(dtype)` (a bf16 model on one CPU device with the oneDNN kernels built) and the CPU has AVX-512."""
+  return x.dtype == jnp.float32 and 'avx512f' in cpu_flags() and enabled(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def norm(epsilon: float, center: bool, x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
+  """`layers.Norm`'s LayerNorm (`center`) or RMSNorm of f32 `x` over its last axis, each row in one pass
+  (`cpu_norm.cc`): the same statistics and closed-form backward, sums in another order. Call it where
+  `norm_enabled` is True."""
+  return _norm_fwd(epsilon, center, x, scale, bias)[0]
+
+
+def _norm_fwd(epsilon, center, x, scale, bias):
+  rows = jax.ShapeDtypeStruct(x.shape[:-1], jnp.float32)
+  out = (jax.ShapeDtypeStruct(x.shape, jnp.float32), rows, rows)
+  y, mean, rstd = jax.ffi.ffi_call(_NORM_TARGETS[0], out, vmap_method='sequential')(
+      x, scale.astype(jnp.float32), bias.astype(jnp.float32), epsilon=np.float32(epsilon), center=bool(center))
+  return y, (x, mean, rstd, scale, bias)
+
+
+def _norm_bwd(epsilon, center, res, g):
+  del epsilon
+  x, mean, rstd, scale, bias = res
+  out = (jax.ShapeDtypeStruct(x.shape, jnp.float32), jax.ShapeDtypeStruct(scale.shape, jnp.float32),
+         jax.ShapeDtypeStruct(scale.shape, jnp.float32))
+  dx, dscale, dbias = jax.ffi.ffi_call(_NORM_TARGETS[1], out, vmap_method='sequential')(
+      x, mean, rstd, scale.astype(jnp.float32), g.astype(jnp.float32), center=bool(center))
+  return dx, dscale.astype(scale.dtype), dbias.astype(bias.dtype)
+
+
+norm.defvjp(_norm_fwd, _norm_bwd)

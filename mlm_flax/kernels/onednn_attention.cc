@@ -198,12 +198,11 @@ __attribute__((target("avx512f,avx512bf16,avx512vl,avx512bw"))) bool ForwardHead
 }
 
 // Backward of one head, from the forward's row statistics: p = exp(q k^T + bias - peak) / total (the forward's
-// bits); dv = p^T g; dp = g v^T;
-// ds = p * (dp - rowsum(g * context)); dq = ds k; dk = ds^T q.
+// bits); dv = p^T g; dp = g v^T; ds = p * (dp - rowsum(g * context)); dq = ds k; dk = ds^T q.
 __attribute__((target("avx512f,avx512bf16,avx512vl,avx512bw"))) bool BackwardHead(
     Thread& t, const Matmul* const* mm, const uint16_t* q, const uint16_t* k, const uint16_t* v, const float* bias,
-    const float* context, const float* peaks, const float* inv_totals, const float* g, float* dq, float* dk, float* dv, int64_t len,
-    int64_t head_dim) {
+    const float* context, const float* peaks, const float* inv_totals, const float* g, float* dq, float* dk,
+    float* dv, int64_t len, int64_t head_dim) {
   float* s = t.scores.data();
   float* dp = t.dscores.data();
   if (!t.Run(mm[0], q, k, s)) return false;

@@ -30,7 +30,8 @@ class Layer(nn.Module):
     c = self.config.resolved
     dense = functools.partial(Dense, dtype=c.compute_dtype, param_dtype=c.param_jnp_dtype,
                               init_std=c.initializer_range)
-    norm = functools.partial(layers.norm, c.norm, c.layer_norm_eps, c.norm_bias, c.param_jnp_dtype)
+    norm = functools.partial(layers.norm, c.norm, c.layer_norm_eps, c.norm_bias, c.param_jnp_dtype,
+                             dtype=c.compute_dtype)
     b, l, h = x.shape
     head_dim = h // c.num_heads
     pre = c.norm_position == 'pre'
@@ -66,7 +67,8 @@ class BertMLM(MaskedLM):
     check_config(c)
     init = nn.initializers.normal(c.initializer_range)
     embed = functools.partial(nn.Embed, embedding_init=init, param_dtype=c.param_jnp_dtype)
-    norm = functools.partial(layers.norm, c.norm, c.layer_norm_eps, c.norm_bias, c.param_jnp_dtype)
+    norm = functools.partial(layers.norm, c.norm, c.layer_norm_eps, c.norm_bias, c.param_jnp_dtype,
+                             dtype=c.compute_dtype)
     width = c.embedding_width
     self.word_embeddings = embed(c.vocab_size, width)
     # positions='rope': no position embeddings, RoPE in every layer instead.

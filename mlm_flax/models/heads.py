@@ -50,7 +50,7 @@ class MaskedLM(nn.Module):
     c = self.config.resolved
     self.head_transform = layers.Dense(c.embedding_width, dtype=c.compute_dtype, param_dtype=c.param_jnp_dtype,
                                        use_bias=c.classifier_bias, init_std=transform_std)
-    self.head_norm = layers.norm(c.norm, c.layer_norm_eps, c.norm_bias, c.param_jnp_dtype)
+    self.head_norm = layers.norm(c.norm, c.layer_norm_eps, c.norm_bias, c.param_jnp_dtype, dtype=c.compute_dtype)
     self.head_bias = (self.param('head_bias', nn.initializers.zeros, (c.vocab_size,), c.param_jnp_dtype)
                       if c.decoder_bias and self.mlm_head else None)
     # An untied decoder [vocab, hidden] (Hugging Face `tie_word_embeddings=False`); tied by default.
@@ -171,7 +171,7 @@ class ModernBertHead(Head):
       else:
         x = x[:, 0]
     x = self.dense(c.hidden_size, 'dense', use_bias=c.classifier_bias)(x)
-    x = layers.norm(c.norm, c.layer_norm_eps, c.norm_bias, c.param_jnp_dtype, name='norm')(
+    x = layers.norm(c.norm, c.layer_norm_eps, c.norm_bias, c.param_jnp_dtype, name='norm', dtype=c.compute_dtype)(
         layers.activation(c.hidden_act)(x))
     return self.classify(x, deterministic, row_ids)
 

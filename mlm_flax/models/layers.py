@@ -201,6 +201,7 @@ class Norm(nn.Module):
   center: bool
   use_bias: bool
   param_dtype: Dtype = jnp.float32
+  dtype: Dtype = jnp.float32  # the model's compute dtype: bf16 on one CPU device runs the CPU kernel
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -208,16 +209,20 @@ class Norm(nn.Module):
     scale = self.param('scale', nn.initializers.ones, features, self.param_dtype)
     bias = (self.param('bias', nn.initializers.zeros, features, self.param_dtype) if self.use_bias
             else jnp.zeros(features, self.param_dtype))
+    if onednn.norm_enabled(self.dtype, x):  # each row in one pass (`kernels/cpu_norm.cc`)
+      return onednn.norm(self.epsilon, self.center, x, scale, bias)
     return _norm(self.epsilon, self.center, x, scale, bias)
 
 
-def norm(kind: str, epsilon: float, use_bias: bool, param_dtype: Dtype, name: str | None = None) -> nn.Module:
+def norm(kind: str, epsilon: float, use_bias: bool, param_dtype: Dtype, name: str | None = None,
+         dtype: Dtype = jnp.float32) -> nn.Module:
   """The normalisation `model.norm` names (statistics in f32): 'layernorm' (`scale`, and a `bias` shift when
-  `use_bias`), or 'rmsnorm' (x / sqrt(mean(x^2) + eps) * `scale`: no centring, no shift; Zhang & Sennrich 2019)."""
+  `use_bias`), or 'rmsnorm' (x / sqrt(mean(x^2) + eps) * `scale`: no centring, no shift; Zhang & Sennrich 2019).
+  `dtype`: the model's compute dtype (where the CPU kernel runs)."""
   if kind == 'layernorm':
-    return Norm(epsilon=epsilon, center=True, use_bias=use_bias, param_dtype=param_dtype, name=name)
+    return Norm(epsilon=epsilon, center=True, use_bias=use_bias, param_dtype=param_dtype, dtype=dtype, name=name)
   if kind == 'rmsnorm':
-    return Norm(epsilon=epsilon, center=False, use_bias=False, param_dtype=param_dtype, name=name)
+    return Norm(epsilon=epsilon, center=False, use_bias=False, param_dtype=param_dtype, dtype=dtype, name=name)
   raise ValueError(f"model.norm={kind!r}; use 'layernorm' or 'rmsnorm'.")
 
 

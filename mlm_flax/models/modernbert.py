@@ -119,7 +119,8 @@ class Layer(nn.Module):
     heads, head_dim = c.num_heads, h // c.num_heads
     out_std = c.initializer_range / math.sqrt(2.0 * c.num_layers)  # Hugging Face's init of output projections
     dense = functools.partial(Dense, dtype=c.compute_dtype, param_dtype=c.param_jnp_dtype, init_std=c.initializer_range)
-    norm = functools.partial(layers.norm, c.norm, c.layer_norm_eps, c.norm_bias, c.param_jnp_dtype)
+    norm = functools.partial(layers.norm, c.norm, c.layer_norm_eps, c.norm_bias, c.param_jnp_dtype,
+                             dtype=c.compute_dtype)
     attn_bias = c.attention_bias
 
     y = x if self.index == 0 else norm(name='attention_norm')(x)
@@ -151,7 +152,8 @@ class ModernBertMLM(MaskedLM):
     if c.hidden_size % c.num_heads:
       raise ValueError(f'model.hidden_size={c.hidden_size} is not divisible by model.num_heads={c.num_heads}')
     check_config(self.config)
-    norm = functools.partial(layers.norm, c.norm, c.layer_norm_eps, c.norm_bias, c.param_jnp_dtype)
+    norm = functools.partial(layers.norm, c.norm, c.layer_norm_eps, c.norm_bias, c.param_jnp_dtype,
+                             dtype=c.compute_dtype)
     self.word_embeddings = nn.Embed(c.vocab_size, c.embedding_width, param_dtype=c.param_jnp_dtype,
                                     embedding_init=nn.initializers.normal(c.initializer_range))
     self.embeddings_norm = norm()
