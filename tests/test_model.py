@@ -247,8 +247,8 @@ def test_written_out_attention_backward_equals_autodiff():
 
 def test_bf16_attention_takes_the_written_out_path_and_f32_keeps_autodiff(monkeypatch):
   """`attention` in bf16 without active dropout (inference, or `attention_dropout=0` as the quick start trains)
-  runs `_softmax_attention` (or the CPU kernel `onednn.attention` where it runs); f32 (where autodiff's backward is faster on CPU) and active attention dropout keep
-  the einsums."""
+  runs `_softmax_attention` (or the CPU kernel `onednn.attention` where it runs); f32 (where autodiff's backward
+  is faster on CPU) and active attention dropout keep the einsums."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
 
   class Attend(nn.Module):
