@@ -157,6 +157,39 @@ def test_bf16_attention_runs_as_one_kernel_and_equals_the_dots(length, monkeypat
     np.testing.assert_allclose(g, g_xla, rtol=1e-4, atol=1e-5)
 
 
+
+@pytest.mark.parametrize('length', [16, 20])
+def test_attention_from_the_fused_projection_is_rope_then_attention(length, monkeypatch):
+  """`onednn.qkv_attention` (ModernBERT's QKV projection in, RoPE and the head split inside) is `apply_rope`,
+  the heads-major layout and `layers.attention` on XLA's dots, context and the projection's gradient, to f32
+  rounding; positions restart in the second document of a row (per-token tables)."""
+  if onednn._load() is not None:
+    pytest.skip(onednn._load())
+  if not onednn.attention_enabled(jnp.bfloat16, length):
+    pytest.skip('the attention kernel needs AVX512-BF16')
+  b, heads, d = 2, 3, 8
+  qkv = jax.random.normal(jax.random.key(7), (b, length, 3 * heads * d), jnp.float32)
+  _, bias = _attention_case(length)
+  half = length // 2
+  positions = jnp.array([list(range(half)) + list(range(length - half)), list(range(length))])
+  cos, sin = layers.rope_tables(positions, d, 10000.0, 64)
+
+  def unfused(qkv):
+    q, k, v = (t.reshape(b, length, heads, d).transpose(0, 2, 1, 3) for t in jnp.split(qkv, 3, axis=-1))
+    q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
+    return layers.attention(q, k, v, bias, dtype=jnp.bfloat16, dropout_rate=0.0, deterministic=True)
+
+  fused = lambda qkv: onednn.qkv_attention(qkv, cos.reshape(b, length, d), sin.reshape(b, length, d),
+                                           jnp.broadcast_to(bias, (b, 1, length, length)), heads)
+  weights = jax.random.normal(jax.random.key(8), (b, length, heads * d))
+  loss = lambda f: jax.jit(jax.value_and_grad(lambda x: jnp.sum(f(x) * weights)))
+  monkeypatch.setenv('MLM_FLAX_CPU_MATMUL', 'onednn')
+  value, grad = loss(fused)(qkv)
+  monkeypatch.setenv('MLM_FLAX_CPU_MATMUL', 'xla')
+  value_xla, grad_xla = loss(unfused)(qkv)
+  np.testing.assert_allclose(value, value_xla, rtol=1e-5)
+  np.testing.assert_allclose(grad, grad_xla, rtol=1e-4, atol=1e-5)
+
 def test_bf16_attention_without_avx512_bf16_runs_its_dots_on_onednn(monkeypatch):
   """On a CPU with AMX-BF16 but not AVX512-BF16 (the kernel's softmax is AVX-512 code), the bf16 attention's 2
   forward and 6 backward dots (it recomputes p^T) go to oneDNN; context and gradients are XLA's."""

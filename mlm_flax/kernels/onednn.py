@@ -32,6 +32,7 @@ import numpy as np
 
 _TARGET = 'mlm_flax_onednn_matmul'
 _ATTENTION_TARGETS = ('mlm_flax_onednn_attention_fwd', 'mlm_flax_onednn_attention_bwd')
+_QKV_ATTENTION_TARGETS = ('mlm_flax_onednn_qkv_attention_fwd', 'mlm_flax_onednn_qkv_attention_bwd')
 _NORM_TARGETS = ('mlm_flax_cpu_norm_fwd', 'mlm_flax_cpu_norm_bwd')
 _HERE = os.path.dirname(__file__)
 _SOURCES = tuple(os.path.join(_HERE, name) for name in ('onednn_matmul.cc', 'onednn_attention.cc', 'cpu_norm.cc'))
@@ -109,10 +110,11 @@ def _load() -> str | None:
   try:
     built = ctypes.cdll.LoadLibrary(target)
     handlers = (built.MlmFlaxOnednnMatmul, built.MlmFlaxOnednnAttentionFwd, built.MlmFlaxOnednnAttentionBwd,
+                built.MlmFlaxOnednnQkvAttentionFwd, built.MlmFlaxOnednnQkvAttentionBwd,
                 built.MlmFlaxCpuNormFwd, built.MlmFlaxCpuNormBwd)
   except (OSError, AttributeError) as e:
     return f'loading the oneDNN kernel failed: {e}'
-  for name, handler in zip((_TARGET, *_ATTENTION_TARGETS, *_NORM_TARGETS), handlers):
+  for name, handler in zip((_TARGET, *_ATTENTION_TARGETS, *_QKV_ATTENTION_TARGETS, *_NORM_TARGETS), handlers):
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform='cpu')
   logging.info("bf16 matmuls run on oneDNN (%s); MLM_FLAX_CPU_MATMUL=xla for XLA's dots.", lib)
   return None
@@ -235,6 +237,40 @@ def _attention_bwd(res, g):
 
 attention.defvjp(_attention_fwd, _attention_bwd)
 
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def qkv_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array, heads: int) -> jax.Array:
+  """`attention` from a fused QKV projection, RoPE inside the kernel: qkv f32 [batch, len, 3 * heads * head_dim]
+  (q|k|v, head, head_dim), cos and sin f32 [batch, len, head_dim] (`layers.rope_tables`), bias f32
+  [batch, 1, len, len]; the context f32 [batch, len, heads * head_dim]. The einsum path's
+  `attention(apply_rope(q) ...)` with q scaled by head_dim ** -0.5, without its transposes and RoPE passes.
+  Call it where `attention_enabled` is True."""
+  return _qkv_attention_fwd(qkv, cos, sin, bias, heads)[0]
+
+
+def _qkv_attention_fwd(qkv, cos, sin, bias, heads):
+  b, l, features = qkv.shape
+  head_dim = features // (3 * heads)
+  rows = jax.ShapeDtypeStruct((b, heads, l), jnp.float32)
+  out = (jax.ShapeDtypeStruct((b, l, heads * head_dim), jnp.float32), rows, rows)
+  scale = np.float32(head_dim ** -0.5)
+  context, peak, inv_total = jax.ffi.ffi_call(_QKV_ATTENTION_TARGETS[0], out, vmap_method='sequential')(
+      qkv, cos, sin, bias, heads=np.int64(heads), scale=scale)
+  return context, (qkv, cos, sin, bias, context, peak, inv_total)
+
+
+def _qkv_attention_bwd(heads, res, g):
+  qkv, cos, sin, bias, context, peak, inv_total = res
+  scale = np.float32((qkv.shape[-1] // (3 * heads)) ** -0.5)
+  dqkv = jax.ffi.ffi_call(_QKV_ATTENTION_TARGETS[1], jax.ShapeDtypeStruct(qkv.shape, jnp.float32),
+                          vmap_method='sequential')(qkv, cos, sin, bias, context, peak, inv_total,
+                                                    g.astype(jnp.float32), heads=np.int64(heads), scale=scale)
+  # The tables and the mask are constants of the positions and segments: no gradient.
+  return dqkv, jnp.zeros_like(cos), jnp.zeros_like(sin), jnp.zeros_like(bias)
+
+
+qkv_attention.defvjp(_qkv_attention_fwd, _qkv_attention_bwd)
 
 def norm_enabled(dtype, x: jax.Array) -> bool:
   """Whether a norm of f32 `x` in a model computing in `dtype` runs as one kernel per direction (`norm`): where

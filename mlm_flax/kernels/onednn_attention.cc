@@ -86,8 +86,9 @@ struct Thread {
   std::map<const Matmul*, std::tuple<dnnl_memory_t, dnnl_memory_t, dnnl_memory_t, dnnl_memory_t>> memories;
   std::vector<float> scores, dscores;          // [len, len]
   std::vector<uint16_t> probs16, dscores16;    // [len, len] bf16
-  std::vector<uint16_t> g16;                   // [len, head_dim] bf16
-  std::vector<float> row;                      // [len]
+  std::vector<uint16_t> g16, q16, k16, v16;    // [len, head_dim] bf16
+  std::vector<float> ctx, gh, dq, dk, dv;      // [len, head_dim] f32 (the fused-QKV entry point)
+  std::vector<float> row;                      // [len + head_dim]
 
   bool Run(const Matmul* m, const void* a, const void* b, float* c) {
     if (stream == nullptr && dnnl_stream_create(&stream, Engine(), 1) != 0) return false;
@@ -120,8 +121,12 @@ Thread& ThisThread(int64_t len, int64_t head_dim) {
   if (t.scores.size() < square) {
     t.scores.resize(square), t.dscores.resize(square), t.probs16.resize(square), t.dscores16.resize(square);
   }
-  if (t.g16.size() < static_cast<size_t>(len * head_dim)) t.g16.resize(len * head_dim);
-  if (t.row.size() < static_cast<size_t>(len)) t.row.resize(len);
+  const size_t block = len * head_dim;
+  if (t.g16.size() < block) {
+    for (auto* v : {&t.g16, &t.q16, &t.k16, &t.v16}) v->resize(block);
+    for (auto* v : {&t.ctx, &t.gh, &t.dq, &t.dk, &t.dv}) v->resize(block);
+  }
+  if (t.row.size() < static_cast<size_t>(len + head_dim)) t.row.resize(len + head_dim);
   return t;
 }
 
@@ -327,6 +332,147 @@ ffi::Error Backward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::A
                         pg + x, oq + x, ok + x, ov + x, L, D);
   });
 }
+
+// --- From the fused QKV projection: RoPE, the head split and the layouts inside the kernel -----------------------
+//
+// qkv f32 [batch, len, 3 * heads * head_dim] (features ordered q|k|v, head, head_dim: ModernBERT's Wqkv), cos and
+// sin f32 [batch, len, head_dim] (RoPE tables at each token's position, 'rotate half'), context f32
+// [batch, len, heads * head_dim]: what the einsum path computes from `apply_rope`, `q * scale` and its
+// transposes, without those copies. The backward returns d(qkv), RoPE's transpose applied to dq and dk.
+
+struct Qkv {
+  int64_t batch, len, heads, head_dim;
+  int64_t Row() const { return 3 * heads * head_dim; }  // qkv's row length
+};
+
+// x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1), for one row of `d` (even) features.
+__attribute__((target("avx512f"))) inline void Rope(const float* x, const float* cos, const float* sin, float* y,
+                                                   int64_t d) {
+  const int64_t h = d / 2;
+#pragma omp simd
+  for (int64_t j = 0; j < h; ++j) y[j] = x[j] * cos[j] - x[j + h] * sin[j];
+#pragma omp simd
+  for (int64_t j = 0; j < h; ++j) y[j + h] = x[j + h] * cos[j + h] + x[j] * sin[j + h];
+}
+
+// RoPE's transpose: dx = dy * cos + rotate_half^T(dy * sin), rotate_half^T(z) = (z2, -z1).
+__attribute__((target("avx512f"))) inline void RopeTranspose(const float* dy, const float* cos, const float* sin,
+                                                            float* dx, int64_t d) {
+  const int64_t h = d / 2;
+#pragma omp simd
+  for (int64_t j = 0; j < h; ++j) dx[j] = dy[j] * cos[j] + dy[j + h] * sin[j + h];
+#pragma omp simd
+  for (int64_t j = 0; j < h; ++j) dx[j + h] = dy[j + h] * cos[j + h] - dy[j] * sin[j];
+}
+
+// Head n's q (RoPE, then * scale), k (RoPE) and v in bf16 [len, head_dim], in the thread's buffers.
+__attribute__((target("avx512f,avx512bf16,avx512vl,avx512bw"))) void GatherHead(
+    Thread& t, const Qkv& s, const float* qkv, const float* cos, const float* sin, float scale, int64_t n) {
+  const int64_t b = n / s.heads, h = n % s.heads, D = s.head_dim, L = s.len;
+  float* tmp = t.row.data() + L;  // [head_dim] after the row sums
+  for (int64_t i = 0; i < L; ++i) {
+    const float* row = qkv + (b * L + i) * s.Row() + h * D;
+    const float *c = cos + (b * L + i) * D, *sn = sin + (b * L + i) * D;
+    Rope(row, c, sn, tmp, D);
+#pragma omp simd
+    for (int64_t j = 0; j < D; ++j) tmp[j] *= scale;
+    ToBf16(tmp, t.q16.data() + i * D, D);
+    Rope(row + s.heads * D, c, sn, tmp, D);
+    ToBf16(tmp, t.k16.data() + i * D, D);
+    ToBf16(row + 2 * s.heads * D, t.v16.data() + i * D, D);
+  }
+}
+
+ffi::Error CheckQkv(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
+                    ffi::AnyBuffer bias, int64_t heads, Qkv* s) {
+  auto d = qkv.dimensions();
+  if (d.size() != 3 || heads < 1 || d[2] % (3 * heads) || (d[2] / (3 * heads)) % 2)
+    return ffi::Error::InvalidArgument(
+        "onednn_attention: qkv must be [batch, len, 3 * heads * head_dim], head_dim even");
+  *s = {d[0], d[1], heads, d[2] / (3 * heads)};
+  for (ffi::Buffer<ffi::F32> table : {cos, sin}) {
+    auto dt = table.dimensions();
+    if (dt.size() != 3 || dt[0] != s->batch || dt[1] != s->len || dt[2] != s->head_dim)
+      return ffi::Error::InvalidArgument("onednn_attention: cos and sin must be [batch, len, head_dim]");
+  }
+  auto db = bias.dimensions();
+  if (bias.element_type() != ffi::DataType::F32 || db.size() != 4 || db[0] != s->batch || db[1] != 1 ||
+      db[2] != s->len || db[3] != s->len)
+    return ffi::Error::InvalidArgument("onednn_attention: bias must be f32 [batch, 1, len, len]");
+  return ffi::Error::Success();
+}
+
+ffi::Error QkvForward(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
+                      ffi::AnyBuffer bias, ffi::Result<ffi::Buffer<ffi::F32>> context,
+                      ffi::Result<ffi::Buffer<ffi::F32>> peak, ffi::Result<ffi::Buffer<ffi::F32>> inv_total,
+                      int64_t heads, float scale) {
+  Qkv s;
+  if (ffi::Error e = CheckQkv(qkv, cos, sin, bias, heads, &s); e.failure()) return e;
+  if (s.batch * s.len == 0) return ffi::Error::Success();
+  const int64_t L = s.len, D = s.head_dim;
+  const Matmul* qk = GetMatmul({L, D, false, L, D, true});
+  const Matmul* pv = GetMatmul({L, L, false, L, D, false});
+  if (!qk || !pv) return ffi::Error::Internal("onednn_attention: oneDNN has no matmul for these shapes");
+  const float *px = qkv.typed_data(), *pc = cos.typed_data(), *ps = sin.typed_data();
+  const float* pb = static_cast<const float*>(bias.untyped_data());
+  float *out = context->typed_data(), *peaks = peak->typed_data(), *inv_totals = inv_total->typed_data();
+  return EveryHead({s.batch, s.heads, L, D}, "onednn_attention: oneDNN failed in the forward",
+                   [&](Thread& t, int64_t n) {
+    GatherHead(t, s, px, pc, ps, scale, n);
+    float* ctx = t.ctx.data();
+    if (!ForwardHead(t, qk, pv, t.q16.data(), t.k16.data(), t.v16.data(), pb + (n / s.heads) * L * L, ctx,
+                     peaks + n * L, inv_totals + n * L, L))
+      return false;
+    const int64_t b = n / s.heads, h = n % s.heads;
+    for (int64_t i = 0; i < L; ++i)
+      std::memcpy(out + ((b * L + i) * s.heads + h) * D, ctx + i * D, D * sizeof(float));
+    return true;
+  });
+}
+
+ffi::Error QkvBackward(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
+                       ffi::AnyBuffer bias, ffi::Buffer<ffi::F32> context, ffi::Buffer<ffi::F32> peak,
+                       ffi::Buffer<ffi::F32> inv_total, ffi::Buffer<ffi::F32> g,
+                       ffi::Result<ffi::Buffer<ffi::F32>> dqkv, int64_t heads, float scale) {
+  Qkv s;
+  if (ffi::Error e = CheckQkv(qkv, cos, sin, bias, heads, &s); e.failure()) return e;
+  if (s.batch * s.len == 0) return ffi::Error::Success();
+  const int64_t L = s.len, D = s.head_dim;
+  const Matmul* mm[5] = {GetMatmul({L, D, false, L, D, true}), GetMatmul({L, L, true, L, D, false}),
+                         GetMatmul({L, D, false, L, D, true}), GetMatmul({L, L, false, L, D, false}),
+                         GetMatmul({L, L, true, L, D, false})};
+  for (const Matmul* m : mm)
+    if (!m) return ffi::Error::Internal("onednn_attention: oneDNN has no matmul for these shapes");
+  const float *px = qkv.typed_data(), *pc = cos.typed_data(), *ps = sin.typed_data();
+  const float* pb = static_cast<const float*>(bias.untyped_data());
+  const float *pctx = context.typed_data(), *pp = peak.typed_data(), *pi = inv_total.typed_data(),
+              *pg = g.typed_data();
+  float* out = dqkv->typed_data();
+  return EveryHead({s.batch, s.heads, L, D}, "onednn_attention: oneDNN failed in the backward",
+                   [&](Thread& t, int64_t n) {
+    GatherHead(t, s, px, pc, ps, scale, n);
+    const int64_t b = n / s.heads, h = n % s.heads;
+    float *ctx = t.ctx.data(), *gh = t.gh.data();  // this head's context and its cotangent, [len, head_dim]
+    for (int64_t i = 0; i < L; ++i) {
+      std::memcpy(ctx + i * D, pctx + ((b * L + i) * s.heads + h) * D, D * sizeof(float));
+      std::memcpy(gh + i * D, pg + ((b * L + i) * s.heads + h) * D, D * sizeof(float));
+    }
+    float *dq = t.dq.data(), *dk = t.dk.data(), *dv = t.dv.data();
+    if (!BackwardHead(t, mm, t.q16.data(), t.k16.data(), t.v16.data(), pb + b * L * L, ctx, pp + n * L,
+                      pi + n * L, gh, dq, dk, dv, L, D))
+      return false;
+    for (int64_t i = 0; i < L; ++i) {
+      float* row = out + (b * L + i) * s.Row() + h * D;
+      const float *cs = pc + (b * L + i) * D, *sn = ps + (b * L + i) * D;
+#pragma omp simd
+      for (int64_t j = 0; j < D; ++j) dq[i * D + j] *= scale;
+      RopeTranspose(dq + i * D, cs, sn, row, D);
+      RopeTranspose(dk + i * D, cs, sn, row + s.heads * D, D);
+      std::memcpy(row + 2 * s.heads * D, dv + i * D, D * sizeof(float));
+    }
+    return true;
+  });
+}
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MlmFlaxOnednnAttentionFwd, Forward,
@@ -352,3 +498,29 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MlmFlaxOnednnAttentionBwd, Backward,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MlmFlaxOnednnQkvAttentionFwd, QkvForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("heads")
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MlmFlaxOnednnQkvAttentionBwd, QkvBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("heads")
+                                  .Attr<float>("scale"));

@@ -345,6 +345,15 @@ def _softmax_attention_bwd(dtype, res, g):
 _softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
+def fused_cpu_attention(dtype: Dtype, dropout_rate: float, deterministic: bool, mode: str, length: int) -> bool:
+  """Whether `attention` (mode `model.attention`) runs as the CPU kernel (`onednn.attention`, or
+  `onednn.qkv_attention` from a fused projection): bf16 without active attention dropout, on the einsum path,
+  where `onednn.attention_enabled` (one CPU device with AVX512-BF16 and the kernels built). The kernel takes one
+  (batch, head) block at a time in cache: its scores, softmax and gradients never leave it."""
+  return (jnp.dtype(dtype) == jnp.bfloat16 and (dropout_rate == 0.0 or deterministic)
+          and not use_dot_product_attention(mode, dropout_rate, deterministic)
+          and onednn.attention_enabled(dtype, length))
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, *, dtype: Dtype, dropout_rate: float,
               deterministic: bool, mode: str = 'auto', row_ids: jax.Array | None = None,
               cudnn: bool = True) -> jax.Array:
@@ -365,7 +374,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, *, dtyp
       context = jax.nn.dot_product_attention(*qkv, mask=bias == 0)
     return context.astype(jnp.float32).reshape(b, l, heads * head_dim)
   if jnp.dtype(dtype) == jnp.bfloat16 and (dropout_rate == 0.0 or deterministic):
-    if onednn.attention_enabled(dtype, l):  # one (batch, head) block at a time in cache, on one CPU device
+    if onednn.attention_enabled(dtype, l):  # one (batch, head) block at a time in cache (`fused_cpu_attention`)
       bias = jnp.broadcast_to(bias, (b, 1, l, l)).astype(jnp.float32)
       context = onednn.attention(q * head_dim ** -0.5, k, v, bias)
     else:

@@ -30,6 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mlm_flax.kernels import onednn
 from mlm_flax.models import layers
 from mlm_flax.models.config import BIASES, OWN, ModelConfig
 from mlm_flax.models.heads import MaskedLM
@@ -125,13 +126,18 @@ class Layer(nn.Module):
 
     y = x if self.index == 0 else norm(name='attention_norm')(x)
     qkv = dense(3 * h, use_bias=attn_bias, name='qkv')(y)  # features ordered (q|k|v, head, head_dim)
-    # Split, not unpacked from a [3, ...] array: the backward is then one concatenation, not three padded sums.
-    q, k, v = (t.reshape(b, l, heads, head_dim).transpose(0, 2, 1, 3) for t in jnp.split(qkv, 3, axis=-1))
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    # cudnn=False: XLA's attention, as before the layers were shared (cuDNN with the sliding-window mask is
-    # not yet checked against it on a GPU).
-    context = layers.attention(q, k, v, attention_bias, dtype=c.compute_dtype, dropout_rate=c.attention_dropout,
-                               deterministic=deterministic, mode=c.attention, row_ids=row_ids, cudnn=False)
+    if layers.fused_cpu_attention(c.compute_dtype, c.attention_dropout, deterministic, c.attention, l):
+      # One kernel from the projection (RoPE, head split and layouts inside): the path below, without its copies.
+      bias = jnp.broadcast_to(attention_bias, (b, 1, l, l)).astype(jnp.float32)
+      context = onednn.qkv_attention(qkv, cos.reshape(b, l, head_dim), sin.reshape(b, l, head_dim), bias, heads)
+    else:
+      # Split, not unpacked from a [3, ...] array: the backward is then one concatenation, not three padded sums.
+      q, k, v = (t.reshape(b, l, heads, head_dim).transpose(0, 2, 1, 3) for t in jnp.split(qkv, 3, axis=-1))
+      q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+      # cudnn=False: XLA's attention, as before the layers were shared (cuDNN with the sliding-window mask is
+      # not yet checked against it on a GPU).
+      context = layers.attention(q, k, v, attention_bias, dtype=c.compute_dtype, dropout_rate=c.attention_dropout,
+                                 deterministic=deterministic, mode=c.attention, row_ids=row_ids, cudnn=False)
     attn = dense(h, use_bias=attn_bias, init_std=out_std, name='attention_output')(context)
     x = x + Dropout(c.attention_dropout)(attn, deterministic=deterministic, row_ids=row_ids)
 
