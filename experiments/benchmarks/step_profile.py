@@ -33,7 +33,8 @@ import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 import recipe  # pylint: disable=g-import-not-at-top,wrong-import-position
 import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-CLASSES = ('matmul: dense + head', 'matmul: attention', 'attention softmax + masks', 'RoPE + head layout',
+CLASSES = ('matmul: dense + head', 'matmul: attention', 'attention kernel (products, softmax, RoPE, layout)',
+           'attention softmax + masks', 'RoPE + head layout',
            'norms', 'MLP activation (GeGLU)', 'embedding + gathers', 'loss', 'masking', 'dtype converts',
            'optimizer update + guard', 'other')
 BASE = dict(num_layers=12, hidden_size=768, num_heads=12, intermediate_size=1152)  # ModernBERT-base's shape
@@ -47,10 +48,14 @@ def config_for(size: str):
   return c
 
 
-def jax_class(op_name: str, shape: str, opcode: str) -> str:
-  """The class of an XLA op from its JAX call path (`op_name`), output shape and opcode."""
-  dims = [int(d) for d in re.findall(r'\d+', shape.split('{')[0])]
+def jax_class(op_name: str, shape: str, opcode: str, target: str = '') -> str:
+  """The class of an XLA op from its JAX call path (`op_name`), output shape, opcode and custom-call target."""
+  dims = [int(d) for d in re.findall(r'\d+', shape.split('[', 1)[-1].split(']')[0])]  # not the 32 of 'f32'
   square = len(dims) >= 2 and dims[-1] == dims[-2]
+  if 'attention' in target:  # `mlm_flax/kernels/onednn_attention.cc`: the whole attention, each way
+    return 'attention kernel (products, softmax, RoPE, layout)'
+  if 'norm' in target:  # `cpu_norm.cc`
+    return 'norms'
   if opcode == 'custom-call':  # oneDNN's matmuls (`mlm_flax/kernels`): batched 3-D in attention, 2-D elsewhere
     return 'matmul: attention' if len(dims) == 3 else 'matmul: dense + head'
   if 'convert_element_type' in op_name and 'dot_general' not in op_name:
@@ -120,10 +125,12 @@ def profile_jax(c, dtype: str, steps: int) -> dict:
   step, state, batch = build_jax_step(c, dtype)
   info = {}
   for line in step.lower(state, batch).compile().as_text().splitlines():
-    m = re.match(r'\s*(?:ROOT )?%([\w.\-]+) = (\S+) ([\w\-]+)\(', line)  # opcodes: 'fusion', 'custom-call', ...
+    # opcodes: 'fusion', 'custom-call', ...; a tuple-shaped output, '(f32[..], f32[..])', is one token with spaces
+    m = re.match(r'\s*(?:ROOT )?%([\w.\-]+) = (\([^)]*\)|\S+) ([\w\-]+)\(', line)
     if m:
       o = re.search(r'op_name="([^"]*)"', line)
-      info[m.group(1)] = (m.group(2), m.group(3), o.group(1) if o else '')
+      t = re.search(r'custom_call_target="([^"]*)"', line)
+      info[m.group(1)] = (m.group(2), m.group(3), o.group(1) if o else '', t.group(1) if t else '')
   step_s, state = time_jax_step(step, state, batch, steps)
   folder = tempfile.mkdtemp()
   try:
@@ -137,8 +144,8 @@ def profile_jax(c, dtype: str, steps: int) -> dict:
   ms = collections.Counter()
   for e in events:
     if e.get('ph') == 'X' and e['name'] in info:
-      shape, opcode, op_name = info[e['name']]
-      ms[jax_class(op_name, shape, opcode)] += e['dur'] / 1000 / steps
+      shape, opcode, op_name, target = info[e['name']]
+      ms[jax_class(op_name, shape, opcode, target)] += e['dur'] / 1000 / steps
   return {'step_ms': step_s * 1000, 'ms': dict(ms), 'ops': sum(1 for e in events if e.get('ph') == 'X'
                                                               and e['name'] in info) // steps}
 
