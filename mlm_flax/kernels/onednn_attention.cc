@@ -165,6 +165,12 @@ __attribute__((target("avx512f,avx512bf16,avx512vl,avx512bw"))) inline void ToBf
   }
 }
 
+// 16 lanes of x to bf16 (round to nearest even) at y, under mask m.
+__attribute__((target("avx512f,avx512bf16,avx512vl,avx512bw"))) inline void StoreBf16(uint16_t* y, __mmask16 m,
+                                                                                        __m512 x) {
+  _mm256_mask_storeu_epi16(y, m, (__m256i)_mm512_cvtneps_pbh(x));
+}
+
 // Forward of one head: context = softmax(q k^T + bias) v, and each row's maximum and 1 / sum.
 __attribute__((target("avx512f,avx512bf16,avx512vl,avx512bw"))) bool ForwardHead(
     Thread& t, const Matmul* qk, const Matmul* pv, const uint16_t* q, const uint16_t* k, const uint16_t* v,
@@ -191,14 +197,14 @@ __attribute__((target("avx512f,avx512bf16,avx512vl,avx512bw"))) bool ForwardHead
     }
     const float inv_total = 1.0f / _mm512_reduce_add_ps(total);
     const __m512 inv = _mm512_set1_ps(inv_total);
+    uint16_t* p16 = t.probs16.data() + i * len;  // the probabilities go straight to bf16 for their product
     for (int64_t j = 0; j < len; j += 16) {
       const __mmask16 m = Tail(len, j);
-      _mm512_mask_storeu_ps(row + j, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, row + j), inv));
+      StoreBf16(p16 + j, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, row + j), inv));
     }
     peaks[i] = _mm512_cvtss_f32(mx);
     inv_totals[i] = inv_total;
   }
-  ToBf16(s, t.probs16.data(), len * len);
   return t.Run(pv, t.probs16.data(), v, context);
 }
 
@@ -215,10 +221,13 @@ __attribute__((target("avx512f,avx512bf16,avx512vl,avx512bw"))) bool BackwardHea
     float* row = s + i * len;
     const float* b = bias + i * len;
     const __m512 peak = _mm512_set1_ps(peaks[i]), inv = _mm512_set1_ps(inv_totals[i]);
+    uint16_t* p16 = t.probs16.data() + i * len;
     for (int64_t j = 0; j < len; j += 16) {
       const __mmask16 m = Tail(len, j);
       const __m512 x = _mm512_add_ps(_mm512_maskz_loadu_ps(m, row + j), _mm512_maskz_loadu_ps(m, b + j));
-      _mm512_mask_storeu_ps(row + j, m, _mm512_mul_ps(Exp(_mm512_sub_ps(x, peak)), inv));
+      const __m512 p = _mm512_mul_ps(Exp(_mm512_sub_ps(x, peak)), inv);
+      _mm512_mask_storeu_ps(row + j, m, p);  // f32 for ds, bf16 for dv's product
+      StoreBf16(p16 + j, m, p);
     }
     __m512 acc = _mm512_setzero_ps();  // rowsum(g * context) = rowsum(p * dp)
     for (int64_t d = 0; d < head_dim; d += 16) {
@@ -228,19 +237,18 @@ __attribute__((target("avx512f,avx512bf16,avx512vl,avx512bw"))) bool BackwardHea
     }
     t.row[i] = _mm512_reduce_add_ps(acc);
   }
-  ToBf16(s, t.probs16.data(), len * len);
   ToBf16(g, t.g16.data(), len * head_dim);
   if (!t.Run(mm[1], t.probs16.data(), t.g16.data(), dv) || !t.Run(mm[2], t.g16.data(), v, dp)) return false;
   for (int64_t i = 0; i < len; ++i) {
     const __m512 r = _mm512_set1_ps(t.row[i]);
+    uint16_t* ds16 = t.dscores16.data() + i * len;
     for (int64_t j = 0; j < len; j += 16) {
       const __mmask16 m = Tail(len, j);
       const __m512 ds = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + i * len + j),
                                       _mm512_sub_ps(_mm512_maskz_loadu_ps(m, dp + i * len + j), r));
-      _mm512_mask_storeu_ps(dp + i * len + j, m, ds);
+      StoreBf16(ds16 + j, m, ds);
     }
   }
-  ToBf16(dp, t.dscores16.data(), len * len);
   return t.Run(mm[3], t.dscores16.data(), k, dq) && t.Run(mm[4], t.dscores16.data(), q, dk);
 }
 
