@@ -1,4 +1,5 @@
-"""oneDNN matmuls for XLA:CPU: the bf16 model's dots on AMX / AVX512-BF16 kernels.
+"""CPU kernels for XLA: the bf16 model's dots on oneDNN's AMX / AVX512-BF16 kernels, and attention and norms
+as one kernel each way.
 
 XLA:CPU ran the quick start's bf16 dots at ~680 GFLOP/s on a 2-core Xeon with AMX; oneDNN, the library PyTorch
 calls, ran the same dots alone at 1,600-3,000 (`experiments/benchmarks/dot_bound.py`). This module compiles a
@@ -9,10 +10,16 @@ exact bf16 products); only their order may differ. Inside a step each dot takes 
 out of cache, oneDNN's threads waking up), so the step gains less than the kernels suggest: +7.5% tokens/s at
 the quick start, +11% at BERT-base 32 x 128 (`experiments/benchmarks/README.md`).
 
+The same library (sources `onednn_attention.cc`, `cpu_norm.cc`, built together) has `attention` /
+`qkv_attention` (softmax attention a (batch, head) block at a time in cache, its products on oneDNN from each
+OpenMP thread, the softmax in AVX-512; where `attention_enabled`: AVX512-BF16) and `norm` (LayerNorm / RMSNorm
+rows in one pass; where `norm_enabled`): 1.225x the quick start's bf16 step together.
+
 `layers.mixed_einsum` and the bf16 attention call it where `enabled` says so. `MLM_FLAX_CPU_MATMUL` picks:
 'auto' (default: oneDNN for bf16 on a single CPU device when the CPU has AMX or AVX512-BF16 and the library and a
 C++ compiler are there; XLA's dots otherwise, logged once), 'onednn' (an error when it cannot run), 'xla'
-(never). Several devices keep XLA's dots: a custom call has no SPMD partitioning rule.
+(never; the attention and norm kernels neither). Several devices keep XLA's ops: a custom call has no SPMD
+partitioning rule.
 """
 
 import ctypes
