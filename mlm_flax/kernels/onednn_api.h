@@ -46,6 +46,17 @@ constexpr int kCpu = 1, kBf16 = 2, kF32 = 3;                                  //
 constexpr int kArgSrc = 1, kArgDst = 17, kArgWeights = 33, kArgScratchpad = 80;  // DNNL_ARG_*
 constexpr int kScratchpadUser = 1, kQueryScratchpadMd = 136;  // dnnl_scratchpad_mode_user, dnnl_query_scratchpad_md
 
+// A [batch, rows, cols] descriptor of a row-major [batch, r, c] buffer, read transposed when `transpose`; 2-D
+// when there is one batch: oneDNN 3.2 runs a 2-D matmul on its AMX kernels (brgemm), the same matmul described
+// in 3-D on its slower `gemm:jit`. nullptr when oneDNN refuses it.
+inline dnnl_memory_desc_t Desc(int64_t batch, int64_t r, int64_t c, bool transpose, int dtype) {
+  dnnl_dims_t dims = {batch, transpose ? c : r, transpose ? r : c};
+  dnnl_dims_t strides = {r * c, transpose ? 1 : c, transpose ? c : 1};
+  const int skip = batch == 1 ? 1 : 0;
+  dnnl_memory_desc_t md = nullptr;
+  return dnnl_memory_desc_create_with_strides(&md, 3 - skip, dims + skip, dtype, strides + skip) == 0 ? md : nullptr;
+}
+
 // The process's oneDNN CPU engine (nullptr when oneDNN has none), and the turns oneDNN executions take: every
 // kernel uses all cores through oneDNN's or its own OpenMP threads, and XLA runs independent ops at once.
 dnnl_engine_t Engine();

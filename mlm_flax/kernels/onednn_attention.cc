@@ -43,14 +43,6 @@ struct Matmul {
   size_t scratchpad_bytes = 0;
 };
 
-dnnl_memory_desc_t Desc(int64_t rows, int64_t cols, bool transpose, int dtype) {
-  // A [rows, cols] buffer, described as its transpose when `transpose`.
-  dnnl_dims_t dims = {transpose ? cols : rows, transpose ? rows : cols};
-  dnnl_dims_t strides = {transpose ? 1 : cols, transpose ? cols : 1};
-  dnnl_memory_desc_t md = nullptr;
-  return dnnl_memory_desc_create_with_strides(&md, 2, dims, dtype, strides) == 0 ? md : nullptr;
-}
-
 // (a rows, a cols, a transposed, b rows, b cols, b transposed) -> its primitive; never destroyed.
 using Key = std::tuple<int64_t, int64_t, bool, int64_t, int64_t, bool>;
 
@@ -62,9 +54,9 @@ const Matmul* GetMatmul(const Key& key) {
   if (it != plans->end()) return &it->second;
   auto [ar, ac, ta, br, bc, tb] = key;
   Matmul m;
-  m.a = Desc(ar, ac, ta, kBf16);
-  m.b = Desc(br, bc, tb, kBf16);
-  m.c = Desc(ta ? ac : ar, tb ? br : bc, false, kF32);
+  m.a = Desc(1, ar, ac, ta, kBf16);  // 2-D
+  m.b = Desc(1, br, bc, tb, kBf16);
+  m.c = Desc(1, ta ? ac : ar, tb ? br : bc, false, kF32);
   dnnl_primitive_attr_t attr = nullptr;
   dnnl_primitive_desc_t pd = nullptr;
   bool ok = Engine() != nullptr && m.a && m.b && m.c && dnnl_primitive_attr_create(&attr) == 0 &&

@@ -55,17 +55,6 @@ std::mutex& ExecuteTurns() {
 }  // namespace mlm_flax
 
 namespace {
-// A [batch, rows, cols] descriptor of a row-major [batch, r, c] buffer, read transposed when `transpose`; 2-D
-// when there is one batch: oneDNN 3.2 runs a 2-D matmul on its AMX kernels (brgemm), the same matmul described
-// in 3-D on its slower `gemm:jit`.
-dnnl_memory_desc_t Desc(int64_t batch, int64_t r, int64_t c, bool transpose, int dtype) {
-  dnnl_dims_t dims = {batch, transpose ? c : r, transpose ? r : c};
-  dnnl_dims_t strides = {r * c, transpose ? 1 : c, transpose ? c : 1};
-  const int skip = batch == 1 ? 1 : 0;
-  dnnl_memory_desc_t md = nullptr;
-  return dnnl_memory_desc_create_with_strides(&md, 3 - skip, dims + skip, dtype, strides + skip) == 0 ? md : nullptr;
-}
-
 ffi::Error Matmul(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::Buffer<ffi::F32>> out, bool trans_a,
                   bool trans_b) {
   auto da = a.dimensions(), db = b.dimensions();
