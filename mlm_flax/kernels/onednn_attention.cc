@@ -86,8 +86,11 @@ struct Thread {
     if (stream == nullptr && dnnl_stream_create(&stream, Engine(), 1) != 0) return false;
     if (scratchpad.size() < m->scratchpad_bytes + 64) {
       scratchpad.resize(m->scratchpad_bytes + 64);
-      for (auto& [plan, mems] : memories) dnnl_memory_destroy(std::get<3>(mems));
-      memories.clear();  // their scratchpad memories point at the old buffer
+      for (auto& [plan, mems] : memories) {  // their scratchpad memories point at the old buffer
+        auto [ma, mb, mc, ms] = mems;
+        for (dnnl_memory_t mem : {ma, mb, mc, ms}) if (mem) dnnl_memory_destroy(mem);
+      }
+      memories.clear();
     }
     auto it = memories.find(m);
     if (it == memories.end()) {
