@@ -212,12 +212,23 @@ def attention_enabled(dtype, length: int) -> bool:
   return length <= MAX_ATTENTION_LEN and needed <= cpu_flags() and enabled(dtype)
 
 
-@jax.custom_vjp
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
   """softmax(q k^T + bias) v over heads-major [batch, heads, len, head_dim] (q already scaled), as the bf16
   einsum path computes it (`layers._softmax_attention`: bf16 operands, f32 sums and softmax), one (batch, head)
-  block at a time in cache (`onednn_attention.cc`); bias f32 [batch, 1, len, len]. The context in f32; the
-  cotangents in the operands' dtypes. Call it where `attention_enabled` is True."""
+  block at a time in cache (`onednn_attention.cc`); bias: `layers.attention_bias`'s mask (broadcast to
+  [batch, 1, len, len]). The context in f32; the cotangents in the operands' dtypes. Call it where
+  `attention_enabled` is True."""
+  b, _, l, _ = q.shape
+  return _attention(q, k, v, _mask(bias, b, l))
+
+
+def _mask(bias: jax.Array, batch: int, length: int) -> jax.Array:
+  """The additive mask as the kernels read it: f32 [batch, 1, len, len]."""
+  return jnp.broadcast_to(bias, (batch, 1, length, length)).astype(jnp.float32)
+
+
+@jax.custom_vjp
+def _attention(q, k, v, bias):
   return _attention_fwd(q, k, v, bias)[0]
 
 
@@ -242,17 +253,23 @@ def _attention_bwd(res, g):
   return (*(x.astype(c.dtype) for x, c in zip(grads, carriers)), jnp.zeros_like(bias))
 
 
-attention.defvjp(_attention_fwd, _attention_bwd)
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
+
+
+def qkv_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array, heads: int) -> jax.Array:
+  """`attention` from a fused QKV projection, RoPE inside the kernel: qkv f32 [batch, len, 3 * heads * head_dim]
+  (q|k|v, head, head_dim), cos and sin f32 (`layers.rope_tables`' [batch, 1, len, head_dim], or [batch, len,
+  head_dim]), bias `layers.attention_bias`'s mask; the context f32 [batch, len, heads * head_dim]. The einsum
+  path's `attention(apply_rope(q) ...)` with q scaled by head_dim ** -0.5, without its transposes and RoPE
+  passes. Call it where `attention_enabled` is True."""
+  b, l, features = qkv.shape
+  tables = (t.reshape(b, l, features // (3 * heads)) for t in (cos, sin))
+  return _qkv_attention(qkv, *tables, _mask(bias, b, l), heads)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def qkv_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array, heads: int) -> jax.Array:
-  """`attention` from a fused QKV projection, RoPE inside the kernel: qkv f32 [batch, len, 3 * heads * head_dim]
-  (q|k|v, head, head_dim), cos and sin f32 [batch, len, head_dim] (`layers.rope_tables`), bias f32
-  [batch, 1, len, len]; the context f32 [batch, len, heads * head_dim]. The einsum path's
-  `attention(apply_rope(q) ...)` with q scaled by head_dim ** -0.5, without its transposes and RoPE passes.
-  Call it where `attention_enabled` is True."""
+def _qkv_attention(qkv, cos, sin, bias, heads):
   return _qkv_attention_fwd(qkv, cos, sin, bias, heads)[0]
 
 
@@ -277,7 +294,7 @@ def _qkv_attention_bwd(heads, res, g):
   return dqkv, jnp.zeros_like(cos), jnp.zeros_like(sin), jnp.zeros_like(bias)
 
 
-qkv_attention.defvjp(_qkv_attention_fwd, _qkv_attention_bwd)
+_qkv_attention.defvjp(_qkv_attention_fwd, _qkv_attention_bwd)
 
 def norm_enabled(dtype, x: jax.Array) -> bool:
   """Whether a norm of f32 `x` in a model computing in `dtype` runs as one kernel per direction (`norm`): where

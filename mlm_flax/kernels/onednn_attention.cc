@@ -22,7 +22,6 @@
 #include <cmath>
 #include <cstring>
 #include <map>
-#include <memory>
 #include <mutex>
 #include <tuple>
 #include <vector>
@@ -69,6 +68,18 @@ const Matmul* GetMatmul(const Key& key) {
   m.scratchpad_bytes = m.scratchpad ? dnnl_memory_desc_get_size(m.scratchpad) : 0;
   // The primitive descriptor stays alive: it owns the scratchpad's descriptor.
   return &plans->emplace(key, m).first->second;
+}
+
+// The three products of a head's attention, [len, head_dim] and [len, len] operands: a b^T (s = q k^T,
+// dp = g v^T), a b (context = p v, dq = ds k) and a^T b (dv = p^T g, dk = ds^T q).
+struct Products {
+  const Matmul *abt, *ab, *atb;
+};
+
+bool GetProducts(int64_t len, int64_t head_dim, Products* p) {
+  *p = {GetMatmul({len, head_dim, false, len, head_dim, true}), GetMatmul({len, len, false, len, head_dim, false}),
+        GetMatmul({len, len, true, len, head_dim, false})};
+  return p->abt && p->ab && p->atb;
 }
 
 // One thread's buffers and oneDNN objects: a stream, each primitive's memory objects (their data set per call).
@@ -150,28 +161,27 @@ __attribute__((target("avx512f"))) inline __m512 Exp(__m512 x) {
   return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), _mm512_scalef_ps(p, n));
 }
 
-// f32 -> bf16, round to nearest even (XLA's convert), `n` values.
-__attribute__((target("avx512f,avx512bf16,avx512vl,avx512bw"))) inline void ToBf16(const float* x, uint16_t* y,
-                                                                                     int64_t n) {
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 m = Tail(n, j);
-    const __m256i h = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, x + j));
-    _mm256_mask_storeu_epi16(y + j, m, h);
-  }
-}
-
-// 16 lanes of x to bf16 (round to nearest even) at y, under mask m.
+// 16 lanes of x to bf16 (round to nearest even: XLA's convert) at y, under mask m.
 __attribute__((target("avx512f,avx512bf16,avx512vl,avx512bw"))) inline void StoreBf16(uint16_t* y, __mmask16 m,
                                                                                         __m512 x) {
   _mm256_mask_storeu_epi16(y, m, (__m256i)_mm512_cvtneps_pbh(x));
 }
 
+// `n` values f32 -> bf16.
+__attribute__((target("avx512f,avx512bf16,avx512vl,avx512bw"))) inline void ToBf16(const float* x, uint16_t* y,
+                                                                                     int64_t n) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = Tail(n, j);
+    StoreBf16(y + j, m, _mm512_maskz_loadu_ps(m, x + j));
+  }
+}
+
 // Forward of one head: context = softmax(q k^T + bias) v, and each row's maximum and 1 / sum.
 __attribute__((target("avx512f,avx512bf16,avx512vl,avx512bw"))) bool ForwardHead(
-    Thread& t, const Matmul* qk, const Matmul* pv, const uint16_t* q, const uint16_t* k, const uint16_t* v,
-    const float* bias, float* context, float* peaks, float* inv_totals, int64_t len) {
+    Thread& t, const Products& mm, const uint16_t* q, const uint16_t* k, const uint16_t* v, const float* bias,
+    float* context, float* peaks, float* inv_totals, int64_t len) {
   float* s = t.scores.data();
-  if (!t.Run(qk, q, k, s)) return false;
+  if (!t.Run(mm.abt, q, k, s)) return false;
   for (int64_t i = 0; i < len; ++i) {
     float* row = s + i * len;
     const float* b = bias + i * len;
@@ -200,18 +210,18 @@ __attribute__((target("avx512f,avx512bf16,avx512vl,avx512bw"))) bool ForwardHead
     peaks[i] = _mm512_cvtss_f32(mx);
     inv_totals[i] = inv_total;
   }
-  return t.Run(pv, t.probs16.data(), v, context);
+  return t.Run(mm.ab, t.probs16.data(), v, context);
 }
 
 // Backward of one head, from the forward's row statistics: p = exp(q k^T + bias - peak) / total (the forward's
 // bits); dv = p^T g; dp = g v^T; ds = p * (dp - rowsum(g * context)); dq = ds k; dk = ds^T q.
 __attribute__((target("avx512f,avx512bf16,avx512vl,avx512bw"))) bool BackwardHead(
-    Thread& t, const Matmul* const* mm, const uint16_t* q, const uint16_t* k, const uint16_t* v, const float* bias,
+    Thread& t, const Products& mm, const uint16_t* q, const uint16_t* k, const uint16_t* v, const float* bias,
     const float* context, const float* peaks, const float* inv_totals, const float* g, float* dq, float* dk,
     float* dv, int64_t len, int64_t head_dim) {
   float* s = t.scores.data();
   float* dp = t.dscores.data();
-  if (!t.Run(mm[0], q, k, s)) return false;
+  if (!t.Run(mm.abt, q, k, s)) return false;
   for (int64_t i = 0; i < len; ++i) {
     float* row = s + i * len;
     const float* b = bias + i * len;
@@ -233,7 +243,7 @@ __attribute__((target("avx512f,avx512bf16,avx512vl,avx512bw"))) bool BackwardHea
     t.row[i] = _mm512_reduce_add_ps(acc);
   }
   ToBf16(g, t.g16.data(), len * head_dim);
-  if (!t.Run(mm[1], t.probs16.data(), t.g16.data(), dv) || !t.Run(mm[2], t.g16.data(), v, dp)) return false;
+  if (!t.Run(mm.atb, t.probs16.data(), t.g16.data(), dv) || !t.Run(mm.abt, t.g16.data(), v, dp)) return false;
   for (int64_t i = 0; i < len; ++i) {
     const __m512 r = _mm512_set1_ps(t.row[i]);
     uint16_t* ds16 = t.dscores16.data() + i * len;
@@ -244,12 +254,22 @@ __attribute__((target("avx512f,avx512bf16,avx512vl,avx512bw"))) bool BackwardHea
       StoreBf16(ds16 + j, m, ds);
     }
   }
-  return t.Run(mm[3], t.dscores16.data(), k, dq) && t.Run(mm[4], t.dscores16.data(), q, dk);
+  return t.Run(mm.ab, t.dscores16.data(), k, dq) && t.Run(mm.atb, t.dscores16.data(), q, dk);
 }
 
 struct Shape {
   int64_t batch, heads, len, head_dim;
 };
+
+constexpr char kNoMatmul[] = "onednn_attention: oneDNN has no matmul for these shapes";
+
+ffi::Error CheckBias(ffi::AnyBuffer bias, int64_t batch, int64_t len) {
+  auto db = bias.dimensions();
+  if (bias.element_type() != ffi::DataType::F32 || db.size() != 4 || db[0] != batch || db[1] != 1 || db[2] != len ||
+      db[3] != len)
+    return ffi::Error::InvalidArgument("onednn_attention: bias must be f32 [batch, 1, len, len]");
+  return ffi::Error::Success();
+}
 
 ffi::Error CheckShapes(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer bias, Shape* shape) {
   auto dq = q.dimensions();
@@ -260,12 +280,8 @@ ffi::Error CheckShapes(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi
     if (dx.size() != 4 || !std::equal(dx.begin(), dx.end(), dq.begin()))
       return ffi::Error::InvalidArgument("onednn_attention: q, k, v must have one shape");
   }
-  auto db = bias.dimensions();
-  if (bias.element_type() != ffi::DataType::F32 || db.size() != 4 || db[0] != dq[0] || db[1] != 1 ||
-      db[2] != dq[2] || db[3] != dq[2])
-    return ffi::Error::InvalidArgument("onednn_attention: bias must be f32 [batch, 1, len, len]");
   *shape = {dq[0], dq[1], dq[2], dq[3]};
-  return ffi::Error::Success();
+  return CheckBias(bias, dq[0], dq[2]);
 }
 
 // Runs `head(t, n)` for every (batch, head) n on OpenMP's threads (static schedule: each head's sums in a fixed
@@ -290,9 +306,8 @@ ffi::Error Forward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::An
   if (s.batch * s.heads * s.len == 0) return ffi::Error::Success();
   if (s.head_dim == 0) return ffi::Error::InvalidArgument("onednn_attention: head_dim is 0");
   const int64_t L = s.len, D = s.head_dim;
-  const Matmul* qk = GetMatmul({L, D, false, L, D, true});  // q k^T
-  const Matmul* pv = GetMatmul({L, L, false, L, D, false});  // p v
-  if (!qk || !pv) return ffi::Error::Internal("onednn_attention: oneDNN has no matmul for these shapes");
+  Products mm;
+  if (!GetProducts(L, D, &mm)) return ffi::Error::Internal(kNoMatmul);
   auto* pq = static_cast<const uint16_t*>(q.untyped_data());
   auto* pk = static_cast<const uint16_t*>(k.untyped_data());
   auto* pv_ = static_cast<const uint16_t*>(v.untyped_data());
@@ -301,7 +316,7 @@ ffi::Error Forward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::An
   float *peaks = peak->typed_data(), *inv_totals = inv_total->typed_data();
   return EveryHead(s, "onednn_attention: oneDNN failed in the forward", [&](Thread& t, int64_t n) {
     const int64_t x = n * L * D;
-    return ForwardHead(t, qk, pv, pq + x, pk + x, pv_ + x, pb + (n / s.heads) * L * L, out + x, peaks + n * L,
+    return ForwardHead(t, mm, pq + x, pk + x, pv_ + x, pb + (n / s.heads) * L * L, out + x, peaks + n * L,
                        inv_totals + n * L, L);
   });
 }
@@ -316,13 +331,8 @@ ffi::Error Backward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::A
   if (s.batch * s.heads * s.len == 0) return ffi::Error::Success();
   if (s.head_dim == 0) return ffi::Error::InvalidArgument("onednn_attention: head_dim is 0");
   const int64_t L = s.len, D = s.head_dim;
-  const Matmul* mm[5] = {GetMatmul({L, D, false, L, D, true}),    // s = q k^T
-                         GetMatmul({L, L, true, L, D, false}),    // dv = p^T g
-                         GetMatmul({L, D, false, L, D, true}),    // dp = g v^T
-                         GetMatmul({L, L, false, L, D, false}),   // dq = ds k
-                         GetMatmul({L, L, true, L, D, false})};   // dk = ds^T q
-  for (const Matmul* m : mm)
-    if (!m) return ffi::Error::Internal("onednn_attention: oneDNN has no matmul for these shapes");
+  Products mm;
+  if (!GetProducts(L, D, &mm)) return ffi::Error::Internal(kNoMatmul);
   auto* pq = static_cast<const uint16_t*>(q.untyped_data());
   auto* pk = static_cast<const uint16_t*>(k.untyped_data());
   auto* pv = static_cast<const uint16_t*>(v.untyped_data());
@@ -398,11 +408,7 @@ ffi::Error CheckQkv(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> cos, ffi::B
     if (dt.size() != 3 || dt[0] != s->batch || dt[1] != s->len || dt[2] != s->head_dim)
       return ffi::Error::InvalidArgument("onednn_attention: cos and sin must be [batch, len, head_dim]");
   }
-  auto db = bias.dimensions();
-  if (bias.element_type() != ffi::DataType::F32 || db.size() != 4 || db[0] != s->batch || db[1] != 1 ||
-      db[2] != s->len || db[3] != s->len)
-    return ffi::Error::InvalidArgument("onednn_attention: bias must be f32 [batch, 1, len, len]");
-  return ffi::Error::Success();
+  return CheckBias(bias, s->batch, s->len);
 }
 
 ffi::Error QkvForward(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
@@ -413,9 +419,8 @@ ffi::Error QkvForward(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> cos, ffi:
   if (ffi::Error e = CheckQkv(qkv, cos, sin, bias, heads, &s); e.failure()) return e;
   if (s.batch * s.len == 0) return ffi::Error::Success();
   const int64_t L = s.len, D = s.head_dim;
-  const Matmul* qk = GetMatmul({L, D, false, L, D, true});
-  const Matmul* pv = GetMatmul({L, L, false, L, D, false});
-  if (!qk || !pv) return ffi::Error::Internal("onednn_attention: oneDNN has no matmul for these shapes");
+  Products mm;
+  if (!GetProducts(L, D, &mm)) return ffi::Error::Internal(kNoMatmul);
   const float *px = qkv.typed_data(), *pc = cos.typed_data(), *ps = sin.typed_data();
   const float* pb = static_cast<const float*>(bias.untyped_data());
   float *out = context->typed_data(), *peaks = peak->typed_data(), *inv_totals = inv_total->typed_data();
@@ -423,7 +428,7 @@ ffi::Error QkvForward(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> cos, ffi:
                    [&](Thread& t, int64_t n) {
     GatherHead(t, s, px, pc, ps, scale, n);
     float* ctx = t.ctx.data();
-    if (!ForwardHead(t, qk, pv, t.q16.data(), t.k16.data(), t.v16.data(), pb + (n / s.heads) * L * L, ctx,
+    if (!ForwardHead(t, mm, t.q16.data(), t.k16.data(), t.v16.data(), pb + (n / s.heads) * L * L, ctx,
                      peaks + n * L, inv_totals + n * L, L))
       return false;
     const int64_t b = n / s.heads, h = n % s.heads;
@@ -441,11 +446,8 @@ ffi::Error QkvBackward(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> cos, ffi
   if (ffi::Error e = CheckQkv(qkv, cos, sin, bias, heads, &s); e.failure()) return e;
   if (s.batch * s.len == 0) return ffi::Error::Success();
   const int64_t L = s.len, D = s.head_dim;
-  const Matmul* mm[5] = {GetMatmul({L, D, false, L, D, true}), GetMatmul({L, L, true, L, D, false}),
-                         GetMatmul({L, D, false, L, D, true}), GetMatmul({L, L, false, L, D, false}),
-                         GetMatmul({L, L, true, L, D, false})};
-  for (const Matmul* m : mm)
-    if (!m) return ffi::Error::Internal("onednn_attention: oneDNN has no matmul for these shapes");
+  Products mm;
+  if (!GetProducts(L, D, &mm)) return ffi::Error::Internal(kNoMatmul);
   const float *px = qkv.typed_data(), *pc = cos.typed_data(), *ps = sin.typed_data();
   const float* pb = static_cast<const float*>(bias.untyped_data());
   const float *pctx = context.typed_data(), *pp = peak.typed_data(), *pi = inv_total.typed_data(),

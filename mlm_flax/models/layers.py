@@ -373,12 +373,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, *, dtyp
     else:
       context = jax.nn.dot_product_attention(*qkv, mask=bias == 0)
     return context.astype(jnp.float32).reshape(b, l, heads * head_dim)
+  if fused_cpu_attention(dtype, dropout_rate, deterministic, mode, l):  # a (batch, head) block at a time in cache
+    context = onednn.attention(q * head_dim ** -0.5, k, v, bias)
+    return context.transpose(0, 2, 1, 3).reshape(b, l, heads * head_dim)
   if jnp.dtype(dtype) == jnp.bfloat16 and (dropout_rate == 0.0 or deterministic):
-    if onednn.attention_enabled(dtype, l):  # one (batch, head) block at a time in cache (`fused_cpu_attention`)
-      bias = jnp.broadcast_to(bias, (b, 1, l, l)).astype(jnp.float32)
-      context = onednn.attention(q * head_dim ** -0.5, k, v, bias)
-    else:
-      context = _softmax_attention(q * head_dim ** -0.5, k, v, bias, jnp.dtype(dtype))
+    context = _softmax_attention(q * head_dim ** -0.5, k, v, bias, jnp.dtype(dtype))
     return context.transpose(0, 2, 1, 3).reshape(b, l, heads * head_dim)
   # Heads-major layout: batched dots over (batch, head) run ~3x faster than 'bqhd,bkhd' on CPU.
   scores = mixed_einsum('bhqd,bhkd->bhqk', q * head_dim ** -0.5, k, dtype) + bias

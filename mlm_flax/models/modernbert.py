@@ -128,8 +128,7 @@ class Layer(nn.Module):
     qkv = dense(3 * h, use_bias=attn_bias, name='qkv')(y)  # features ordered (q|k|v, head, head_dim)
     if layers.fused_cpu_attention(c.compute_dtype, c.attention_dropout, deterministic, c.attention, l):
       # One kernel from the projection (RoPE, head split and layouts inside): the path below, without its copies.
-      bias = jnp.broadcast_to(attention_bias, (b, 1, l, l)).astype(jnp.float32)
-      context = onednn.qkv_attention(qkv, cos.reshape(b, l, head_dim), sin.reshape(b, l, head_dim), bias, heads)
+      context = onednn.qkv_attention(qkv, cos, sin, attention_bias, heads)
     else:
       # Split, not unpacked from a [3, ...] array: the backward is then one concatenation, not three padded sums.
       q, k, v = (t.reshape(b, l, heads, head_dim).transpose(0, 2, 1, 3) for t in jnp.split(qkv, 3, axis=-1))
