@@ -296,6 +296,7 @@ def _qkv_attention_bwd(heads, res, g):
 
 _qkv_attention.defvjp(_qkv_attention_fwd, _qkv_attention_bwd)
 
+
 def norm_enabled(dtype, x: jax.Array) -> bool:
   """Whether a norm of f32 `x` in a model computing in `dtype` runs as one kernel per direction (`norm`): where
   `enabled(dtype)` (a bf16 model on one CPU device with the oneDNN kernels built) and the CPU has AVX-512."""

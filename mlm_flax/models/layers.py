@@ -354,6 +354,7 @@ def fused_cpu_attention(dtype: Dtype, dropout_rate: float, deterministic: bool, 
           and not use_dot_product_attention(mode, dropout_rate, deterministic)
           and onednn.attention_enabled(dtype, length))
 
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, *, dtype: Dtype, dropout_rate: float,
               deterministic: bool, mode: str = 'auto', row_ids: jax.Array | None = None,
               cudnn: bool = True) -> jax.Array:
