@@ -256,7 +256,6 @@ def _attention_bwd(res, g):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-
 def qkv_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array, heads: int) -> jax.Array:
   """`attention` from a fused QKV projection, RoPE inside the kernel: qkv f32 [batch, len, 3 * heads * head_dim]
   (q|k|v, head, head_dim), cos and sin f32 (`layers.rope_tables`' [batch, 1, len, head_dim], or [batch, len,
