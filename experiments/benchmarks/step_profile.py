@@ -62,8 +62,10 @@ def jax_class(op_name: str, shape: str, opcode: str, target: str = '') -> str:
     return 'dtype converts'
   if 'dot_general' in op_name or opcode == 'dot':
     return 'matmul: attention' if re.search(r'bh[qk]|\bn[qk][dkq],', op_name) else 'matmul: dense + head'
-  if 'mask_tokens' in op_name or 'random' in op_name or 'threefry' in op_name:
+  if 'mask_tokens' in op_name or re.search(r'random|threefry|argsort|_uniform|_randint', op_name):
     return 'masking'
+  if re.search(r'(^|/)(transpose\()?jvp\(\)/', op_name):  # outside the model, under the gradient: loss, metrics
+    return 'loss'
   if 'norm' in op_name:
     return 'norms'
   if 'log_softmax' in op_name or 'take_along_axis' in op_name and 'Bert' not in op_name:

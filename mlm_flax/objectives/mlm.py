@@ -125,12 +125,21 @@ def _cross_entropy_bwd(res, g):
 cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
 
 
+def argmax(x: jax.Array) -> jax.Array:
+  """`jnp.argmax(x, -1)`, the same index (the first maximum; the first NaN where there is one), as a maximum
+  and a minimum over indices: XLA:CPU runs argmax's (value, index) reduction without vector instructions, 3.8
+  ms per step at the quick start's [16, 51, 2048] logits (6% of its bf16 step), these two 0.7 ms."""
+  hit = (x == jnp.max(x, axis=-1, keepdims=True)) | jnp.isnan(x)
+  index = jnp.arange(x.shape[-1], dtype=jnp.int32)
+  return jnp.min(jnp.where(hit, index, x.shape[-1]), axis=-1)
+
+
 def prediction_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:
   """Summed cross-entropy (`loss_sum`, in f32), `count` and `correct` of `logits` [batch, P, vocab] at
   `targets` [batch, P], weighted by `weights` [batch, P]."""
   ce = cross_entropy(logits, targets)
   return {'loss_sum': (ce * weights).sum(), 'count': weights.sum(),
-          'correct': ((logits.argmax(-1) == targets) * weights).sum()}
+          'correct': ((argmax(logits) == targets) * weights).sum()}
 
 
 def mlm_loss(params: Any, model: nn.Module, batch: dict[str, jax.Array], masked: Masked,
