@@ -97,6 +97,18 @@ def layer_scales(params: Any, num_layers: int, decay: float) -> Any:
   return jax.tree_util.tree_map_with_path(lambda p, _: decay ** (num_layers + 1 - depth(p)), params)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+  """`optax.clip_by_global_norm`, the same update, taking the gradient's global norm as `grad_norm=` where the
+  caller has it (`train.apply_if_finite` computes it for its guard): summing every tensor's squares a second
+  time was ~30 reductions per step, ~1 ms of the quick start's ~55 ms bf16 step on CPU."""
+  def update(updates, state, params=None, *, grad_norm=None, **extra_args):
+    del params, extra_args
+    norm = optax.tree.norm(updates) if grad_norm is None else grad_norm
+    keep = jnp.squeeze(norm < max_norm)
+    return jax.tree.map(lambda t: jax.lax.select(keep, t, (t / norm.astype(t.dtype)) * max_norm), updates), state
+  return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)
+
+
 def make_optimizer(opt: ml_collections.ConfigDict, num_train_steps: int, params: Any = None,
                    num_layers: int | None = None) -> optax.GradientTransformation:
   """AdamW or StableAdamW (`opt.type`) with global-norm clipping; no weight decay on biases and norms (1-D params);
@@ -110,7 +122,7 @@ def make_optimizer(opt: ml_collections.ConfigDict, num_train_steps: int, params:
     core = stable_adamw(schedule, opt.b1, opt.b2, opt.eps, opt.weight_decay, decay_mask)
   else:
     core = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay, mask=decay_mask)
-  tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm) if opt.grad_clip_norm else optax.identity(), core)
+  tx = optax.chain(clip_by_global_norm(opt.grad_clip_norm) if opt.grad_clip_norm else optax.identity(), core)
   layer_decay = opt.get('layer_decay')
   if layer_decay is None or layer_decay == 1.0:
     return tx

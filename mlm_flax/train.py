@@ -100,8 +100,11 @@ def apply_if_finite(state: TrainState, grads: Any, metrics: dict[str, jax.Array]
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(metrics['loss_sum']) & jnp.isfinite(grad_norm)
 
+  # The clip (`optim.clip_by_global_norm`) takes the norm computed here rather than summing the squares again.
+  extra = {'grad_norm': grad_norm} if isinstance(tx, optax.GradientTransformationExtraArgs) else {}
+
   def update():
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
     return optax.apply_updates(state.params, updates), opt_state
   params, opt_state = jax.lax.cond(finite, update, lambda: (state.params, state.opt_state))
   metrics = {k: jnp.where(finite, v, jnp.zeros_like(v)) for k, v in metrics.items()}

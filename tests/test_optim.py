@@ -86,3 +86,28 @@ def test_validation_copies_of_the_choices():
   assert validation.CHOICES['optimizer.schedule'] == optim.SCHEDULES
   assert validation.CHOICES['optimizer.decay_shape'] == optim.DECAY_SHAPES
   assert validation.CHOICES['optimizer.type'] == optim.OPTIMIZERS
+
+
+@pytest.mark.parametrize('scale', [0.1, 100.0])  # under and over the clip norm
+def test_clip_takes_the_guards_norm_and_matches_optax(scale):
+  """`optim.clip_by_global_norm` is optax's clip, whether it sums the squares itself or is handed the norm the
+  training step's guard computed (`grad_norm=`, as `train.apply_if_finite` passes it)."""
+  rng = np.random.default_rng(0)
+  grads = {'w': jnp.asarray(rng.normal(size=(7, 5)) * scale, jnp.float32),
+           'b': jnp.asarray(rng.normal(size=(5,)) * scale, jnp.float32)}
+  ours = optim.clip_by_global_norm(1.0)
+
+  @jax.jit
+  def clipped(g):
+    return (optax.clip_by_global_norm(1.0).update(g, optax.EmptyState())[0], ours.update(g, ours.init(g))[0],
+            ours.update(g, ours.init(g), grad_norm=optax.tree.norm(g))[0])
+  expected, summed, handed = clipped(grads)
+  for got in (summed, handed):
+    for k in grads:
+      np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(expected[k]))
+  tx = optim.make_optimizer(_opt(grad_clip_norm=1.0, schedule='linear'), 10)
+  state = tx.init(grads)
+  plain, _ = tx.update(grads, state, grads)
+  handed, _ = tx.update(grads, state, grads, grad_norm=optax.tree.norm(grads))
+  for k in grads:
+    np.testing.assert_array_equal(np.asarray(handed[k]), np.asarray(plain[k]))

@@ -77,6 +77,14 @@ def _random_normal_tokens(rng: jax.Array, shape, vocab_size: int,
   return ids
 
 
+def _ranks(scores: jax.Array) -> jax.Array:
+  """Each entry's rank in its row ([batch, length] int, ties by position): `argsort(argsort(scores))`, the
+  second sort replaced by scattering the inverse permutation (one sort less per step)."""
+  order = jnp.argsort(scores, axis=-1)
+  rows = jnp.arange(scores.shape[0])[:, None]
+  return jnp.zeros_like(order).at[rows, order].set(jnp.arange(scores.shape[1], dtype=order.dtype), unique_indices=True)
+
+
 def _unit_ranks(rng: jax.Array, ids: jax.Array, can: jax.Array, word_starts: jax.Array | None,
                 strategy: str, max_span_length: int, span_p: float) -> jax.Array:
   """[batch, length] int: the random priority of the unit covering each token; lower is chosen first.
@@ -90,7 +98,7 @@ def _unit_ranks(rng: jax.Array, ids: jax.Array, can: jax.Array, word_starts: jax
   starts = can & (starts | ~prev_can)  # a word also starts after a special token or a segment end
   score_rng, length_rng = jax.random.split(rng)
   scores = jnp.where(starts, jax.random.uniform(score_rng, ids.shape), 2.0)
-  rank = jnp.argsort(jnp.argsort(scores, axis=-1), axis=-1)  # starts get 0..num_words-1
+  rank = _ranks(scores)  # starts get 0..num_words-1
   pos = jnp.broadcast_to(jnp.arange(length), ids.shape)
   word_start = jax.lax.cummax(jnp.where(starts, pos, -1), axis=1)  # of the word holding each token
   if strategy == 'whole_word':
@@ -171,7 +179,7 @@ def mask_tokens(rng: jax.Array, ids: jax.Array, *, vocab_size: int, mask_id: int
   k = jnp.minimum(k, max_predictions(ids.shape[-1], max_rate))
   if strategy == 'token':  # rank maskable positions by a random score; take the first k of each row
     scores = jnp.where(can, jax.random.uniform(select_rng, ids.shape), 2.0)
-    ranks = jnp.argsort(jnp.argsort(scores, axis=-1), axis=-1)
+    ranks = _ranks(scores)
     chosen = can & (ranks < k)
   else:
     ranks = _unit_ranks(select_rng, ids, can, word_starts, strategy, max_span_length, span_p)
