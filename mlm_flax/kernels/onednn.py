@@ -261,7 +261,8 @@ def qkv_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Arra
   (q|k|v, head, head_dim), cos and sin f32 (`layers.rope_tables`' [batch, 1, len, head_dim], or [batch, len,
   head_dim]), bias `layers.attention_bias`'s mask; the context f32 [batch, len, heads * head_dim]. The einsum
   path's `attention(apply_rope(q) ...)` with q scaled by head_dim ** -0.5, without its transposes and RoPE
-  passes. Call it where `attention_enabled` is True."""
+  passes; its gradient for qkv comes rounded to bf16, as the projection's bf16 backward reads it. Call it where
+  `attention_enabled` is True and qkv is a bf16 projection's output."""
   b, l, features = qkv.shape
   tables = (t.reshape(b, l, features // (3 * heads)) for t in (cos, sin))
   return _qkv_attention(qkv, *tables, _mask(bias, b, l), heads)
@@ -286,11 +287,13 @@ def _qkv_attention_fwd(qkv, cos, sin, bias, heads):
 def _qkv_attention_bwd(heads, res, g):
   qkv, cos, sin, bias, context, peak, inv_total = res
   scale = np.float32((qkv.shape[-1] // (3 * heads)) ** -0.5)
-  dqkv = jax.ffi.ffi_call(_QKV_ATTENTION_TARGETS[1], jax.ShapeDtypeStruct(qkv.shape, jnp.float32),
+  dqkv = jax.ffi.ffi_call(_QKV_ATTENTION_TARGETS[1], jax.ShapeDtypeStruct(qkv.shape, jnp.bfloat16),
                           vmap_method='sequential')(qkv, cos, sin, bias, context, peak, inv_total,
                                                     g.astype(jnp.float32), heads=np.int64(heads), scale=scale)
+  # In bf16: the projection's bf16 backward (`layers._bf16_einsum_bwd`) rounds its cotangent to bf16 anyway, and
+  # XLA drops the convert pair (bf16 -> f32 -> bf16), so the projection reads the kernel's bf16 bits.
   # The tables and the mask are constants of the positions and segments: no gradient.
-  return dqkv, jnp.zeros_like(cos), jnp.zeros_like(sin), jnp.zeros_like(bias)
+  return dqkv.astype(qkv.dtype), jnp.zeros_like(cos), jnp.zeros_like(sin), jnp.zeros_like(bias)
 
 
 _qkv_attention.defvjp(_qkv_attention_fwd, _qkv_attention_bwd)

@@ -351,7 +351,9 @@ ffi::Error Backward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::A
 // qkv f32 [batch, len, 3 * heads * head_dim] (features ordered q|k|v, head, head_dim: ModernBERT's Wqkv), cos and
 // sin f32 [batch, len, head_dim] (RoPE tables at each token's position, 'rotate half'), context f32
 // [batch, len, heads * head_dim]: what the einsum path computes from `apply_rope`, `q * scale` and its
-// transposes, without those copies. The backward returns d(qkv), RoPE's transpose applied to dq and dk.
+// transposes, without those copies. The backward returns d(qkv), RoPE's transpose applied to dq and dk, rounded to
+// bf16 (nearest even): the projection's bf16 backward rounds it there anyway, so it gets the same bits and XLA's
+// convert of a [batch * len, 3 * hidden] f32 cotangent (and half of its memory traffic) goes.
 
 struct Qkv {
   int64_t batch, len, heads, head_dim;
@@ -441,7 +443,7 @@ ffi::Error QkvForward(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> cos, ffi:
 ffi::Error QkvBackward(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
                        ffi::AnyBuffer bias, ffi::Buffer<ffi::F32> context, ffi::Buffer<ffi::F32> peak,
                        ffi::Buffer<ffi::F32> inv_total, ffi::Buffer<ffi::F32> g,
-                       ffi::Result<ffi::Buffer<ffi::F32>> dqkv, int64_t heads, float scale) {
+                       ffi::Result<ffi::Buffer<ffi::BF16>> dqkv, int64_t heads, float scale) {
   Qkv s;
   if (ffi::Error e = CheckQkv(qkv, cos, sin, bias, heads, &s); e.failure()) return e;
   if (s.batch * s.len == 0) return ffi::Error::Success();
@@ -452,7 +454,7 @@ ffi::Error QkvBackward(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> cos, ffi
   const float* pb = static_cast<const float*>(bias.untyped_data());
   const float *pctx = context.typed_data(), *pp = peak.typed_data(), *pi = inv_total.typed_data(),
               *pg = g.typed_data();
-  float* out = dqkv->typed_data();
+  auto* out = static_cast<uint16_t*>(dqkv->untyped_data());
   return EveryHead({s.batch, s.heads, L, D}, "onednn_attention: oneDNN failed in the backward",
                    [&](Thread& t, int64_t n) {
     GatherHead(t, s, px, pc, ps, scale, n);
@@ -466,14 +468,17 @@ ffi::Error QkvBackward(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> cos, ffi
     if (!BackwardHead(t, mm, t.q16.data(), t.k16.data(), t.v16.data(), pb + b * L * L, ctx, pp + n * L,
                       pi + n * L, gh, dq, dk, dv, L, D))
       return false;
+    float* tmp = t.row.data() + L;  // [head_dim] after the row sums
     for (int64_t i = 0; i < L; ++i) {
-      float* row = out + (b * L + i) * s.Row() + h * D;
+      uint16_t* row = out + (b * L + i) * s.Row() + h * D;
       const float *cs = pc + (b * L + i) * D, *sn = ps + (b * L + i) * D;
 #pragma omp simd
       for (int64_t j = 0; j < D; ++j) dq[i * D + j] *= scale;
-      RopeTranspose(dq + i * D, cs, sn, row, D);
-      RopeTranspose(dk + i * D, cs, sn, row + s.heads * D, D);
-      std::memcpy(row + 2 * s.heads * D, dv + i * D, D * sizeof(float));
+      RopeTranspose(dq + i * D, cs, sn, tmp, D);
+      ToBf16(tmp, row, D);
+      RopeTranspose(dk + i * D, cs, sn, tmp, D);
+      ToBf16(tmp, row + s.heads * D, D);
+      ToBf16(dv + i * D, row + 2 * s.heads * D, D);
     }
     return true;
   });
@@ -526,6 +531,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MlmFlaxOnednnQkvAttentionBwd, QkvBackward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
                                   .Attr<int64_t>("heads")
                                   .Attr<float>("scale"));
