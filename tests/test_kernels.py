@@ -2,7 +2,9 @@
 in the bf16 model's forward and backward; the fused attention is the einsum path's; a clear refusal where they
 cannot run."""
 
+import functools
 import platform
+import re
 import sys
 
 import jax
@@ -288,3 +290,82 @@ def test_norm_kernel_only_for_f32_rows_of_a_bf16_model(monkeypatch):
   assert not onednn.norm_enabled(jnp.bfloat16, jnp.zeros((2, 8), jnp.bfloat16))
   monkeypatch.setattr(onednn, 'cpu_flags', lambda: frozenset({'avx2', 'amx_bf16'}))
   assert not onednn.norm_enabled(jnp.bfloat16, jnp.zeros((2, 8)))
+
+
+def _mlp_module(kind: str = 'geglu', use_bias: bool = False, dropout: float = 0.0):
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
+  class Mlp(nn.Module):
+    @nn.compact
+    def __call__(self, x, deterministic=True):
+      dense = functools.partial(layers.Dense, dtype=jnp.bfloat16, init_std=0.05)  # as the models pass it
+      return layers.mlp(x, kind, 'gelu', 40, dense, use_bias=use_bias, dropout_rate=dropout,
+                        deterministic=deterministic, dropout_on='hidden', out_std=0.03)
+  return Mlp()
+
+
+def test_glu_activation_is_one_kernel_each_way_and_the_mlps_formula(monkeypatch):
+  """Where it runs (a bf16 model on one AVX512-BF16 CPU device), the activation of ModernBERT's bias-free GeGLU
+  MLP is one kernel each way, and no f32 concatenation or convert of [tokens, 2 * intermediate] is left between
+  it and the projections; value and gradients of x and both kernels are the XLA path's to bf16 rounding; rows
+  of 40 features (16 lanes and a tail)."""
+  monkeypatch.setenv('MLM_FLAX_CPU_MATMUL', 'onednn')
+  if onednn._load() is not None:
+    pytest.skip(onednn._load())
+  if not onednn.glu_enabled(jnp.bfloat16):
+    pytest.skip('the GLU kernel needs AVX512-BF16')
+  module, x = _mlp_module(), jax.random.normal(jax.random.key(0), (2, 70, 24)) * 2
+  params = module.init(jax.random.key(1), x)
+  g = jax.random.normal(jax.random.key(3), x.shape)
+  loss = lambda p, x: jnp.sum(module.apply(p, x) * g)
+  text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).as_text()
+  assert (text.count('mlm_flax_cpu_gelu_glu_fwd'), text.count('mlm_flax_cpu_gelu_glu_bwd')) == (1, 1)
+  compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile().as_text()
+  # [140, 80] (tokens, 2 * intermediate) values come from custom calls only: no concatenation, no convert
+  assert not [l for l in compiled.splitlines() if re.search(r'= \w+\[140,80\]', l) and 'custom-call(' not in l]
+  value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
+  monkeypatch.setenv('MLM_FLAX_CPU_MATMUL', 'xla')
+  params_xla = module.init(jax.random.key(1), x)
+  assert jax.tree.map(jnp.shape, params_xla) == jax.tree.map(jnp.shape, params)
+  assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), params, params_xla)))
+  value_xla, grads_xla = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
+  np.testing.assert_allclose(value, value_xla, rtol=1e-2)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_xla)):
+    np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2 * float(jnp.max(jnp.abs(want))))
+
+
+def test_glu_kernel_is_gelu_times_gate_rounded_to_bf16(monkeypatch):
+  """The activation kernel each way against `jax.nn.gelu(approximate=False) * gate` and its autodiff rounded to
+  bf16, over [-12, 12] (the far tail, where 1 + erf cancels, included) and random rows: the same bf16 value, or
+  the neighbour where f32 sums land by a rounding boundary."""
+  monkeypatch.setenv('MLM_FLAX_CPU_MATMUL', 'onednn')
+  if onednn._load() is not None:
+    pytest.skip(onednn._load())
+  if not onednn.glu_enabled(jnp.bfloat16):
+    pytest.skip('the GLU kernel needs AVX512-BF16')
+  a = jnp.concatenate([jnp.linspace(-12, 12, 8000).reshape(-1, 40),
+                       jax.random.normal(jax.random.key(0), (500, 40)) * 3])
+  b, dy = (jax.random.normal(jax.random.key(i), a.shape) for i in (1, 2))
+  h = jnp.concatenate([a, b], axis=1)
+  y = jax.ffi.ffi_call(onednn._GLU_TARGETS[0], jax.ShapeDtypeStruct(a.shape, jnp.bfloat16))(h)
+  dh = jax.ffi.ffi_call(onednn._GLU_TARGETS[1], jax.ShapeDtypeStruct(h.shape, jnp.bfloat16))(h, dy)
+  ref = lambda a, b: jax.nn.gelu(a, approximate=False) * b
+  want_y, vjp = jax.vjp(ref, a, b)
+  for got, want in ((y, want_y), (dh, jnp.concatenate(vjp(dy), axis=1))):
+    got, want = np.asarray(got, np.float32), np.asarray(want)
+    rounded = np.asarray(jnp.asarray(want).astype(jnp.bfloat16), np.float32)
+    assert np.mean(got == rounded) > 0.999
+    np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=1e-30)
+
+
+@pytest.mark.parametrize('case', [dict(kind='swiglu'), dict(use_bias=True), dict(dropout=0.1)])
+def test_other_mlps_keep_xlas_ops(case, monkeypatch):
+  """SwiGLU, an MLP with biases, and hidden dropout while training keep the XLA path (the kernel is GeGLU's,
+  bias-free, without dropout)."""
+  monkeypatch.setenv('MLM_FLAX_CPU_MATMUL', 'onednn')
+  if onednn._load() is not None:
+    pytest.skip(onednn._load())
+  module, x = _mlp_module(**case), jnp.ones((2, 8, 24))
+  params = module.init(jax.random.key(1), x)
+  apply = lambda p, x: module.apply(p, x, deterministic=False, rngs={'dropout': jax.random.key(2)})
+  assert 'gelu_glu' not in jax.jit(apply).lower(params, x).as_text()

@@ -26,6 +26,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu_simd.h"
 #include "onednn_api.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -137,44 +138,6 @@ Thread& ThisThread(int64_t len, int64_t head_dim) {
 }
 
 // --- AVX-512 pieces: 16 lanes, the last block of a row under a mask ---------------------------------------------
-
-__attribute__((target("avx512f"))) inline __mmask16 Tail(int64_t n, int64_t j) {
-  return n - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
-}
-
-// exp(x) for x <= 0 (softmax): x = n ln2 + r, Cephes' degree-6 polynomial for exp(r), 2^n by scalef; 0 below
-// -87.3 (where the exact value is a denormal; masked scores sit at the lowest f32).
-__attribute__((target("avx512f"))) inline __m512 Exp(__m512 x) {
-  const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33f), _CMP_LT_OQ);
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.33f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), _mm512_scalef_ps(p, n));
-}
-
-// 16 lanes of x to bf16 (round to nearest even: XLA's convert) at y, under mask m.
-__attribute__((target("avx512f,avx512bf16,avx512vl,avx512bw"))) inline void StoreBf16(uint16_t* y, __mmask16 m,
-                                                                                        __m512 x) {
-  _mm256_mask_storeu_epi16(y, m, (__m256i)_mm512_cvtneps_pbh(x));
-}
-
-// `n` values f32 -> bf16.
-__attribute__((target("avx512f,avx512bf16,avx512vl,avx512bw"))) inline void ToBf16(const float* x, uint16_t* y,
-                                                                                     int64_t n) {
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 m = Tail(n, j);
-    StoreBf16(y + j, m, _mm512_maskz_loadu_ps(m, x + j));
-  }
-}
 
 // Forward of one head: context = softmax(q k^T + bias) v, and each row's maximum and 1 / sum.
 __attribute__((target("avx512f,avx512bf16,avx512vl,avx512bw"))) bool ForwardHead(

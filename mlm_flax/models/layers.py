@@ -241,8 +241,16 @@ def mlp(x: jax.Array, kind: str, act: str, intermediate_size: int, dense: Callab
   if kind == 'gelu':
     y = activation(act)(dense(intermediate_size, use_bias=use_bias, name='intermediate')(x))
   elif kind in ('geglu', 'swiglu'):
-    inputs, gate = jnp.split(dense(2 * intermediate_size, use_bias=use_bias, name='intermediate')(x), 2, axis=-1)
-    y = activation(act if kind == 'geglu' else 'silu')(inputs) * gate
+    proj = dense(2 * intermediate_size, use_bias=use_bias, name='intermediate')
+    h = proj(x)
+    if (kind == 'geglu' and act == 'gelu' and not use_bias and isinstance(proj, Dense)
+        and not (dropout_on == 'hidden' and dropout_rate > 0.0 and not deterministic)
+        and onednn.glu_enabled(proj.dtype)):
+      # Both neighbours are bf16 projections that round what they read: one kernel each way, writing bf16.
+      y = onednn.gelu_glu(h.reshape(-1, h.shape[-1])).reshape(*h.shape[:-1], intermediate_size)
+    else:
+      inputs, gate = jnp.split(h, 2, axis=-1)
+      y = activation(act if kind == 'geglu' else 'silu')(inputs) * gate
   else:
     raise ValueError(f"model.mlp={kind!r}; use 'gelu', 'geglu' or 'swiglu'.")
   output = dense(x.shape[-1], use_bias=use_bias, name='output', **({} if out_std is None else {'init_std': out_std}))
