@@ -280,23 +280,31 @@ def _qkv_attention_fwd(qkv, cos, sin, bias, heads):
   b, l, features = qkv.shape
   head_dim = features // (3 * heads)
   rows = jax.ShapeDtypeStruct((b, heads, l), jnp.float32)
-  out = (jax.ShapeDtypeStruct((b, l, heads * head_dim), jnp.float32), rows, rows)
+  heads_major = jax.ShapeDtypeStruct((b, heads, l, head_dim), jnp.bfloat16)
+  out = (jax.ShapeDtypeStruct((b, l, heads * head_dim), jnp.float32), rows, rows, heads_major, heads_major,
+         heads_major)
   scale = np.float32(head_dim ** -0.5)
-  context, peak, inv_total = jax.ffi.ffi_call(_QKV_ATTENTION_TARGETS[0], out, vmap_method='sequential')(
-      qkv, cos, sin, bias, heads=np.int64(heads), scale=scale)
-  return context, (qkv, cos, sin, bias, context, peak, inv_total)
+  # Also q (RoPE, scaled), k (RoPE) and v in bf16 heads-major, as the kernel gathers them: the backward reads
+  # them again (not qkv in f32, gathered and rotated a second time).
+  context, peak, inv_total, q16, k16, v16 = jax.ffi.ffi_call(
+      _QKV_ATTENTION_TARGETS[0], out, vmap_method='sequential')(qkv, cos, sin, bias, heads=np.int64(heads),
+                                                                scale=scale)
+  carrier = jnp.zeros((0,), qkv.dtype)  # the primal dtype of the cotangent
+  return context, (q16, k16, v16, cos, sin, bias, context, peak, inv_total, carrier)
 
 
 def _qkv_attention_bwd(heads, res, g):
-  qkv, cos, sin, bias, context, peak, inv_total = res
-  scale = np.float32((qkv.shape[-1] // (3 * heads)) ** -0.5)
-  dqkv = jax.ffi.ffi_call(_QKV_ATTENTION_TARGETS[1], jax.ShapeDtypeStruct(qkv.shape, jnp.bfloat16),
-                          vmap_method='sequential')(qkv, cos, sin, bias, context, peak, inv_total,
+  q16, k16, v16, cos, sin, bias, context, peak, inv_total, carrier = res
+  b, _, l, head_dim = q16.shape
+  scale = np.float32(head_dim ** -0.5)
+  dqkv = jax.ffi.ffi_call(_QKV_ATTENTION_TARGETS[1], jax.ShapeDtypeStruct((b, l, 3 * heads * head_dim),
+                                                                          jnp.bfloat16),
+                          vmap_method='sequential')(q16, k16, v16, cos, sin, bias, context, peak, inv_total,
                                                     g.astype(jnp.float32), heads=np.int64(heads), scale=scale)
   # In bf16: the projection's bf16 backward (`layers._bf16_einsum_bwd`) rounds its cotangent to bf16 anyway, and
   # XLA drops the convert pair (bf16 -> f32 -> bf16), so the projection reads the kernel's bf16 bits.
   # The tables and the mask are constants of the positions and segments: no gradient.
-  return dqkv.astype(qkv.dtype), jnp.zeros_like(cos), jnp.zeros_like(sin), jnp.zeros_like(bias)
+  return dqkv.astype(carrier.dtype), jnp.zeros_like(cos), jnp.zeros_like(sin), jnp.zeros_like(bias)
 
 
 _qkv_attention.defvjp(_qkv_attention_fwd, _qkv_attention_bwd)

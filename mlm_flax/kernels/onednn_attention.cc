@@ -90,7 +90,7 @@ struct Thread {
   std::map<const Matmul*, std::tuple<dnnl_memory_t, dnnl_memory_t, dnnl_memory_t, dnnl_memory_t>> memories;
   std::vector<float> scores, dscores;          // [len, len]
   std::vector<uint16_t> probs16, dscores16;    // [len, len] bf16
-  std::vector<uint16_t> g16, q16, k16, v16;    // [len, head_dim] bf16
+  std::vector<uint16_t> g16;                   // [len, head_dim] bf16
   std::vector<float> ctx, gh, dq, dk, dv;      // [len, head_dim] f32 (the fused-QKV entry point)
   std::vector<float> row;                      // [len + head_dim]
 
@@ -130,7 +130,7 @@ Thread& ThisThread(int64_t len, int64_t head_dim) {
   }
   const size_t block = len * head_dim;
   if (t.g16.size() < block) {
-    for (auto* v : {&t.g16, &t.q16, &t.k16, &t.v16}) v->resize(block);
+    t.g16.resize(block);
     for (auto* v : {&t.ctx, &t.gh, &t.dq, &t.dk, &t.dv}) v->resize(block);
   }
   if (t.row.size() < static_cast<size_t>(len + head_dim)) t.row.resize(len + head_dim);
@@ -343,9 +343,11 @@ __attribute__((target("avx512f"))) inline void RopeTranspose(const float* dy, co
   for (int64_t j = 0; j < h; ++j) dx[j + h] = dy[j + h] * cos[j + h] - dy[j] * sin[j];
 }
 
-// Head n's q (RoPE, then * scale), k (RoPE) and v in bf16 [len, head_dim], in the thread's buffers.
+// Head n's q (RoPE, then * scale), k (RoPE) and v in bf16 [len, head_dim] at q16, k16, v16 (the forward's outputs,
+// which the backward reads again instead of gathering them a second time).
 __attribute__((target("avx512f,avx512bf16,avx512vl,avx512bw"))) void GatherHead(
-    Thread& t, const Qkv& s, const float* qkv, const float* cos, const float* sin, float scale, int64_t n) {
+    Thread& t, const Qkv& s, const float* qkv, const float* cos, const float* sin, float scale, int64_t n,
+    uint16_t* q16, uint16_t* k16, uint16_t* v16) {
   const int64_t b = n / s.heads, h = n % s.heads, D = s.head_dim, L = s.len;
   float* tmp = t.row.data() + L;  // [head_dim] after the row sums
   for (int64_t i = 0; i < L; ++i) {
@@ -354,10 +356,10 @@ __attribute__((target("avx512f,avx512bf16,avx512vl,avx512bw"))) void GatherHead(
     Rope(row, c, sn, tmp, D);
 #pragma omp simd
     for (int64_t j = 0; j < D; ++j) tmp[j] *= scale;
-    ToBf16(tmp, t.q16.data() + i * D, D);
+    ToBf16(tmp, q16 + i * D, D);
     Rope(row + s.heads * D, c, sn, tmp, D);
-    ToBf16(tmp, t.k16.data() + i * D, D);
-    ToBf16(row + 2 * s.heads * D, t.v16.data() + i * D, D);
+    ToBf16(tmp, k16 + i * D, D);
+    ToBf16(row + 2 * s.heads * D, v16 + i * D, D);
   }
 }
 
@@ -379,7 +381,8 @@ ffi::Error CheckQkv(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> cos, ffi::B
 ffi::Error QkvForward(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
                       ffi::AnyBuffer bias, ffi::Result<ffi::Buffer<ffi::F32>> context,
                       ffi::Result<ffi::Buffer<ffi::F32>> peak, ffi::Result<ffi::Buffer<ffi::F32>> inv_total,
-                      int64_t heads, float scale) {
+                      ffi::Result<ffi::Buffer<ffi::BF16>> q16, ffi::Result<ffi::Buffer<ffi::BF16>> k16,
+                      ffi::Result<ffi::Buffer<ffi::BF16>> v16, int64_t heads, float scale) {
   Qkv s;
   if (ffi::Error e = CheckQkv(qkv, cos, sin, bias, heads, &s); e.failure()) return e;
   if (s.batch * s.len == 0) return ffi::Error::Success();
@@ -389,12 +392,14 @@ ffi::Error QkvForward(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> cos, ffi:
   const float *px = qkv.typed_data(), *pc = cos.typed_data(), *ps = sin.typed_data();
   const float* pb = static_cast<const float*>(bias.untyped_data());
   float *out = context->typed_data(), *peaks = peak->typed_data(), *inv_totals = inv_total->typed_data();
+  uint16_t *oq = static_cast<uint16_t*>(q16->untyped_data()), *ok = static_cast<uint16_t*>(k16->untyped_data()),
+           *ov = static_cast<uint16_t*>(v16->untyped_data());
   return EveryHead({s.batch, s.heads, L, D}, "onednn_attention: oneDNN failed in the forward",
                    [&](Thread& t, int64_t n) {
-    GatherHead(t, s, px, pc, ps, scale, n);
+    uint16_t *q = oq + n * L * D, *k = ok + n * L * D, *v = ov + n * L * D;
+    GatherHead(t, s, px, pc, ps, scale, n, q, k, v);
     float* ctx = t.ctx.data();
-    if (!ForwardHead(t, mm, t.q16.data(), t.k16.data(), t.v16.data(), pb + (n / s.heads) * L * L, ctx,
-                     peaks + n * L, inv_totals + n * L, L))
+    if (!ForwardHead(t, mm, q, k, v, pb + (n / s.heads) * L * L, ctx, peaks + n * L, inv_totals + n * L, L))
       return false;
     const int64_t b = n / s.heads, h = n % s.heads;
     for (int64_t i = 0; i < L; ++i)
@@ -403,24 +408,40 @@ ffi::Error QkvForward(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> cos, ffi:
   });
 }
 
-ffi::Error QkvBackward(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
+// From the forward's bf16 q, k, v [batch, heads, len, head_dim] (RoPE applied, q scaled).
+ffi::Error QkvBackward(ffi::Buffer<ffi::BF16> q16, ffi::Buffer<ffi::BF16> k16, ffi::Buffer<ffi::BF16> v16,
+                       ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
                        ffi::AnyBuffer bias, ffi::Buffer<ffi::F32> context, ffi::Buffer<ffi::F32> peak,
                        ffi::Buffer<ffi::F32> inv_total, ffi::Buffer<ffi::F32> g,
                        ffi::Result<ffi::Buffer<ffi::BF16>> dqkv, int64_t heads, float scale) {
   Qkv s;
-  if (ffi::Error e = CheckQkv(qkv, cos, sin, bias, heads, &s); e.failure()) return e;
+  auto dq16 = q16.dimensions(), dout = dqkv->dimensions();
+  if (dq16.size() != 4 || dq16[1] != heads || dout.size() != 3 || dout[0] != dq16[0] || dout[1] != dq16[2] ||
+      dout[2] != 3 * heads * dq16[3])
+    return ffi::Error::InvalidArgument("onednn_attention: q, k, v must be [batch, heads, len, head_dim]");
+  for (ffi::Buffer<ffi::BF16> x : {k16, v16})
+    if (!std::equal(x.dimensions().begin(), x.dimensions().end(), dq16.begin()))
+      return ffi::Error::InvalidArgument("onednn_attention: q, k, v must have one shape");
+  s = {dq16[0], dq16[2], heads, dq16[3]};
+  for (ffi::Buffer<ffi::F32> table : {cos, sin}) {
+    auto dt = table.dimensions();
+    if (dt.size() != 3 || dt[0] != s.batch || dt[1] != s.len || dt[2] != s.head_dim)
+      return ffi::Error::InvalidArgument("onednn_attention: cos and sin must be [batch, len, head_dim]");
+  }
+  if (ffi::Error e = CheckBias(bias, s.batch, s.len); e.failure()) return e;
   if (s.batch * s.len == 0) return ffi::Error::Success();
   const int64_t L = s.len, D = s.head_dim;
   Products mm;
   if (!GetProducts(L, D, &mm)) return ffi::Error::Internal(kNoMatmul);
-  const float *px = qkv.typed_data(), *pc = cos.typed_data(), *ps = sin.typed_data();
+  const float *pc = cos.typed_data(), *ps = sin.typed_data();
   const float* pb = static_cast<const float*>(bias.untyped_data());
+  auto *pq = static_cast<const uint16_t*>(q16.untyped_data()), *pk = static_cast<const uint16_t*>(k16.untyped_data()),
+       *pv = static_cast<const uint16_t*>(v16.untyped_data());
   const float *pctx = context.typed_data(), *pp = peak.typed_data(), *pi = inv_total.typed_data(),
               *pg = g.typed_data();
   auto* out = static_cast<uint16_t*>(dqkv->untyped_data());
   return EveryHead({s.batch, s.heads, L, D}, "onednn_attention: oneDNN failed in the backward",
                    [&](Thread& t, int64_t n) {
-    GatherHead(t, s, px, pc, ps, scale, n);
     const int64_t b = n / s.heads, h = n % s.heads;
     float *ctx = t.ctx.data(), *gh = t.gh.data();  // this head's context and its cotangent, [len, head_dim]
     for (int64_t i = 0; i < L; ++i) {
@@ -428,7 +449,7 @@ ffi::Error QkvBackward(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> cos, ffi
       std::memcpy(gh + i * D, pg + ((b * L + i) * s.heads + h) * D, D * sizeof(float));
     }
     float *dq = t.dq.data(), *dk = t.dk.data(), *dv = t.dv.data();
-    if (!BackwardHead(t, mm, t.q16.data(), t.k16.data(), t.v16.data(), pb + b * L * L, ctx, pp + n * L,
+    if (!BackwardHead(t, mm, pq + n * L * D, pk + n * L * D, pv + n * L * D, pb + b * L * L, ctx, pp + n * L,
                       pi + n * L, gh, dq, dk, dv, L, D))
       return false;
     float* tmp = t.row.data() + L;  // [head_dim] after the row sums
@@ -481,12 +502,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MlmFlaxOnednnQkvAttentionFwd, QkvForward,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
                                   .Attr<int64_t>("heads")
                                   .Attr<float>("scale"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MlmFlaxOnednnQkvAttentionBwd, QkvBackward,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
