@@ -58,6 +58,8 @@ def jax_class(op_name: str, shape: str, opcode: str, target: str = '') -> str:
     return 'attention kernel (products, softmax, RoPE, layout)'
   if 'norm' in target:  # `cpu_norm.cc`
     return 'norms'
+  if 'glu' in target:  # `cpu_glu.cc`: GeGLU's activation, each way
+    return 'MLP activation (GeGLU)'
   if opcode == 'custom-call':  # oneDNN's matmuls (`mlm_flax/kernels`): batched 3-D in attention, 2-D elsewhere
     return 'matmul: attention' if len(dims) == 3 else 'matmul: dense + head'
   if 'convert_element_type' in op_name and 'dot_general' not in op_name:
