@@ -1,13 +1,13 @@
 // XLA FFI handlers for CPU: GeGLU's activation, gelu(input) * gate, from the f32 output h = [input | gate] of the
 // MLP's first matmul to the bf16 operand of its second, and back: d(h) in bf16 for the first matmul's gradients.
-// Built with the oneDNN kernels by `onednn.py`; called through `onednn.gated_mlp` (AVX512-BF16 CPUs).
+// Built with the oneDNN kernels by `onednn.py`; called through `onednn.gelu_glu` (AVX512-BF16 CPUs).
 //
 // Why: as XLA ops, a GeGLU layer was ~8 fusions (the activation and its products, the gate's and the input's
 // gradients, their concatenation, and three f32 <-> bf16 converts of [tokens, 2 * intermediate]): ~1 ms per
 // layer of the quick start's step. Here each direction reads h once and writes the bf16 operand the next matmul
-// reads. Numerics are the XLA path's (`layers.mlp` with `jax.nn.gelu(approximate=False)`: 0.5 x erfc(-x / sqrt 2)): f32 arithmetic,
-// erfc as XLA expands it (Cephes' polynomials), exp as a polynomial (~1 ulp), one rounding to bf16 (nearest even) at
-// the end; agreement to rounding, not bit for bit.
+// reads. Numerics are the XLA path's (`layers.mlp` with `jax.nn.gelu(approximate=False)`: 0.5 x erfc(-x / sqrt
+// 2)): f32 arithmetic, erfc as XLA expands it (Cephes' polynomials), exp as a polynomial (~1 ulp), one rounding to
+// bf16 (nearest even) at the end; agreement to rounding, not bit for bit.
 #include <cstdint>
 
 #include "cpu_parallel.h"

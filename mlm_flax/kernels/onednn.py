@@ -13,12 +13,15 @@ the quick start, +11% at BERT-base 32 x 128 (`experiments/benchmarks/README.md`)
 The same library (sources `onednn_attention.cc`, `cpu_norm.cc`, built together) has `attention` /
 `qkv_attention` (softmax attention a (batch, head) block at a time in cache, its products on oneDNN from each
 OpenMP thread, the softmax in AVX-512; where `attention_enabled`: AVX512-BF16) and `norm` (LayerNorm / RMSNorm
-rows in one pass; where `norm_enabled`): 1.225x the quick start's bf16 step together.
+rows in one pass; where `norm_enabled`): 1.225x the quick start's bf16 step together; and `gelu_glu` (GeGLU's
+activation between two bf16 projections, bf16 out each way, `cpu_glu.cc`; where `glu_enabled`). The kernels
+write bf16 where a bf16 matmul reads their output next and would round it there (the same bits; XLA drops the
+bf16 -> f32 -> bf16 pair); `cpu_simd.h` and `cpu_parallel.h` hold their shared AVX-512 and thread-pool code.
 
 `layers.mixed_einsum` and the bf16 attention call it where `enabled` says so. `MLM_FLAX_CPU_MATMUL` picks:
 'auto' (default: oneDNN for bf16 on a single CPU device when the CPU has AMX or AVX512-BF16 and the library and a
 C++ compiler are there; XLA's dots otherwise, logged once), 'onednn' (an error when it cannot run), 'xla'
-(never; the attention and norm kernels neither). Several devices keep XLA's ops: a custom call has no SPMD
+(never; the attention, norm and GeGLU kernels neither). Several devices keep XLA's ops: a custom call has no SPMD
 partitioning rule.
 """
 
