@@ -165,8 +165,8 @@ def test_attention_from_the_fused_projection_is_rope_then_attention(length, monk
   """`onednn.qkv_attention` (ModernBERT's QKV projection in, RoPE and the head split inside) is `apply_rope`,
   the heads-major layout and `layers.attention` on XLA's dots, context and the projection's gradient, to f32
   rounding; positions restart in the second document of a row (per-token tables). The projection's gradient comes
-  in bf16 (its bf16 matmul rounds it there anyway): equal to one bf16 rounding; and inside a bf16 projection the
-  weight gradient is the one from the f32 cotangent rounded where the projection rounds it."""
+  in bf16 (its bf16 matmul rounds it there anyway): within one bf16 rounding of XLA's; and behind a bf16
+  projection, the projection weight's gradient is the einsum path's to bf16 rounding."""
   if onednn._load() is not None:
     pytest.skip(onednn._load())
   if not onednn.attention_enabled(jnp.bfloat16, length):
@@ -194,8 +194,8 @@ def test_attention_from_the_fused_projection_is_rope_then_attention(length, monk
   np.testing.assert_allclose(value, value_xla, rtol=1e-5)
   assert np.array_equal(grad, np.asarray(grad).astype(jnp.bfloat16).astype(np.float32))  # bf16 values
   np.testing.assert_allclose(grad, grad_xla, rtol=2 ** -8, atol=1e-5)  # one bf16 rounding of the f32 gradient
-  # In the model the kernel's cotangent feeds the projection's bf16 backward: its weight gradient is XLA's from
-  # the einsum path to f32 rounding (x f32 -> bf16 projection -> fused attention).
+  # In the model the kernel's cotangent feeds the projection's bf16 backward: its weight gradient against the
+  # einsum path's (x f32 -> bf16 projection -> attention), to bf16 rounding.
   x = jax.random.normal(jax.random.key(9), (b, length, 16), jnp.float32)
   kernel = jax.random.normal(jax.random.key(10), (16, 3 * heads * d), jnp.float32) * 0.3
   project = lambda f: jax.jit(jax.grad(lambda w: jnp.sum(f(layers.mixed_einsum('blk,kn->bln', x, w, jnp.bfloat16))

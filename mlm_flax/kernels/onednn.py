@@ -207,6 +207,8 @@ def einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array | None:
   return jax.ffi.ffi_call(_TARGET, out, vmap_method='sequential')(a, b, trans_a=trans_a, trans_b=trans_b)
 
 
+# The CPU features of the AVX-512 kernels that round to bf16 in hardware (attention, GeGLU).
+_AVX512_BF16 = frozenset({'avx512f', 'avx512bw', 'avx512vl', 'avx512_bf16'})
 MAX_ATTENTION_LEN = 2048  # each OpenMP thread keeps a head's [len, len] scores and gradients (f32 + bf16)
 
 
@@ -214,8 +216,7 @@ def attention_enabled(dtype, length: int) -> bool:
   """Whether bf16 attention of `length` tokens runs as one fused kernel (`attention`): where `enabled` puts the
   dots on oneDNN, the CPU has AVX512-BF16 (the kernel's softmax and bf16 rounding are AVX-512 code), and
   `length` <= MAX_ATTENTION_LEN. Read at trace time."""
-  needed = {'avx512f', 'avx512bw', 'avx512vl', 'avx512_bf16'}
-  return length <= MAX_ATTENTION_LEN and needed <= cpu_flags() and enabled(dtype)
+  return length <= MAX_ATTENTION_LEN and _AVX512_BF16 <= cpu_flags() and enabled(dtype)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
@@ -351,7 +352,7 @@ norm.defvjp(_norm_fwd, _norm_bwd)
 def glu_enabled(dtype) -> bool:
   """Whether GeGLU's activation in a model computing in `dtype` runs as `gelu_glu`: where `attention_enabled`
   would (bf16 dots on oneDNN, AVX512-BF16 for the kernel's bf16 rounding). Read at trace time."""
-  return {'avx512f', 'avx512bw', 'avx512vl', 'avx512_bf16'} <= cpu_flags() and enabled(dtype)
+  return _AVX512_BF16 <= cpu_flags() and enabled(dtype)
 
 
 @jax.custom_vjp

@@ -363,6 +363,15 @@ __attribute__((target("avx512f,avx512bf16,avx512vl,avx512bw"))) void GatherHead(
   }
 }
 
+ffi::Error CheckTables(ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin, const Qkv& s) {
+  for (ffi::Buffer<ffi::F32> table : {cos, sin}) {
+    auto dt = table.dimensions();
+    if (dt.size() != 3 || dt[0] != s.batch || dt[1] != s.len || dt[2] != s.head_dim)
+      return ffi::Error::InvalidArgument("onednn_attention: cos and sin must be [batch, len, head_dim]");
+  }
+  return ffi::Error::Success();
+}
+
 ffi::Error CheckQkv(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
                     ffi::AnyBuffer bias, int64_t heads, Qkv* s) {
   auto d = qkv.dimensions();
@@ -370,11 +379,7 @@ ffi::Error CheckQkv(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> cos, ffi::B
     return ffi::Error::InvalidArgument(
         "onednn_attention: qkv must be [batch, len, 3 * heads * head_dim], head_dim even");
   *s = {d[0], d[1], heads, d[2] / (3 * heads)};
-  for (ffi::Buffer<ffi::F32> table : {cos, sin}) {
-    auto dt = table.dimensions();
-    if (dt.size() != 3 || dt[0] != s->batch || dt[1] != s->len || dt[2] != s->head_dim)
-      return ffi::Error::InvalidArgument("onednn_attention: cos and sin must be [batch, len, head_dim]");
-  }
+  if (ffi::Error e = CheckTables(cos, sin, *s); e.failure()) return e;
   return CheckBias(bias, s->batch, s->len);
 }
 
@@ -409,26 +414,19 @@ ffi::Error QkvForward(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> cos, ffi:
 }
 
 // From the forward's bf16 q, k, v [batch, heads, len, head_dim] (RoPE applied, q scaled).
-ffi::Error QkvBackward(ffi::Buffer<ffi::BF16> q16, ffi::Buffer<ffi::BF16> k16, ffi::Buffer<ffi::BF16> v16,
+ffi::Error QkvBackward(ffi::AnyBuffer q16, ffi::AnyBuffer k16, ffi::AnyBuffer v16,
                        ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
                        ffi::AnyBuffer bias, ffi::Buffer<ffi::F32> context, ffi::Buffer<ffi::F32> peak,
                        ffi::Buffer<ffi::F32> inv_total, ffi::Buffer<ffi::F32> g,
                        ffi::Result<ffi::Buffer<ffi::BF16>> dqkv, int64_t heads, float scale) {
-  Qkv s;
-  auto dq16 = q16.dimensions(), dout = dqkv->dimensions();
-  if (dq16.size() != 4 || dq16[1] != heads || dout.size() != 3 || dout[0] != dq16[0] || dout[1] != dq16[2] ||
-      dout[2] != 3 * heads * dq16[3])
-    return ffi::Error::InvalidArgument("onednn_attention: q, k, v must be [batch, heads, len, head_dim]");
-  for (ffi::Buffer<ffi::BF16> x : {k16, v16})
-    if (!std::equal(x.dimensions().begin(), x.dimensions().end(), dq16.begin()))
-      return ffi::Error::InvalidArgument("onednn_attention: q, k, v must have one shape");
-  s = {dq16[0], dq16[2], heads, dq16[3]};
-  for (ffi::Buffer<ffi::F32> table : {cos, sin}) {
-    auto dt = table.dimensions();
-    if (dt.size() != 3 || dt[0] != s.batch || dt[1] != s.len || dt[2] != s.head_dim)
-      return ffi::Error::InvalidArgument("onednn_attention: cos and sin must be [batch, len, head_dim]");
-  }
-  if (ffi::Error e = CheckBias(bias, s.batch, s.len); e.failure()) return e;
+  Shape q;
+  if (ffi::Error e = CheckShapes(q16, k16, v16, bias, &q); e.failure()) return e;
+  auto dout = dqkv->dimensions();
+  if (q.heads != heads || dout.size() != 3 || dout[0] != q.batch || dout[1] != q.len ||
+      dout[2] != 3 * heads * q.head_dim)
+    return ffi::Error::InvalidArgument("onednn_attention: d(qkv) must be [batch, len, 3 * heads * head_dim]");
+  const Qkv s = {q.batch, q.len, heads, q.head_dim};
+  if (ffi::Error e = CheckTables(cos, sin, s); e.failure()) return e;
   if (s.batch * s.len == 0) return ffi::Error::Success();
   const int64_t L = s.len, D = s.head_dim;
   Products mm;
@@ -510,9 +508,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MlmFlaxOnednnQkvAttentionFwd, QkvForward,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MlmFlaxOnednnQkvAttentionBwd, QkvBackward,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
