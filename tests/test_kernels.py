@@ -369,3 +369,40 @@ def test_other_mlps_keep_xlas_ops(case, monkeypatch):
   params = module.init(jax.random.key(1), x)
   apply = lambda p, x: module.apply(p, x, deterministic=False, rngs={'dropout': jax.random.key(2)})
   assert 'gelu_glu' not in jax.jit(apply).lower(params, x).as_text()
+
+
+def test_loss_kernel_is_the_loss_and_the_metric(monkeypatch):
+  """Where it runs (`cross_entropy_enabled`: a bf16 model on one AVX512-BF16 CPU device), the MLM loss and the
+  accuracy metric are one kernel each way (`onednn.cross_entropy_argmax`): the argmax index is `jnp.argmax`'s
+  exactly (ties, NaNs, signed zeros, infinities), the loss and its gradient are `mlm.cross_entropy`'s to f32
+  rounding, NaN where it is NaN; vocabularies of 300 (16 lanes and a tail)."""
+  from mlm_flax.objectives import mlm  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv('MLM_FLAX_CPU_MATMUL', 'onednn')
+  if onednn._load() is not None:
+    pytest.skip(onednn._load())
+  if not onednn.cross_entropy_enabled(jnp.bfloat16):
+    pytest.skip('the loss kernel runs where the GLU kernel does (AVX512-BF16)')
+  x = np.random.default_rng(0).normal(size=(6, 5, 300)).astype(np.float32) * 3
+  x[0, 0, [7, 40, 299]] = 9.0  # a tie: the first
+  x[0, 1, [3, 8]] = np.nan  # NaNs: the first NaN
+  x[0, 2] = 0.0
+  x[0, 2, 5] = -0.0  # signed zeros compare equal: the first
+  x[0, 3] = -np.inf
+  x[0, 4, 299] = np.inf
+  x[1] = np.round(x[1] * 2) / 2  # many ties
+  targets = np.random.default_rng(1).integers(0, 300, (6, 5)).astype(np.int32)
+  targets[2, 0] = 299  # the last lane of the tail
+  ce, best = jax.jit(onednn.cross_entropy_argmax)(x, targets)
+  np.testing.assert_array_equal(best, jnp.argmax(x, axis=-1))
+  want = mlm.cross_entropy(jnp.asarray(x), targets)
+  np.testing.assert_array_equal(np.isnan(ce), np.isnan(want))
+  np.testing.assert_allclose(ce, want, rtol=2e-6, atol=2e-6)
+  finite = np.where(np.isfinite(x).all(-1, keepdims=True), x, 0.0)  # gradients of rows with a finite loss
+  w = np.random.default_rng(2).uniform(size=targets.shape).astype(np.float32)
+  grad = lambda f: jax.jit(jax.grad(lambda z: jnp.sum(f(z, targets) * w)))(finite)
+  got, want = grad(lambda z, t: onednn.cross_entropy_argmax(z, t)[0]), grad(mlm.cross_entropy)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  sums = {fused: mlm.prediction_sums(jnp.asarray(finite), targets, w, fused=fused) for fused in (True, False)}
+  assert float(sums[True]['correct']) == float(sums[False]['correct'])
+  text = jax.jit(lambda z: mlm.prediction_sums(z, targets, w, fused=True)['loss_sum']).lower(finite).as_text()
+  assert 'mlm_flax_cpu_xent_fwd' in text and 'reduce' in text  # one kernel; the weighted sums stay XLA's

@@ -45,9 +45,10 @@ _ATTENTION_TARGETS = ('mlm_flax_onednn_attention_fwd', 'mlm_flax_onednn_attentio
 _QKV_ATTENTION_TARGETS = ('mlm_flax_onednn_qkv_attention_fwd', 'mlm_flax_onednn_qkv_attention_bwd')
 _NORM_TARGETS = ('mlm_flax_cpu_norm_fwd', 'mlm_flax_cpu_norm_bwd')
 _GLU_TARGETS = ('mlm_flax_cpu_gelu_glu_fwd', 'mlm_flax_cpu_gelu_glu_bwd')
+_XENT_TARGETS = ('mlm_flax_cpu_xent_fwd', 'mlm_flax_cpu_xent_bwd')
 _HERE = os.path.dirname(__file__)
 _SOURCES = tuple(os.path.join(_HERE, name) for name in ('onednn_matmul.cc', 'onednn_attention.cc', 'cpu_norm.cc',
-                                                              'cpu_glu.cc'))
+                                                              'cpu_glu.cc', 'cpu_xent.cc'))
 _HEADERS = tuple(os.path.join(_HERE, name) for name in ('onednn_api.h', 'cpu_simd.h', 'cpu_parallel.h'))
 _MODES = ('auto', 'onednn', 'xla')
 
@@ -123,10 +124,11 @@ def _load() -> str | None:
     built = ctypes.cdll.LoadLibrary(target)
     handlers = (built.MlmFlaxOnednnMatmul, built.MlmFlaxOnednnAttentionFwd, built.MlmFlaxOnednnAttentionBwd,
                 built.MlmFlaxOnednnQkvAttentionFwd, built.MlmFlaxOnednnQkvAttentionBwd,
-                built.MlmFlaxCpuNormFwd, built.MlmFlaxCpuNormBwd, built.MlmFlaxCpuGeluGluFwd, built.MlmFlaxCpuGeluGluBwd)
+                built.MlmFlaxCpuNormFwd, built.MlmFlaxCpuNormBwd, built.MlmFlaxCpuGeluGluFwd, built.MlmFlaxCpuGeluGluBwd,
+                built.MlmFlaxCpuXentFwd, built.MlmFlaxCpuXentBwd)
   except (OSError, AttributeError) as e:
     return f'loading the oneDNN kernel failed: {e}'
-  targets = (_TARGET, *_ATTENTION_TARGETS, *_QKV_ATTENTION_TARGETS, *_NORM_TARGETS, *_GLU_TARGETS)
+  targets = (_TARGET, *_ATTENTION_TARGETS, *_QKV_ATTENTION_TARGETS, *_NORM_TARGETS, *_GLU_TARGETS, *_XENT_TARGETS)
   for name, handler in zip(targets, handlers):
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform='cpu')
   logging.info("bf16 matmuls run on oneDNN (%s); MLM_FLAX_CPU_MATMUL=xla for XLA's dots.", lib)
@@ -380,3 +382,40 @@ def _gelu_glu_bwd(h, g):
 
 
 gelu_glu.defvjp(_gelu_glu_fwd, _gelu_glu_bwd)
+
+
+def cross_entropy_enabled(dtype) -> bool:
+  """Whether the MLM loss of a model computing in `dtype` runs as `cross_entropy_argmax`: where `glu_enabled`
+  (bf16 on one AVX512-BF16 CPU device with the kernels built; other models keep the XLA ops and their bits)."""
+  return glu_enabled(dtype)
+
+
+def cross_entropy_argmax(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(`mlm.cross_entropy(logits, targets)`, `mlm.argmax(logits)`) of f32 `logits` [..., vocab] at int `targets`
+  [...], each row in one pass each way (`cpu_xent.cc`): the loss to f32 rounding (exp as a polynomial, sums in
+  another order), the index exactly (the first maximum, the first NaN); the closed-form gradient of the loss.
+  For the loss of a model whose `glu_enabled` is True (bf16 on one AVX512-BF16 CPU device)."""
+  return _cross_entropy_argmax(logits.astype(jnp.float32), targets.astype(jnp.int32))
+
+
+@jax.custom_vjp
+def _cross_entropy_argmax(logits, targets):
+  return _cross_entropy_argmax_fwd(logits, targets)[0]
+
+
+def _cross_entropy_argmax_fwd(logits, targets):
+  rows = jax.ShapeDtypeStruct(targets.shape, jnp.float32)
+  out = (rows, jax.ShapeDtypeStruct(targets.shape, jnp.int32), rows, rows)
+  ce, best, peak, total = jax.ffi.ffi_call(_XENT_TARGETS[0], out, vmap_method='sequential')(logits, targets)
+  return (ce, best), (logits, targets, peak, total)  # the row statistics: the backward reads the logits once
+
+
+def _cross_entropy_argmax_bwd(res, cotangents):
+  logits, targets, peak, total = res
+  g = cotangents[0]  # the index has no gradient
+  dlogits = jax.ffi.ffi_call(_XENT_TARGETS[1], jax.ShapeDtypeStruct(logits.shape, jnp.float32),
+                             vmap_method='sequential')(logits, targets, peak, total, g.astype(jnp.float32))
+  return dlogits, np.zeros(targets.shape, jax.dtypes.float0)
+
+
+_cross_entropy_argmax.defvjp(_cross_entropy_argmax_fwd, _cross_entropy_argmax_bwd)

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from mlm_flax.data import tokenizer
+from mlm_flax.kernels import onednn
 from mlm_flax.models import abstract_params as abstract_params_of
 from mlm_flax.models import make_model
 from mlm_flax.objectives import masking
@@ -134,12 +135,17 @@ def argmax(x: jax.Array) -> jax.Array:
   return jnp.min(jnp.where(hit, index, x.shape[-1]), axis=-1)
 
 
-def prediction_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:
+def prediction_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array,
+                    fused: bool = False) -> dict[str, jax.Array]:
   """Summed cross-entropy (`loss_sum`, in f32), `count` and `correct` of `logits` [batch, P, vocab] at
-  `targets` [batch, P], weighted by `weights` [batch, P]."""
-  ce = cross_entropy(logits, targets)
-  return {'loss_sum': (ce * weights).sum(), 'count': weights.sum(),
-          'correct': ((argmax(logits) == targets) * weights).sum()}
+  `targets` [batch, P], weighted by `weights` [batch, P]. `fused`: the loss and the argmax as one CPU kernel each
+  way (`onednn.cross_entropy_argmax`; where `onednn.cross_entropy_enabled`), the same index and the loss to f32
+  rounding."""
+  if fused:
+    ce, best = onednn.cross_entropy_argmax(logits, targets)
+  else:
+    ce, best = cross_entropy(logits, targets), argmax(logits)
+  return {'loss_sum': (ce * weights).sum(), 'count': weights.sum(), 'correct': ((best == targets) * weights).sum()}
 
 
 def mlm_loss(params: Any, model: nn.Module, batch: dict[str, jax.Array], masked: Masked,
@@ -149,7 +155,9 @@ def mlm_loss(params: Any, model: nn.Module, batch: dict[str, jax.Array], masked:
   row from `batch['row_ids']` (the rows' indices in the global batch) when the batch has them."""
   positions, targets, weights = gather_predictions(masked, num_predictions)
   logits = masked_logits(params, model, batch, masked, positions, dropout_rng)
-  metrics = prediction_sums(logits, targets, weights)
+  config = getattr(model, 'config', None)
+  fused = config is not None and onednn.cross_entropy_enabled(config.resolved.compute_dtype)
+  metrics = prediction_sums(logits, targets, weights, fused=fused)
   loss_sum, count = metrics['loss_sum'], metrics['count']
   if baseline_token is not None:  # accuracy of always predicting the most frequent token
     metrics['baseline_correct'] = ((targets == baseline_token) * weights).sum()
