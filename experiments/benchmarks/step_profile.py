@@ -50,6 +50,15 @@ def config_for(size: str):
   return c
 
 
+def machine_line() -> str:
+  """'2-core AMD EPYC, avx512_bf16=True, amx_bf16=False': the CPU every figure is tied to."""
+  import platform  # pylint: disable=g-import-not-at-top
+  cpu = open('/proc/cpuinfo').read()
+  model = re.search(r'model name\s*:\s*(.*)', cpu)
+  return (f"{os.cpu_count()}-core {model.group(1) if model else platform.processor()}, "
+          f"avx512_bf16={'avx512_bf16' in cpu}, amx_bf16={'amx_bf16' in cpu}")
+
+
 def jax_class(op_name: str, shape: str, opcode: str, target: str = '') -> str:
   """The class of an XLA op from its JAX call path (`op_name`), output shape, opcode and custom-call target."""
   dims = [int(d) for d in re.findall(r'\d+', shape.split('[', 1)[-1].split(']')[0])]  # not the 32 of 'f32'
@@ -60,6 +69,8 @@ def jax_class(op_name: str, shape: str, opcode: str, target: str = '') -> str:
     return 'norms'
   if 'glu' in target:  # `cpu_glu.cc`: GeGLU's activation, each way
     return 'MLP activation (GeGLU)'
+  if 'xent' in target:  # `cpu_xent.cc`: the loss and the accuracy metric's argmax, each way
+    return 'loss'
   if opcode == 'custom-call':  # oneDNN's matmuls (`mlm_flax/kernels`): batched 3-D in attention, 2-D elsewhere
     return 'matmul: attention' if len(dims) == 3 else 'matmul: dense + head'
   if 'convert_element_type' in op_name and 'dot_general' not in op_name:
@@ -300,11 +311,7 @@ def main() -> None:
                            env=train_step.torch_env(dict(os.environ))).stdout
       results[name] = json.loads(next(l for l in out.splitlines() if l.startswith('RESULT '))[len('RESULT '):])
       flops[name] = matmul_flops(config_for(args.size), framework == 'torch')
-  import platform  # pylint: disable=g-import-not-at-top
-  cpu = open('/proc/cpuinfo').read()
-  model = re.search(r'model name\s*:\s*(.*)', cpu)
-  machine = (f"{os.cpu_count()}-core {model.group(1) if model else platform.processor()}, "
-             f"avx512_bf16={'avx512_bf16' in cpu}, amx_bf16={'amx_bf16' in cpu}")
+  machine = machine_line()
   md = f'Step profile, {args.size} ({machine}):\n\n' + table(results, flops) + '\n'
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, f'step_profile_{args.size}.json'), 'w') as f:
