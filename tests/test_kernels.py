@@ -282,6 +282,37 @@ def test_norm_kernel_is_the_norms_formula(center, monkeypatch):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('center', [True, False])
+def test_residual_add_in_the_norm_kernel_is_the_add_then_the_norm_bit_for_bit(center, monkeypatch):
+  """`Norm(x, delta)`, a pre-LN layer's residual add and its norm as one kernel each way (`onednn.add_norm`), has
+  the bits of `x + delta` then the norm kernel: the sum, the norm, and the gradients of x, delta, scale and bias
+  (the backward adds the sum's cotangent from the residual stream to the norm's, as XLA's add did)."""
+  monkeypatch.setenv('MLM_FLAX_CPU_MATMUL', 'onednn')
+  if onednn._load() is not None:
+    pytest.skip(onednn._load())
+  x = jax.random.normal(jax.random.key(0), (3, 70, 40), jnp.float32) * 3 + 1
+  delta = jax.random.normal(jax.random.key(4), x.shape, jnp.float32)
+  if not onednn.norm_enabled(jnp.bfloat16, x):
+    pytest.skip('the norm kernel needs AVX-512')
+  module = layers.norm('layernorm' if center else 'rmsnorm', 1e-5, True, jnp.float32, dtype=jnp.bfloat16)
+  params = module.init(jax.random.key(1), x)
+  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)
+  gs, gy = (jax.random.normal(jax.random.key(k), x.shape) for k in (3, 5))
+  loss = lambda s, y: jnp.sum(s * gs) + jnp.sum(y * gy)
+  fused = lambda p, x, d: loss(*module.apply(p, x, d))
+  apart = lambda p, x, d: loss(x + d, module.apply(p, x + d))
+  args = (params, x, delta)
+  text = jax.jit(jax.grad(fused, argnums=(0, 1, 2))).lower(*args).as_text()
+  assert (text.count('mlm_flax_cpu_add_norm_fwd'), text.count('mlm_flax_cpu_add_norm_bwd')) == (1, 1)
+  values = [jax.jit(lambda *a, f=f: module.apply(a[0], a[1] + a[2]) if f is apart else module.apply(*a))(*args)
+            for f in (fused, apart)]
+  np.testing.assert_array_equal(values[0][1], values[1])
+  np.testing.assert_array_equal(values[0][0], x + delta)
+  got, want = (jax.jit(jax.grad(f, argnums=(0, 1, 2)))(*args) for f in (fused, apart))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_norm_kernel_only_for_f32_rows_of_a_bf16_model(monkeypatch):
   monkeypatch.setenv('MLM_FLAX_CPU_MATMUL', 'onednn')
   if onednn._load() is not None:

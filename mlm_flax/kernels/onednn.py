@@ -44,6 +44,7 @@ _TARGET = 'mlm_flax_onednn_matmul'
 _ATTENTION_TARGETS = ('mlm_flax_onednn_attention_fwd', 'mlm_flax_onednn_attention_bwd')
 _QKV_ATTENTION_TARGETS = ('mlm_flax_onednn_qkv_attention_fwd', 'mlm_flax_onednn_qkv_attention_bwd')
 _NORM_TARGETS = ('mlm_flax_cpu_norm_fwd', 'mlm_flax_cpu_norm_bwd')
+_ADD_NORM_TARGETS = ('mlm_flax_cpu_add_norm_fwd', 'mlm_flax_cpu_add_norm_bwd')
 _GLU_TARGETS = ('mlm_flax_cpu_gelu_glu_fwd', 'mlm_flax_cpu_gelu_glu_bwd')
 _XENT_TARGETS = ('mlm_flax_cpu_xent_fwd', 'mlm_flax_cpu_xent_bwd')
 _HERE = os.path.dirname(__file__)
@@ -124,11 +125,12 @@ def _load() -> str | None:
     built = ctypes.cdll.LoadLibrary(target)
     handlers = (built.MlmFlaxOnednnMatmul, built.MlmFlaxOnednnAttentionFwd, built.MlmFlaxOnednnAttentionBwd,
                 built.MlmFlaxOnednnQkvAttentionFwd, built.MlmFlaxOnednnQkvAttentionBwd,
-                built.MlmFlaxCpuNormFwd, built.MlmFlaxCpuNormBwd, built.MlmFlaxCpuGeluGluFwd, built.MlmFlaxCpuGeluGluBwd,
+                built.MlmFlaxCpuNormFwd, built.MlmFlaxCpuNormBwd,
+                built.MlmFlaxCpuAddNormFwd, built.MlmFlaxCpuAddNormBwd, built.MlmFlaxCpuGeluGluFwd, built.MlmFlaxCpuGeluGluBwd,
                 built.MlmFlaxCpuXentFwd, built.MlmFlaxCpuXentBwd)
   except (OSError, AttributeError) as e:
     return f'loading the oneDNN kernel failed: {e}'
-  targets = (_TARGET, *_ATTENTION_TARGETS, *_QKV_ATTENTION_TARGETS, *_NORM_TARGETS, *_GLU_TARGETS, *_XENT_TARGETS)
+  targets = (_TARGET, *_ATTENTION_TARGETS, *_QKV_ATTENTION_TARGETS, *_NORM_TARGETS, *_ADD_NORM_TARGETS, *_GLU_TARGETS, *_XENT_TARGETS)
   for name, handler in zip(targets, handlers):
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform='cpu')
   logging.info("bf16 matmuls run on oneDNN (%s); MLM_FLAX_CPU_MATMUL=xla for XLA's dots.", lib)
@@ -349,6 +351,40 @@ def _norm_bwd(epsilon, center, res, g):
 
 
 norm.defvjp(_norm_fwd, _norm_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def add_norm(epsilon: float, center: bool, x: jax.Array, delta: jax.Array, scale: jax.Array,
+             bias: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(s, `norm`(s)) for s = x + delta (f32): a residual add and the pre-LN norm after it, each row in one pass
+  each way (`cpu_norm.cc`), the bits of `x + delta` and `norm` (its backward adds the residual stream's
+  cotangent of s to the norm's, as XLA's add would). Saves the add's pass over both, and in the backward the add
+  of the two cotangents. Call it where `norm_enabled` is True."""
+  return _add_norm_fwd(epsilon, center, x, delta, scale, bias)[0]
+
+
+def _add_norm_fwd(epsilon, center, x, delta, scale, bias):
+  rows = jax.ShapeDtypeStruct(x.shape[:-1], jnp.float32)
+  full = jax.ShapeDtypeStruct(x.shape, jnp.float32)
+  s, y, mean, rstd = jax.ffi.ffi_call(_ADD_NORM_TARGETS[0], (full, full, rows, rows), vmap_method='sequential')(
+      x, delta.astype(jnp.float32), scale.astype(jnp.float32), bias.astype(jnp.float32),
+      epsilon=np.float32(epsilon), center=bool(center))
+  return (s, y), (s, mean, rstd, scale, bias, jnp.zeros((0,), delta.dtype))
+
+
+def _add_norm_bwd(epsilon, center, res, g):
+  del epsilon
+  s, mean, rstd, scale, bias, delta_dtype = res
+  g_sum, g_y = g
+  out = (jax.ShapeDtypeStruct(s.shape, jnp.float32), jax.ShapeDtypeStruct(scale.shape, jnp.float32),
+         jax.ShapeDtypeStruct(scale.shape, jnp.float32))
+  ds, dscale, dbias = jax.ffi.ffi_call(_ADD_NORM_TARGETS[1], out, vmap_method='sequential')(
+      s, mean, rstd, scale.astype(jnp.float32), g_y.astype(jnp.float32), g_sum.astype(jnp.float32),
+      center=bool(center))
+  return ds, ds.astype(delta_dtype.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
+
+
+add_norm.defvjp(_add_norm_fwd, _add_norm_bwd)
 
 
 def glu_enabled(dtype) -> bool:

@@ -204,14 +204,18 @@ class Norm(nn.Module):
   dtype: Dtype = jnp.float32  # the model's compute dtype: bf16 on one CPU device runs the CPU kernel
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, delta: jax.Array | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """norm(x); with `delta` (a pre-LN layer's residual add before its norm), (x + delta, norm(x + delta))."""
     features = (x.shape[-1],)
     scale = self.param('scale', nn.initializers.ones, features, self.param_dtype)
     bias = (self.param('bias', nn.initializers.zeros, features, self.param_dtype) if self.use_bias
             else jnp.zeros(features, self.param_dtype))
-    if onednn.norm_enabled(self.dtype, x):  # each row in one pass (`kernels/cpu_norm.cc`)
-      return onednn.norm(self.epsilon, self.center, x, scale, bias)
-    return _norm(self.epsilon, self.center, x, scale, bias)
+    kernel = onednn.norm_enabled(self.dtype, x)  # each row in one pass (`kernels/cpu_norm.cc`)
+    if delta is not None and kernel and delta.shape == x.shape:  # the add in the norm's pass, each way
+      return onednn.add_norm(self.epsilon, self.center, x, delta, scale, bias)
+    s = x if delta is None else x + delta
+    y = (onednn.norm if onednn.norm_enabled(self.dtype, s) else _norm)(self.epsilon, self.center, s, scale, bias)
+    return y if delta is None else (s, y)
 
 
 def norm(kind: str, epsilon: float, use_bias: bool, param_dtype: Dtype, name: str | None = None,

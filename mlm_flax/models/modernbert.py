@@ -138,9 +138,9 @@ class Layer(nn.Module):
       context = layers.attention(q, k, v, attention_bias, dtype=c.compute_dtype, dropout_rate=c.attention_dropout,
                                  deterministic=deterministic, mode=c.attention, row_ids=row_ids, cudnn=False)
     attn = dense(h, use_bias=attn_bias, init_std=out_std, name='attention_output')(context)
-    x = x + Dropout(c.attention_dropout)(attn, deterministic=deterministic, row_ids=row_ids)
-
-    y = norm(name='output_norm')(x)
+    # The residual add and the norm after it: one kernel each way where the norm runs as one (`layers.Norm`).
+    x, y = norm(name='output_norm')(x, Dropout(c.attention_dropout)(attn, deterministic=deterministic,
+                                                                   row_ids=row_ids))
     return x + layers.mlp(y, c.mlp, c.hidden_act, c.intermediate_size, dense, use_bias=c.mlp_bias,
                           dropout_rate=c.hidden_dropout, deterministic=deterministic, dropout_on='hidden',
                           out_std=out_std, row_ids=row_ids)
