@@ -42,10 +42,11 @@ def main() -> None:
         seconds, state_b = step_profile.time_jax_step(step_b, state_b, batch, args.steps)
         ms_b.append(seconds * 1e3)
   ratios = [a / b for a, b in zip(ms_a, ms_b)]
+  low, _, high = statistics.quantiles(ratios, n=4)
   print(f'{step_profile.machine_line()}\nA ({args.patch}): median {statistics.median(ms_a):.2f} ms per step, fastest '
         f'block {min(ms_a):.2f}\nB (as the code is): median {statistics.median(ms_b):.2f} ms, fastest block '
         f'{min(ms_b):.2f}\nB/A speed: median of the {args.blocks} block pairs {statistics.median(ratios):.3f} '
-        f'(quartiles {statistics.quantiles(ratios, n=4)[0]:.3f}-{statistics.quantiles(ratios, n=4)[2]:.3f}), '
+        f'(quartiles {low:.3f}-{high:.3f}), '
         f'of the sums {sum(ms_a) / sum(ms_b):.3f}')
 
 

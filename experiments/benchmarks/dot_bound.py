@@ -201,10 +201,7 @@ def main() -> None:
     os.remove(dots_file)
   policy = min(runs, key=lambda p: runs[p]['step_ms'])
   theirs = {**runs[policy], 'policy': policy}
-  cpu = open('/proc/cpuinfo').read()
-  model = re.search(r'model name\s*:\s*(.*)', cpu)
-  machine = (f"{os.cpu_count()}-core {model.group(1) if model else '?'}, avx512_bf16={'avx512_bf16' in cpu}, "
-             f"amx_bf16={'amx_bf16' in cpu}")
+  machine = step_profile.machine_line()
   md = summary(args.size, args.dtype, mine, theirs, compiled, machine)
   per_dot = [{**d, 'torch_ms': t['torch_ms'], 'gflop': dot_flops(d) / 1e9}
              for d, t in zip(mine['dots'], theirs['dots'])]

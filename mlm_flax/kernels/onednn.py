@@ -125,12 +125,13 @@ def _load() -> str | None:
     built = ctypes.cdll.LoadLibrary(target)
     handlers = (built.MlmFlaxOnednnMatmul, built.MlmFlaxOnednnAttentionFwd, built.MlmFlaxOnednnAttentionBwd,
                 built.MlmFlaxOnednnQkvAttentionFwd, built.MlmFlaxOnednnQkvAttentionBwd,
-                built.MlmFlaxCpuNormFwd, built.MlmFlaxCpuNormBwd,
-                built.MlmFlaxCpuAddNormFwd, built.MlmFlaxCpuAddNormBwd, built.MlmFlaxCpuGeluGluFwd, built.MlmFlaxCpuGeluGluBwd,
+                built.MlmFlaxCpuNormFwd, built.MlmFlaxCpuNormBwd, built.MlmFlaxCpuAddNormFwd,
+                built.MlmFlaxCpuAddNormBwd, built.MlmFlaxCpuGeluGluFwd, built.MlmFlaxCpuGeluGluBwd,
                 built.MlmFlaxCpuXentFwd, built.MlmFlaxCpuXentBwd)
   except (OSError, AttributeError) as e:
     return f'loading the oneDNN kernel failed: {e}'
-  targets = (_TARGET, *_ATTENTION_TARGETS, *_QKV_ATTENTION_TARGETS, *_NORM_TARGETS, *_ADD_NORM_TARGETS, *_GLU_TARGETS, *_XENT_TARGETS)
+  targets = (_TARGET, *_ATTENTION_TARGETS, *_QKV_ATTENTION_TARGETS, *_NORM_TARGETS, *_ADD_NORM_TARGETS, *_GLU_TARGETS,
+             *_XENT_TARGETS)
   for name, handler in zip(targets, handlers):
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform='cpu')
   logging.info("bf16 matmuls run on oneDNN (%s); MLM_FLAX_CPU_MATMUL=xla for XLA's dots.", lib)

@@ -210,12 +210,15 @@ class Norm(nn.Module):
     scale = self.param('scale', nn.initializers.ones, features, self.param_dtype)
     bias = (self.param('bias', nn.initializers.zeros, features, self.param_dtype) if self.use_bias
             else jnp.zeros(features, self.param_dtype))
-    kernel = onednn.norm_enabled(self.dtype, x)  # each row in one pass (`kernels/cpu_norm.cc`)
-    if delta is not None and kernel and delta.shape == x.shape:  # the add in the norm's pass, each way
+    # Each row in one pass where the CPU kernel runs (`kernels/cpu_norm.cc`).
+    apply = lambda v: (onednn.norm if onednn.norm_enabled(self.dtype, v) else _norm)(self.epsilon, self.center, v,
+                                                                                      scale, bias)
+    if delta is None:
+      return apply(x)
+    if onednn.norm_enabled(self.dtype, x) and delta.shape == x.shape:  # the add in the norm's pass, each way
       return onednn.add_norm(self.epsilon, self.center, x, delta, scale, bias)
-    s = x if delta is None else x + delta
-    y = (onednn.norm if onednn.norm_enabled(self.dtype, s) else _norm)(self.epsilon, self.center, s, scale, bias)
-    return y if delta is None else (s, y)
+    s = x + delta
+    return s, apply(s)
 
 
 def norm(kind: str, epsilon: float, use_bias: bool, param_dtype: Dtype, name: str | None = None,
